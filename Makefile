@@ -1,0 +1,49 @@
+# nanoserve: every target makes its own virtual environment (.venv) when it is missing.
+#   make run PROMPT="def fibonacci(n):"     stream a completion (MODEL=gpt2 MAX_TOKENS=64)
+#   make test                               the test suite (CPU, offline)
+#   make weights MODEL=gpt2                 download a checkpoint from the hub into weights/
+#   make bench                              CPU benchmark against Hugging Face
+#   make serve                              OpenAI-compatible HTTP server on 127.0.0.1:8000
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch goes in first, pinned, so that later requirements (">=2.4") are already satisfied and
+# pip never swaps it for a multi-GB download. On a GPU machine the same pin from PyPI is a
+# CUDA build; override with e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130".
+TORCH_SPEC ?= torch==2.13.0
+
+MODEL      ?= gpt2
+PROMPT     ?= def fibonacci(n):
+MAX_TOKENS ?= 64
+TEMPERATURE ?= 0.0
+PORT       ?= 8000
+EXTRAS     ?= dev
+
+.PHONY: run test weights bench serve clean venv
+
+$(VENV)/.installed-%: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[$*]"
+	@touch $@
+
+venv: $(VENV)/.installed-dev
+
+run: $(VENV)/.installed-dev
+	$(PY) -m nanoserve generate --model "$(MODEL)" --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS) --temperature $(TEMPERATURE)
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q tests
+
+weights: $(VENV)/.installed-dev
+	$(PY) -m nanoserve download $(MODEL)
+
+bench: $(VENV)/.installed-dev
+	$(PY) -m nanoserve bench cpu
+
+serve: $(VENV)/.installed-serve
+	$(PY) -m nanoserve serve --model "$(MODEL)" --port $(PORT)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,124 @@
+"""Attention over a paged (block-table) KV cache: the pure-PyTorch reference.
+
+Every attention layer does two things per step:
+  1. write this step's K and V for each token into its slot of the cache
+     (slot = block_id * BS + offset inside the block, computed by the runner);
+  2. for each sequence, attend from its new query tokens to every K/V it has so far
+     (earlier steps' and this step's), found through the sequence's block table.
+
+A step mixes sequences freely: a decode token (1 query), a prefill chunk (many queries whose
+keys include earlier chunks), a whole prompt. Query token j of a sequence sits at absolute
+position context_len - query_len + j, and may see keys at positions <= its own (causal).
+
+This file is the CPU path and the oracle the Triton kernels in kernels.py are tested against.
+It is written for clarity and for CPU speed at small batch: K/V of all sequences in the step
+are gathered into one padded (S, T) tensor so one SDPA call serves the whole batch.
+
+N = tokens in this step (all sequences, flattened)   S = sequences in batch
+H = n_head  D = head_dim  NB = KV blocks in pool   BS = tokens per block   MB = max blocks per sequence
+T = longest context in the step (padded)   Q = longest query in the step (padded)
+
+References: vLLM PagedAttention paper (Kwon et al. 2023), vLLM `flash_attn` backend metadata.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes one step's token batch to every attention layer. Built by the runner."""
+    slot_mapping: torch.Tensor     # (N,) int64: cache slot of each token; -1 = padding, not written
+    block_tables: torch.Tensor     # (S, MB) int32: KV block ids of each sequence, padded with 0
+    context_lens: torch.Tensor     # (S,) int32: tokens in cache after this step's write
+    query_start_loc: torch.Tensor  # (S+1,) int32: sequence s owns tokens [qsl[s], qsl[s+1])
+    max_query_len: int             # host-side maxima, so kernels size their grids without a sync
+    max_context_len: int
+    # Host-side copies of the index tensors (lists): the CPU path uses them to build its
+    # padded index without reading device memory. Kernel paths ignore them.
+    query_lens_host: list[int] | None = None
+    context_lens_host: list[int] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.block_tables.shape[0]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence contributes exactly one query token."""
+        return self.max_query_len == 1
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store each token's K/V at its slot.  k, v: (N, H, D) -> k_cache, v_cache: (NB, BS, H, D).
+
+    Tokens with slot -1 (padding added for CUDA graphs) are skipped."""
+    NB, BS, H, D = k_cache.shape
+    valid = slot_mapping >= 0                                   # (N,)
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    k_cache.view(NB * BS, H, D).index_copy_(0, slot_mapping, k)
+    v_cache.view(NB * BS, H, D).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's queries over its cached keys.
+
+    Args:
+        q: (N, H, D) queries of this step, sequences back to back (query_start_loc).
+        k_cache, v_cache: (NB, BS, H, D) the pool, already holding this step's K/V.
+        meta: the step's layout. scale: usually 1/sqrt(D).
+    Returns:
+        (N, H, D) attention output, same order as q. Padding tokens (beyond the last
+        sequence's end) get zeros.
+    """
+    N, H, D = q.shape
+    S = meta.num_seqs
+    BS = k_cache.shape[1]
+    dev = q.device
+    qsl = meta.query_start_loc.long()                          # (S+1,)
+    q_lens = qsl[1:] - qsl[:-1]                                # (S,)
+    ctx = meta.context_lens.long()                             # (S,)
+    Q, T = meta.max_query_len, meta.max_context_len
+
+    # Gather each sequence's K/V through its block table into a padded (S, T) layout.
+    num_blocks = (T + BS - 1) // BS
+    blocks = meta.block_tables[:, :num_blocks].long()          # (S, nb)
+    k = k_cache[blocks].reshape(S, num_blocks * BS, H, D)[:, :T]   # (S, T, H, D)
+    v = v_cache[blocks].reshape(S, num_blocks * BS, H, D)[:, :T]   # (S, T, H, D)
+
+    # Scatter the flat queries into a padded (S, Q) layout.
+    j = torch.arange(Q, device=dev)                            # (Q,)
+    q_valid = j[None, :] < q_lens[:, None]                     # (S, Q)
+    q_idx = (qsl[:-1, None] + j[None, :]).clamp(max=N - 1)     # (S, Q) flat token index
+    qp = q[q_idx]                                              # (S, Q, H, D)
+
+    # Query j of sequence s is at absolute position ctx - q_len + j; key t is visible if t <= that.
+    q_pos = ctx[:, None] - q_lens[:, None] + j[None, :]        # (S, Q)
+    t = torch.arange(T, device=dev)                            # (T,)
+    mask = t[None, None, :] <= q_pos[:, :, None]               # (S, Q, T), also hides t >= ctx
+    mask = mask & q_valid[:, :, None]
+    # Fully masked rows (padding queries) would give NaN; let them see key 0 and drop them later.
+    mask[:, :, 0] |= ~q_valid
+
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # (S, H, Q|T, D)
+        attn_mask=mask[:, None], scale=scale)                        # -> (S, H, Q, D)
+    out = out.transpose(1, 2)                                        # (S, Q, H, D)
+
+    result = torch.zeros_like(q)                                     # (N, H, D)
+    result[q_idx[q_valid]] = out[q_valid]
+    return result
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """One sequence, no cache: (T, H, D) x3 -> (T, H, D). The oracle for the paged path."""
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         is_causal=True, scale=scale)   # (H, T, D)
+    return out.transpose(0, 1)

@@ -1,0 +1,159 @@
+"""Configuration: the model's hyperparameters (GPT2Config, read from config.json) and the
+engine's knobs (EngineConfig), plus the named GPT-2 presets.
+
+GPT2Config mirrors the names in Hugging Face's config.json (n_layer, n_head, n_embd, n_ctx)
+so that a checkpoint's file maps onto it 1:1. Options of GPT-2's config that this runtime does
+not implement are rejected here, loudly, rather than silently producing wrong logits.
+
+References: nanoGPT `GPTConfig`, Hugging Face `GPT2Config`, vLLM `EngineArgs`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+# Named checkpoints on the Hugging Face hub, with their sizes (parameters, tied lm_head counted
+# once). The hub ids are what `LLM("gpt2-medium")` resolves to.
+PRESETS: dict[str, dict] = {
+    "distilgpt2":  dict(hub_id="distilbert/distilgpt2",         n_layer=6,  n_head=12, n_embd=768,  params="82M"),
+    "gpt2":        dict(hub_id="openai-community/gpt2",         n_layer=12, n_head=12, n_embd=768,  params="124M"),
+    "gpt2-medium": dict(hub_id="openai-community/gpt2-medium",  n_layer=24, n_head=16, n_embd=1024, params="355M"),
+    "gpt2-large":  dict(hub_id="openai-community/gpt2-large",   n_layer=36, n_head=20, n_embd=1280, params="774M"),
+    "gpt2-xl":     dict(hub_id="openai-community/gpt2-xl",      n_layer=48, n_head=25, n_embd=1600, params="1558M"),
+}
+
+# config.json options that change the math of GPT-2 and that we do not implement.
+_UNSUPPORTED = {
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+}
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_ctx: int = 1024              # context length; config.json calls it n_positions (older: n_ctx)
+    vocab_size: int = 50257        # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"   # the tanh approximation of GELU
+    scale_attn_weights: bool = True         # divide scores by sqrt(head_dim)
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    tie_word_embeddings: bool = True        # lm_head shares wte's weights
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for name in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"activation_function={self.activation_function!r} is not supported; "
+                             "nanoserve implements gelu_new (GPT-2's) and gelu")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "GPT2Config":
+        """Read a Hugging Face GPT-2 config.json; raise on options we cannot honour."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: config.json not found; a checkpoint directory needs "
+                                    "config.json and model.safetensors") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        model_type = raw.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ValueError(f"{path}: model_type={model_type!r}; nanoserve runs GPT-2 (model_type 'gpt2') only")
+        for key, ok_value in _UNSUPPORTED.items():
+            if raw.get(key, ok_value) != ok_value:
+                raise ValueError(f"{path}: {key}={raw[key]!r} is not supported by nanoserve "
+                                 f"(only {ok_value!r}); this checkpoint would run with wrong logits")
+        kw = dict(
+            n_layer=raw["n_layer"], n_head=raw["n_head"], n_embd=raw["n_embd"],
+            n_ctx=raw.get("n_positions", raw.get("n_ctx", 1024)),
+            vocab_size=raw.get("vocab_size", 50257),
+            layer_norm_epsilon=raw.get("layer_norm_epsilon", 1e-5),
+            activation_function=raw.get("activation_function", "gelu_new"),
+            scale_attn_weights=raw.get("scale_attn_weights", True),
+            bos_token_id=raw.get("bos_token_id", 50256) if raw.get("bos_token_id") is not None else 50256,
+            eos_token_id=raw.get("eos_token_id", 50256) if raw.get("eos_token_id") is not None else 50256,
+            tie_word_embeddings=raw.get("tie_word_embeddings", True),
+        )
+        return cls(**kw)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> float32 on CPU, float16 on CUDA; strings by name; torch dtypes as they are."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype={dtype} is not supported; use float32, float16 or bfloat16")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype={dtype!r} is not supported; use 'float32', 'float16' or 'bfloat16'")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} was asked for but torch sees no CUDA device; "
+                           "use device='cpu' or install a CUDA build of torch")
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r} is not supported; use 'cuda' or 'cpu'")
+    return dev
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything LLM(...) accepts besides the model. Names and defaults follow vLLM."""
+    model: str = "gpt2"
+    device: str | None = None           # None: CUDA if available, else CPU
+    dtype: str | None = None            # None: float32 on CPU, float16 on CUDA
+    block_size: int = 16                # tokens per KV block
+    num_blocks: int | None = None       # KV blocks in the pool; None: sized from free memory
+    gpu_memory_utilization: float = 0.9 # fraction of GPU memory the engine may use in total
+    cpu_kv_cache_gb: float = 1.0        # KV pool size on CPU when num_blocks is None
+    max_num_seqs: int = 256             # sequences in one step, at most
+    max_num_batched_tokens: int = 2048  # tokens in one step (prefill chunks + decodes), at most
+    seed: int = 0                       # seeds the sampler for requests without their own seed
+    enable_kv_cache: bool = True        # False: recompute every token's K/V at every step (for comparison)
+    enforce_eager: bool = False         # True: no CUDA graphs
+    use_triton: bool | None = None      # None: Triton kernels on CUDA when triton imports
+    quiet: bool = False                 # no progress bars or info logs
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size} must be a power of two >= 1 (tokens per KV block)")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks={self.num_blocks} must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,346 @@
+"""The engine: requests in, tokens out. LLMEngine is the step-by-step core (what a server
+drives); LLM is the offline convenience wrapper with vLLM's `generate`.
+
+One `LLMEngine.step()`:
+    scheduler.schedule()  -> which sequences, how many tokens each
+    runner.execute()      -> model forward on the paged cache + sampling (one host sync)
+    _update()             -> append tokens, detokenize, check stop conditions, free blocks
+and returns a RequestOutput for every request that made progress, so callers can stream.
+
+References: vLLM `LLMEngine` / `LLM`, nano-vllm `llm_engine.py`.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
+from .kv_cache import BlockAllocator, allocate_kv_cache, bytes_per_block
+from .model import GPT2
+from .runner import ModelRunner, StepResult
+from .sampler import Sampler
+from .scheduler import Scheduler
+from .sequence import CompletionOutput, RequestOutput, SamplingParams, Sequence, SequenceStatus
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .weights import load_state_dict, resolve_model
+
+log = logging.getLogger("nanoserve")
+
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+    first_token_time: float | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_dir = resolve_model(config.model)
+        self.model_config = GPT2Config.from_json(self.model_dir / "config.json")
+        self.tokenizer = Tokenizer(self.model_dir)
+        mc = self.model_config
+        if mc.vocab_size > self.tokenizer.vocab_size + 64 or mc.vocab_size < self.tokenizer.vocab_size - 1:
+            log.warning("vocab_size=%d differs from GPT-2's tokenizer (%d tokens)", mc.vocab_size,
+                        self.tokenizer.vocab_size)
+
+        self.model = GPT2(mc)
+        self.model.load_weights(load_state_dict(self.model_dir, mc))
+        self.model.to(device=self.device, dtype=self.dtype).eval()
+        self._use_kernels()
+
+        self.num_blocks = config.num_blocks or self._auto_num_blocks()
+        self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.dtype, self.device)
+        self.allocator = BlockAllocator(self.num_blocks)
+        self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
+                                   config.max_num_batched_tokens, config.enable_kv_cache)
+        self.sampler = Sampler(mc.vocab_size, mc.eos_token_id, self.device, config.seed)
+        self.runner = ModelRunner(self.model, mc, config, self.kv_cache, self.sampler, self.device)
+        if not config.quiet:
+            log.info("nanoserve: %s on %s (%s); KV pool: %d blocks x %d tokens, %.2f MiB per block, %.0f MiB in all",
+                     self.model_dir, self.device, self.dtype, self.num_blocks, config.block_size,
+                     bytes_per_block(mc, config.block_size, self.dtype) / 2**20,
+                     self.num_blocks * bytes_per_block(mc, config.block_size, self.dtype) / 2**20)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_cuda_graphs()
+
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._request_ids = itertools.count()
+
+    # ---- set-up helpers -------------------------------------------------------------------
+    def _use_kernels(self) -> None:
+        """Triton kernels on CUDA when available; the PyTorch reference otherwise."""
+        want = self.config.use_triton
+        if self.device.type != "cuda" or want is False:
+            return
+        from . import kernels
+        if not kernels.HAS_TRITON:
+            if want:
+                raise RuntimeError("use_triton=True but triton is not installed; pip install triton")
+            return
+        self.model.attn_fn, self.model.write_fn = kernels.paged_attention, kernels.write_kv
+
+    def _auto_num_blocks(self) -> int:
+        mc, cfg = self.model_config, self.config
+        per_block = bytes_per_block(mc, cfg.block_size, self.dtype)
+        if self.device.type == "cpu":
+            budget = int(cfg.cpu_kv_cache_gb * 2**30)
+        else:
+            budget = self._profile_free_gpu_memory()
+        num_blocks = budget // per_block
+        need = -(-mc.n_ctx // cfg.block_size)
+        if num_blocks < need:
+            raise RuntimeError(f"the KV pool would hold {num_blocks} blocks of {cfg.block_size} tokens, less than "
+                               f"one {mc.n_ctx}-token sequence ({need} blocks); raise gpu_memory_utilization or "
+                               "cpu_kv_cache_gb, or set num_blocks")
+        return num_blocks
+
+    @torch.inference_mode()
+    def _profile_free_gpu_memory(self) -> int:
+        """Run one forward at the full token budget with a throwaway pool, and see how much
+        memory is left for KV blocks: total * gpu_memory_utilization - peak use."""
+        mc, cfg = self.model_config, self.config
+        from .attention import AttentionMetadata
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n_tok = cfg.max_num_batched_tokens
+        seq_len = min(n_tok, mc.n_ctx)
+        S = -(-n_tok // seq_len)
+        MB = -(-seq_len // cfg.block_size)
+        pool = allocate_kv_cache(mc, S * MB, cfg.block_size, self.dtype, self.device)
+        lens = [seq_len] * (S - 1) + [n_tok - seq_len * (S - 1)]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat([torch.arange(n) + s * MB * cfg.block_size for s, n in enumerate(lens)]).to(dev),
+            block_tables=torch.arange(S * MB, dtype=torch.int32).view(S, MB).to(dev),
+            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev),
+            max_query_len=max(lens), max_context_len=max(lens), query_lens_host=lens, context_lens_host=lens)
+        ids = torch.randint(0, mc.vocab_size, (n_tok,), device=dev)
+        pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
+        hidden = self.model(ids, pos, pool, meta)
+        logits = self.model.compute_logits(hidden[: cfg.max_num_seqs]).float()
+        logits.softmax(-1).sort(-1)           # the sampler's largest temporaries
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del pool, hidden, logits
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        return max(0, int(total * cfg.gpu_memory_utilization) - peak - used_by_others)
+
+    # ---- requests -----------------------------------------------------------------------
+    def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise TypeError(f"a dict prompt needs 'prompt' or 'prompt_token_ids', got keys {list(prompt)}")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            V = self.model_config.vocab_size
+            bad = [t for t in prompt if not 0 <= t < V]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
+            return None, list(prompt)
+        raise TypeError(f"prompt must be a str, a list of token ids, or a dict with 'prompt_token_ids'; "
+                        f"got {type(prompt).__name__}")
+
+    def add_request(self, request_id: str | None, prompt: PromptType,
+                    params: SamplingParams | None = None, priority: int = 0) -> str:
+        """Queue a request. Raises ValueError/TypeError (and changes nothing) if it is invalid."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise ValueError("prompt is empty; give at least one token")
+        n_ctx = self.model_config.n_ctx
+        if len(ids) + params.max_tokens > n_ctx:
+            raise ValueError(f"prompt is {len(ids)} tokens and max_tokens is {params.max_tokens}: "
+                             f"{len(ids) + params.max_tokens} > n_ctx={n_ctx}; shorten the prompt or lower max_tokens")
+        capacity = self.num_blocks * self.config.block_size
+        if len(ids) + params.max_tokens > capacity:
+            raise ValueError(f"prompt + max_tokens = {len(ids) + params.max_tokens} tokens exceeds the whole KV pool "
+                             f"({capacity} tokens); raise num_blocks or lower max_tokens")
+        if any(not 0 <= t < self.model_config.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids {params.stop_token_ids} has ids outside [0, {self.model_config.vocab_size})")
+
+        seqs = []
+        arrival = next(self._arrivals)
+        for i in range(params.n):
+            seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, index=i,
+                           prompt_token_ids=ids, params=params, priority=priority, arrival=arrival)
+            seq.detok = IncrementalDetokenizer(self.tokenizer)
+            seq.logprobs = [] if params.logprobs is not None else None
+            # Only the first completion reports prompt logprobs (they are the same for all n).
+            seq.prompt_logprobs = [None] if params.prompt_logprobs is not None and i == 0 else None
+            if params.seed is not None:
+                seq.generator = self.sampler.make_generator(params.seed + i)
+            seqs.append(seq)
+        self.requests[request_id] = Request(request_id, text, ids, params, seqs, time.perf_counter())
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its blocks go back to the pool. Unknown ids are ignored."""
+        req = self.requests.pop(str(request_id), None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler could not schedule any sequence; the KV pool is too small")
+            return []
+        result = self.runner.execute(sched)
+        return self._update(sched, result)
+
+    def _update(self, sched, result: StepResult) -> list[RequestOutput]:
+        touched: dict[str, Request] = {}
+        now = time.perf_counter()
+        for seq, n in sched.scheduled:
+            seq.num_computed_tokens += n
+            req = self.requests[seq.request_id]
+            if seq.seq_id in result.prompt_logprobs:
+                seq.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
+            if seq.seq_id not in result.sampled:
+                continue                       # a prefill chunk that did not reach the end yet
+            touched[req.request_id] = req
+            req.first_token_time = req.first_token_time or now
+            self._append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if req.is_finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
+        p = seq.params
+        seq.output_token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token]
+        eos = self.model_config.eos_token_id
+        num_out = len(seq.output_token_ids)
+        if token == eos and not p.ignore_eos and num_out >= p.min_tokens:
+            return self.scheduler.finish(seq, "stop")
+        if token in p.stop_token_ids and num_out >= p.min_tokens:
+            return self.scheduler.finish(seq, "stop")
+        if token != eos:                       # special tokens are not part of the text
+            old = len(seq.detok.text)
+            seq.detok.push(token)
+            seq.text = seq.detok.text
+            if p.stop and num_out >= p.min_tokens:
+                # Search only where a new match can be: the new text plus a stop string's length.
+                start = max(0, old - max(len(s) for s in p.stop) + 1)
+                hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
+                if hits:
+                    seq.text = seq.text[:min(hits)]
+                    return self.scheduler.finish(seq, "stop")
+        if num_out >= p.max_tokens or seq.num_tokens >= self.model_config.n_ctx:
+            self.scheduler.finish(seq, "length")
+
+    def _output(self, req: Request) -> RequestOutput:
+        comps = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.output_token_ids),
+                                  cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                                  logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                                  finish_reason=s.finish_reason) for s in req.seqs]
+        first = req.seqs[0]
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                             prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
+                             outputs=comps, finished=req.is_finished)
+
+
+class LLM:
+    """Offline inference, vLLM-style:  LLM("gpt2").generate(prompts, SamplingParams(...))."""
+
+    def __init__(self, model: str = "gpt2", **kwargs: Any) -> None:
+        unknown = set(kwargs) - set(EngineConfig.field_names())
+        if unknown:
+            raise TypeError(f"LLM() got unknown keyword(s) {sorted(unknown)}; known: {EngineConfig.field_names()[1:]}")
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | list[PromptType],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; results in input order.
+
+        All prompts are validated before any runs: one bad prompt raises and queues nothing."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                               and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a str or a list, got {type(prompts).__name__}")
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        eng = self.engine
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(eng.add_request(None, prompt, p))
+        except Exception:
+            for rid in ids:                   # leave the engine as we found it
+                eng.abort_request(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and len(ids) > 1 and not eng.config.quiet:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids), desc="generate", unit="req")
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    if bar:
+                        bar.update(1)
+        if bar:
+            bar.close()
+        return [results[r] for r in ids]

@@ -1,0 +1,129 @@
+"""GPT-2, written out by hand, over a flat batch of tokens from many sequences.
+
+A serving step is not a (B, T) rectangle: it mixes whole prompts, chunks of long prompts and
+single decode tokens of different sequences. So the model takes the step flattened to N
+tokens, with each token's absolute position, and leaves "who attends to whom" to the
+attention metadata (block tables into the paged KV cache, see attention.py). Every layer but
+attention is per-token, which is why flattening costs nothing there.
+
+The parameters keep the checkpoint's names and layouts (Conv1D weights are [in, out], so the
+linear layers compute x @ W + b), so `load_state_dict` needs no renaming or transposing.
+
+N = tokens in this step (all sequences, flattened)   S = sequences in batch
+C = n_embd  H = n_head  D = head_dim (C = H*D)  V = vocab_size  L = n_layer
+NB = KV blocks in pool   BS = tokens per block   MB = max blocks per sequence
+
+References: OpenAI gpt-2 `model.py`, nanoGPT `model.py`, Hugging Face `modeling_gpt2.py`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import attention
+from .attention import AttentionMetadata
+from .config import GPT2Config
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+WriteKVFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: weight stored [in, out], y = x @ W + b (the checkpoint's layout)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))   # (in, out)
+        self.bias = nn.Parameter(torch.empty(n_out))           # (out,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:       # (N, in) -> (N, out)
+        return torch.addmm(self.bias, x, self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.c_attn = Conv1D(cfg.n_embd, 3 * cfg.n_embd)      # q, k, v projections, fused
+        self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd)
+        self.scale = 1.0 / math.sqrt(self.head_dim) if cfg.scale_attn_weights else 1.0
+
+    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, attn_fn: AttentionFn, write_fn: WriteKVFn) -> torch.Tensor:
+        N, C = x.shape
+        qkv = self.c_attn(x)                                   # (N, 3C)
+        q, k, v = qkv.view(N, 3, self.n_head, self.head_dim).unbind(1)   # 3 x (N, H, D)
+        # This step's keys/values go into the cache first, so that attention below finds a
+        # sequence's whole history, this step included, in one place.
+        write_fn(k, v, k_cache, v_cache, meta.slot_mapping)
+        y = attn_fn(q, k_cache, v_cache, meta, self.scale)     # (N, H, D)
+        return self.c_proj(y.reshape(N, C))                    # (N, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = Conv1D(4 * cfg.n_embd, cfg.n_embd)
+        # gelu_new is the tanh approximation of GELU; the erf form differs in the 4th decimal.
+        self.approximate = "none" if cfg.activation_function == "gelu" else "tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:       # (N, C) -> (N, C)
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, attn_fn: AttentionFn, write_fn: WriteKVFn) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), k_cache, v_cache, meta, attn_fn, write_fn)   # (N, C)
+        return x + self.mlp(self.ln_2(x))                                            # (N, C)
+
+
+class GPT2(nn.Module):
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)   # (V, C), also the output head
+        self.wpe = nn.Embedding(cfg.n_ctx, cfg.n_embd)        # (n_ctx, C)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.lm_head: nn.Parameter | None = None              # (V, C) only for untied fine-tunes
+        # The attention implementation is swappable: the PyTorch reference here, Triton
+        # kernels on the GPU (the runner sets these).
+        self.attn_fn: AttentionFn = attention.paged_attention
+        self.write_fn: WriteKVFn = attention.write_kv
+
+    def load_weights(self, sd: dict[str, torch.Tensor]) -> None:
+        if "lm_head.weight" in sd:
+            self.lm_head = nn.Parameter(torch.empty_like(sd["lm_head.weight"]))
+        self.load_state_dict({k.replace("lm_head.weight", "lm_head"): v for k, v in sd.items()}, strict=True)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """One step: (N,) token ids at (N,) positions -> (N, C) final hidden states.
+
+        kv_cache: (L, 2, NB, BS, H, D); layer i reads and writes kv_cache[i, 0] (K) and [i, 1] (V).
+        Logits are computed separately (compute_logits) and only for the rows that need them:
+        projecting every prompt token onto 50,257 words would be most of a prefill's work.
+        """
+        x = self.wte(input_ids) + self.wpe(positions)          # (N, C)
+        for i, block in enumerate(self.h):
+            x = block(x, kv_cache[i, 0], kv_cache[i, 1], meta, self.attn_fn, self.write_fn)   # (N, C)
+        return self.ln_f(x)                                    # (N, C)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # (M, C) -> (M, V)
+        head = self.lm_head if self.lm_head is not None else self.wte.weight
+        return hidden @ head.t()

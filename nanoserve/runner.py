@@ -1,0 +1,165 @@
+"""The model runner: the one place that sees both sides. It turns the scheduler's decision
+(Python Sequence objects and token counts) into the flat tensors the model reads, runs the
+model, and hands back sampled tokens and logprobs as Python values.
+
+For each scheduled sequence with `n` new tokens, starting at `c = num_computed_tokens`:
+    input_ids   += token_ids[c : c+n]        positions += c .. c+n-1
+    slot_mapping += block_table[p // BS] * BS + p % BS   for each position p
+    context_lens  = c + n                      query_start_loc: running sum of n
+Logits are computed only for rows that need them: the last token of a sequence whose prompt
+is now complete (it samples), and prompt rows whose prompt_logprobs were asked for.
+
+On CUDA, decode-only steps (every sequence has one new token) replay a CUDA graph captured
+at warm-up for the next-larger batch size; this removes the CPU cost of launching ~10 kernels
+per layer, which dominates a small GPT-2 step. The step's only host synchronisation is
+reading the sampled tokens back.
+
+N = tokens in this step   S = sequences in batch   MB = max blocks per sequence   V = vocab_size
+
+References: vLLM `gpu_model_runner.py`, nano-vllm `model_runner.py`, gpt-fast (CUDA graphs).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import AttentionMetadata
+from .config import EngineConfig, GPT2Config
+from .model import GPT2
+from .sampler import Sampler
+from .scheduler import SchedulerOutput
+from .sequence import Sequence
+
+
+@dataclass
+class StepResult:
+    """Per scheduled sequence (by position in SchedulerOutput.scheduled)."""
+    sampled: dict[int, int] = field(default_factory=dict)                  # seq_id -> token
+    logprobs: dict[int, dict[int, float]] = field(default_factory=dict)    # seq_id -> {tok: lp}
+    prompt_logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor     # (N,) int64
+    positions: torch.Tensor     # (N,) int64
+    meta: AttentionMetadata
+    sample_rows: list[int]      # row of hidden state to sample from, per sampling sequence
+    sample_seqs: list[Sequence]
+    prompt_rows: list[int]      # rows whose logits give prompt logprobs
+    prompt_targets: list[int]   # the prompt token each such row predicts
+    prompt_owner: list[Sequence]
+
+
+def _to(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+class ModelRunner:
+    def __init__(self, model: GPT2, model_cfg: GPT2Config, cfg: EngineConfig, kv_cache: torch.Tensor,
+                 sampler: Sampler, device: torch.device) -> None:
+        self.model, self.model_cfg, self.cfg = model, model_cfg, cfg
+        self.kv_cache = kv_cache                        # (L, 2, NB, BS, H, D)
+        self.sampler, self.device = sampler, device
+        self.block_size = cfg.block_size
+        self.max_blocks_per_seq = -(-model_cfg.n_ctx // cfg.block_size)   # MB
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}                   # batch size -> graph
+        self.graph_bufs: dict[str, torch.Tensor] = {}
+
+    # ---- Sequences -> tensors -----------------------------------------------------------
+    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        BS = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl, ctx_lens, q_lens = [0], [], []
+        sample_rows, sample_seqs = [], []
+        prompt_rows, prompt_targets, prompt_owner = [], [], []
+        for seq, n in sched.scheduled:
+            c = seq.num_computed_tokens
+            tokens = seq.token_ids
+            input_ids += tokens[c:c + n]
+            positions += range(c, c + n)
+            bt = seq.block_table
+            slots += [bt[p // BS] * BS + p % BS for p in range(c, c + n)]
+            row0 = qsl[-1]
+            qsl.append(row0 + n)
+            ctx_lens.append(c + n)
+            q_lens.append(n)
+            if c + n == seq.num_tokens:                  # prompt (or recompute) done: sample
+                sample_rows.append(row0 + n - 1)
+                sample_seqs.append(seq)
+            if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is not None:
+                # Row at position p predicts prompt token p+1. Skip rows already reported
+                # (a preempted sequence recomputes them) and the last prompt position, whose
+                # prediction is the first *generated* token.
+                first = max(c, len(seq.prompt_logprobs) - 1)
+                for p in range(first, min(c + n, seq.num_prompt_tokens - 1)):
+                    prompt_rows.append(row0 + p - c)
+                    prompt_targets.append(tokens[p + 1])
+                    prompt_owner.append(seq)
+        MB = max(len(seq.block_table) for seq, _ in sched.scheduled)
+        block_tables = [seq.block_table + [0] * (MB - len(seq.block_table)) for seq, _ in sched.scheduled]
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=_to(slots, torch.int64, dev),                 # (N,)
+            block_tables=_to(block_tables, torch.int32, dev),          # (S, MB)
+            context_lens=_to(ctx_lens, torch.int32, dev),              # (S,)
+            query_start_loc=_to(qsl, torch.int32, dev),                # (S+1,)
+            max_query_len=max(q_lens), max_context_len=max(ctx_lens),
+            query_lens_host=q_lens, context_lens_host=ctx_lens)
+        return StepInputs(_to(input_ids, torch.int64, dev), _to(positions, torch.int64, dev), meta,
+                          sample_rows, sample_seqs, prompt_rows, prompt_targets, prompt_owner)
+
+    # ---- run ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        inp = self.prepare(sched)
+        result = StepResult()
+        S = len(sched.scheduled)
+        if inp.meta.is_decode and S in self.graphs or (inp.meta.is_decode and self._graph_size(S)):
+            logits = self._replay(inp)                                      # (S, V)
+        else:
+            hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (N, C)
+            logits = self.model.compute_logits(hidden[inp.sample_rows]) if inp.sample_rows else None
+            if inp.prompt_rows:
+                self._prompt_logprobs(hidden[inp.prompt_rows], inp, result)
+        if inp.sample_seqs:
+            out = self.sampler(logits, inp.sample_seqs)
+            tokens = out.token_ids.tolist()                                 # the step's host sync
+            for seq, tok in zip(inp.sample_seqs, tokens):
+                result.sampled[seq.seq_id] = tok
+            if out.logprobs is not None:
+                lps, ids = out.logprobs.tolist(), out.logprob_ids.tolist()
+                for row, seq in enumerate(inp.sample_seqs):
+                    k = seq.params.logprobs
+                    if k is not None:
+                        # sampled token first, then the top k (the sampled one may repeat there)
+                        result.logprobs[seq.seq_id] = dict(zip(ids[row][1:k + 1], lps[row][1:k + 1])) | {
+                            ids[row][0]: lps[row][0]}
+        return result
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inp: StepInputs, result: StepResult) -> None:
+        lp = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)   # (P, V)
+        targets = torch.tensor(inp.prompt_targets, device=lp.device)[:, None]      # (P, 1)
+        target_lp = lp.gather(1, targets)[:, 0].tolist()
+        k_max = max(s.params.prompt_logprobs for s in inp.prompt_owner)
+        top_lp, top_ids = (x.tolist() for x in lp.topk(k_max, dim=-1)) if k_max else ([[]] * len(targets), [[]] * len(targets))
+        for i, seq in enumerate(inp.prompt_owner):
+            k = seq.params.prompt_logprobs
+            d = dict(zip(top_ids[i][:k], top_lp[i][:k])) | {inp.prompt_targets[i]: target_lp[i]}
+            result.prompt_logprobs.setdefault(seq.seq_id, []).append(d)
+
+    # ---- CUDA graphs (decode only) ----------------------------------------------------------
+    def capture_cuda_graphs(self) -> None:
+        pass
+
+    def _graph_size(self, S: int) -> int | None:
+        return None
+
+    def _replay(self, inp: StepInputs) -> torch.Tensor:
+        raise NotImplementedError

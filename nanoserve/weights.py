@@ -14,6 +14,7 @@ References: Hugging Face `GPT2LMHeadModel`, nanoGPT `from_pretrained` (which tra
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,11 +36,21 @@ def _is_model_dir(path: Path) -> bool:
 
 
 def download(name: str, dest: Path | None = None) -> Path:
-    """Fetch a hub checkpoint (config, safetensors, tokenizer files) into weights/<name>, once."""
+    """Fetch a hub checkpoint (config, safetensors, tokenizer files) into weights/<name>, once.
+
+    A copy already in the Hugging Face cache (from transformers, say) is reused without
+    touching the network; otherwise huggingface_hub downloads it, with progress bars."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
     hub_id = PRESETS.get(name, {}).get("hub_id", name)
     dest = dest or WEIGHTS_DIR / name.split("/")[-1]
-    snapshot_download(repo_id=hub_id, allow_patterns=_HUB_FILES, local_dir=str(dest))
+    try:
+        cached = Path(snapshot_download(repo_id=hub_id, allow_patterns=_HUB_FILES, local_files_only=True))
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in cached.iterdir():
+            shutil.copyfile(f, dest / f.name)           # resolves the cache's symlinks to blobs
+    except LocalEntryNotFoundError:
+        snapshot_download(repo_id=hub_id, allow_patterns=_HUB_FILES, local_dir=str(dest))
     if not (dest / "model.safetensors").is_file():
         raise FileNotFoundError(f"{hub_id} on the hub has no model.safetensors; nanoserve loads safetensors only")
     return dest

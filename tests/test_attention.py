@@ -1,0 +1,77 @@
+"""Paged attention (the PyTorch reference) against dense causal attention."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanoserve.attention import AttentionMetadata, dense_causal_attention, paged_attention, write_kv
+
+
+def _paged_step(seqs: list[tuple[int, int]], H: int, D: int, BS: int, NB: int, seed: int):
+    """Build a step for sequences given as (num_cached, num_new) with shuffled physical blocks.
+
+    Returns (q, k_cache, v_cache, meta, full_q, full_k, full_v): the full per-sequence tensors
+    let us compute the dense reference over [0, cached + new)."""
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(NB, BS, H, D, generator=g)
+    v_cache = torch.randn(NB, BS, H, D, generator=g)
+    free = torch.randperm(NB, generator=g).tolist()
+    MB = max(math.ceil((c + n) / BS) for c, n in seqs)
+    block_tables, slots, qs, ks, vs, fulls = [], [], [], [], [], []
+    for cached, new in seqs:
+        total = cached + new
+        blocks = [free.pop() for _ in range(math.ceil(total / BS))]
+        block_tables.append(blocks + [0] * (MB - len(blocks)))
+        fq, fk, fv = (torch.randn(total, H, D, generator=g) for _ in range(3))
+        # Earlier tokens are already in the cache; this step's are written by write_kv.
+        for p in range(cached):
+            k_cache[blocks[p // BS], p % BS] = fk[p]
+            v_cache[blocks[p // BS], p % BS] = fv[p]
+        slots += [blocks[p // BS] * BS + p % BS for p in range(cached, total)]
+        qs.append(fq[cached:]); ks.append(fk[cached:]); vs.append(fv[cached:])
+        fulls.append((fq, fk, fv))
+    lens = [n for _, n in seqs]
+    qsl = [0]
+    for n in lens:
+        qsl.append(qsl[-1] + n)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), block_tables=torch.tensor(block_tables, dtype=torch.int32),
+        context_lens=torch.tensor([c + n for c, n in seqs], dtype=torch.int32),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32), max_query_len=max(lens),
+        max_context_len=max(c + n for c, n in seqs))
+    return torch.cat(qs), torch.cat(ks), torch.cat(vs), k_cache, v_cache, meta, fulls
+
+
+@pytest.mark.parametrize("BS", [1, 4, 16])
+@pytest.mark.parametrize("seqs", [
+    [(0, 7)],                                  # one fresh prompt
+    [(0, 5), (0, 16), (0, 1)],                 # several prompts, one ending exactly on a block
+    [(9, 1), (20, 1), (0, 1), (31, 1)],        # decode steps
+    [(12, 6), (3, 1), (0, 11), (17, 1)],       # chunked prefill mixed with decodes
+])
+def test_paged_attention_equals_dense_causal_attention(BS, seqs):
+    """Each sequence's paged output equals dense causal SDPA over its whole history."""
+    H, D = 3, 16
+    q, k, v, kc, vc, meta, fulls = _paged_step(seqs, H, D, BS, NB=64, seed=BS)
+    write_kv(k, v, kc, vc, meta.slot_mapping)
+    out = paged_attention(q, kc, vc, meta, 1 / math.sqrt(D))
+    start = 0
+    for (cached, new), (fq, fk, fv) in zip(seqs, fulls):
+        ref = dense_causal_attention(fq, fk, fv, 1 / math.sqrt(D))[cached:]   # the new queries' rows
+        torch.testing.assert_close(out[start:start + new], ref, atol=1e-5, rtol=1e-5)
+        start += new
+
+
+def test_write_kv_writes_only_its_slots_and_skips_padding():
+    """write_kv fills exactly the listed slots; slot -1 (graph padding) writes nothing."""
+    NB, BS, H, D = 4, 4, 2, 8
+    kc, vc = torch.full((NB, BS, H, D), 7.0), torch.full((NB, BS, H, D), 7.0)
+    k, v = torch.randn(3, H, D), torch.randn(3, H, D)
+    write_kv(k, v, kc, vc, torch.tensor([5, -1, 14]))
+    flat_k = kc.view(-1, H, D)
+    torch.testing.assert_close(flat_k[5], k[0])
+    torch.testing.assert_close(flat_k[14], k[2])
+    untouched = [i for i in range(NB * BS) if i not in (5, 14)]
+    assert bool((flat_k[untouched] == 7.0).all()) and bool((vc.view(-1, H, D)[untouched] == 7.0).all())

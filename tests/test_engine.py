@@ -1,0 +1,205 @@
+"""End-to-end engine behaviour: batching, preemption, stop conditions, n, bad input, leaks."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from nanoserve import LLM, LLMEngine, EngineConfig, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def _prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 60) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(50256) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def _assert_pool_free(llm: LLM) -> None:
+    eng = llm.engine
+    assert eng.allocator.num_free == eng.num_blocks, "KV blocks leaked"
+    assert not any(eng.allocator.is_used)
+    assert not eng.scheduler.waiting and not eng.scheduler.running and not eng.requests
+
+
+def test_batched_greedy_equals_each_prompt_alone(tiny_llm):
+    """24 prompts of varied lengths generated together give the same tokens as each alone."""
+    prompts = _prompts(24)
+    together = tiny_llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, together):
+        alone = tiny_llm.generate([prompt], GREEDY)[0]
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+        assert out.prompt_token_ids == prompt
+    _assert_pool_free(tiny_llm)
+
+
+def test_tiny_pool_queues_chunks_and_preempts_but_outputs_are_unchanged(tiny_ckpt, tiny_llm):
+    """With a KV pool of 12 blocks x 4 tokens and a 24-token budget, requests queue, long
+    prompts are chunked and running sequences get preempted; every request still finishes
+    with the same tokens as with a roomy pool, and all blocks come back."""
+    prompts = _prompts(24, seed=1, hi=30)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    small = LLM(str(tiny_ckpt), device="cpu", quiet=True, block_size=4, num_blocks=12,
+                max_num_batched_tokens=24, max_num_seqs=6)
+    outs = small.generate(prompts, params, use_tqdm=False)
+    ref = tiny_llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
+    assert small.engine.scheduler.num_preemptions > 0, "the test should exercise preemption"
+    _assert_pool_free(small)
+
+
+def test_no_kv_cache_mode_gives_the_same_tokens(tiny_ckpt, tiny_llm):
+    """Full recomputation every step (enable_kv_cache=False) is the same function, slower."""
+    prompts = _prompts(3, seed=2, hi=20)
+    slow = LLM(str(tiny_ckpt), device="cpu", quiet=True, enable_kv_cache=False)
+    a = slow.generate(prompts, GREEDY, use_tqdm=False)
+    b = tiny_llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    _assert_pool_free(slow)
+
+
+def test_seeded_request_is_the_same_alone_or_in_a_batch(tiny_llm):
+    """A seeded sampled request does not depend on what else runs beside it."""
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    target = [5, 6, 7, 8]
+    alone = tiny_llm.generate([target], p)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True)
+    batch = tiny_llm.generate(_prompts(5, seed=3) + [target], [others] * 5 + [p], use_tqdm=False)
+    assert batch[-1].outputs[0].token_ids == alone
+    again = tiny_llm.generate([target], p)[0].outputs[0].token_ids
+    assert again == alone
+    different = tiny_llm.generate([target], SamplingParams(temperature=1.0, seed=99, max_tokens=16,
+                                                           ignore_eos=True))[0].outputs[0].token_ids
+    assert different != alone
+
+
+def test_n_gives_distinct_completions_with_indices(tiny_llm):
+    """n=3 with sampling returns three completions, indexed 0..2, not all identical."""
+    out = tiny_llm.generate(["Hello"], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8,
+                                                      ignore_eos=True))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    _assert_pool_free(tiny_llm)
+
+
+def test_stop_string_cuts_text_and_finishes_with_stop(tiny_llm):
+    """A stop string that appears in the output ends generation; the text ends before it."""
+    free = tiny_llm.generate(["x"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0]
+    # Pick a stop string from the middle of what greedy decoding produces.
+    stop = free.text[len(free.text) // 2: len(free.text) // 2 + 3]
+    assert stop.strip(), "need a visible stop string"
+    out = tiny_llm.generate(["x"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                  stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop"
+    assert stop not in out.text and free.text.startswith(out.text)
+    assert free.text.index(stop) == len(out.text)
+
+
+def test_stop_token_ids_and_eos_finish_with_stop(tiny_llm):
+    """A stop token id ends the sequence and is the last token; min_tokens delays it."""
+    free = tiny_llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    tok = free.outputs[0].token_ids[3]
+    out = tiny_llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=10,
+                                                        stop_token_ids=[tok]))[0].outputs[0]
+    first = free.outputs[0].token_ids.index(tok)
+    assert out.finish_reason == "stop" and out.token_ids == free.outputs[0].token_ids[:first + 1]
+    late = tiny_llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=10, min_tokens=10,
+                                                         stop_token_ids=[tok]))[0].outputs[0]
+    assert len(late.token_ids) == 10 and late.finish_reason == "length" and tok not in late.token_ids
+
+
+def test_step_streams_partial_outputs_until_finished(tiny_llm):
+    """LLMEngine.step() returns growing partial outputs, the last one marked finished."""
+    eng = tiny_llm.engine
+    eng.add_request("s1", [10, 11, 12], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    lengths = []
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            lengths.append((len(out.outputs[0].token_ids), out.finished))
+    assert lengths == [(1, False), (2, False), (3, False), (4, False), (5, True)]
+
+
+def test_abort_frees_blocks_and_reports_abort(tiny_llm):
+    """Aborting a running request returns its blocks at once and marks it 'abort'."""
+    eng = tiny_llm.engine
+    eng.add_request("a1", list(range(40)), SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.add_request("a2", list(range(5)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    eng.step()
+    assert eng.allocator.num_free < eng.num_blocks
+    final = eng.abort_request("a1")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert outs[-1].request_id == "a2" and outs[-1].outputs[0].finish_reason == "length"
+    _assert_pool_free(tiny_llm)
+
+
+def test_priority_orders_the_waiting_queue(tiny_ckpt):
+    """With one sequence at a time, a lower priority value runs first regardless of arrival."""
+    llm = LLM(str(tiny_ckpt), device="cpu", quiet=True, max_num_seqs=1)
+    eng = llm.engine
+    p = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    eng.add_request("late", [1, 2], p, priority=5)
+    eng.add_request("urgent", [3, 4], p, priority=-1)
+    finished = []
+    while eng.has_unfinished_requests():
+        finished += [o.request_id for o in eng.step() if o.finished]
+    assert finished == ["urgent", "late"]
+
+
+@pytest.mark.parametrize("prompt, params, error, words", [
+    ("", SamplingParams(), ValueError, "empty"),
+    ([], SamplingParams(), ValueError, "empty"),
+    ([1, 2, 50257], SamplingParams(), ValueError, "50257"),
+    ([1, -1], SamplingParams(), ValueError, "-1"),
+    ([1] * 120, SamplingParams(max_tokens=20), ValueError, "n_ctx=128"),
+    (12345, SamplingParams(), TypeError, "int"),
+    ([1.5, 2], SamplingParams(), TypeError, "prompt"),
+    ("hi", "not params", TypeError, "SamplingParams"),
+])
+def test_bad_input_raises_clearly_and_leaves_engine_serving(tiny_llm, prompt, params, error, words):
+    """Invalid prompts raise with the value and limit; the engine keeps serving, no leaks."""
+    with pytest.raises(error, match=words):
+        tiny_llm.generate([[5, 6], prompt], params)
+    _assert_pool_free(tiny_llm)
+    ok = tiny_llm.generate([[5, 6]], GREEDY)[0]
+    assert ok.finished and len(ok.outputs[0].token_ids) == 12
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"), (dict(top_k=-2), "top_k"),
+    (dict(min_p=2.0), "min_p"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(logprobs=-1), "logprobs"),
+])
+def test_invalid_sampling_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_keywords_raise_type_error(tiny_ckpt):
+    with pytest.raises(TypeError, match="temprature"):
+        SamplingParams(temprature=0.5)
+    with pytest.raises(TypeError, match="block_sise"):
+        LLM(str(tiny_ckpt), device="cpu", block_sise=16)
+
+
+def test_request_larger_than_the_kv_pool_is_rejected(tiny_ckpt):
+    """A request that could never fit the pool is refused up front, not left to starve."""
+    llm = LLM(str(tiny_ckpt), device="cpu", quiet=True, block_size=4, num_blocks=8)
+    with pytest.raises(ValueError, match="KV pool"):
+        llm.generate([[1] * 30], SamplingParams(max_tokens=8))
+    assert llm.generate([[1] * 20], SamplingParams(max_tokens=8))[0].finished
+
+
+def test_text_prompts_and_dict_prompts_round_trip(tiny_llm):
+    """Strings are tokenized with GPT-2's BPE; dict prompts with token ids are accepted."""
+    a = tiny_llm.generate("Hello, my name is", GREEDY)[0]
+    ids = tiny_llm.tokenizer.encode("Hello, my name is")
+    b = tiny_llm.generate([{"prompt_token_ids": ids}], GREEDY)[0]
+    assert a.prompt_token_ids == ids and a.prompt == "Hello, my name is"
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert a.outputs[0].text == tiny_llm.tokenizer.decode(a.outputs[0].token_ids)

@@ -1,0 +1,100 @@
+"""The sampler's filters and seeds, on hand-made logits."""
+from __future__ import annotations
+
+import torch
+
+from nanoserve.sampler import Sampler
+from nanoserve.sequence import SamplingParams, Sequence
+
+V = 50
+
+
+def _seq(params: SamplingParams, output: list[int] | None = None, prompt: list[int] | None = None) -> Sequence:
+    return Sequence(seq_id=0, request_id="r", index=0, prompt_token_ids=prompt or [1],
+                    params=params, output_token_ids=output or [])
+
+
+def _sampler(seed: int = 0) -> Sampler:
+    return Sampler(V, eos_token_id=V - 1, device=torch.device("cpu"), seed=seed)
+
+
+def _logits(rows: int = 1) -> torch.Tensor:
+    return torch.randn(rows, V, generator=torch.Generator().manual_seed(0)) * 3
+
+
+def _draws(params: SamplingParams, n: int = 400, logits: torch.Tensor | None = None) -> set[int]:
+    s = _sampler()
+    logits = _logits() if logits is None else logits
+    seqs = [_seq(params)] * n
+    return set(s(logits.expand(n, V).clone(), seqs).token_ids.tolist())
+
+
+def test_greedy_is_argmax():
+    logits = _logits(4)
+    out = _sampler()(logits.clone(), [_seq(SamplingParams(temperature=0))] * 4)
+    assert out.token_ids.tolist() == logits.argmax(-1).tolist()
+
+
+def test_top_k_draws_only_the_k_best():
+    top3 = set(_logits()[0].topk(3).indices.tolist())
+    drawn = _draws(SamplingParams(temperature=5.0, top_k=3))
+    assert drawn <= top3 and len(drawn) == 3
+
+
+def test_top_p_draws_only_the_nucleus():
+    logits = _logits() / 3
+    probs = logits[0].softmax(-1)
+    sp, idx = probs.sort(descending=True)
+    nucleus = set(idx[: int((sp.cumsum(0) < 0.6).sum()) + 1].tolist())
+    drawn = _draws(SamplingParams(temperature=1.0, top_p=0.6), logits=logits)
+    assert drawn <= nucleus and len(drawn) >= 2
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = _logits()
+    probs = logits[0].softmax(-1)
+    allowed = set((probs >= 0.2 * probs.max()).nonzero()[:, 0].tolist())
+    assert _draws(SamplingParams(temperature=1.0, min_p=0.2), logits=logits) <= allowed
+
+
+def test_same_seed_same_tokens_regardless_of_batch_position():
+    """A seeded row's draw depends on its own generator only, not on its neighbours."""
+    p = SamplingParams(temperature=1.0, seed=42)
+    logits = _logits(3)
+
+    def draw(rows: list[int], seeded_row: int) -> int:
+        s = _sampler(seed=len(rows))                     # a different shared generator each time
+        seqs = [_seq(SamplingParams(temperature=1.0)) for _ in rows]
+        seqs[seeded_row] = _seq(p)
+        seqs[seeded_row].generator = s.make_generator(42)
+        return s(logits[rows].clone(), seqs).token_ids[seeded_row].item()
+
+    assert draw([2], 0) == draw([0, 1, 2], 2) == draw([2, 0], 0)
+
+
+def test_repetition_penalty_lowers_seen_tokens():
+    logits = torch.zeros(1, V)
+    logits[0, 3], logits[0, 4] = 2.0, 1.9
+    s = _sampler()
+    plain = s(logits.clone(), [_seq(SamplingParams(temperature=0))]).token_ids.item()
+    penalised = s(logits.clone(), [_seq(SamplingParams(temperature=0, repetition_penalty=1.5),
+                                        prompt=[3])]).token_ids.item()
+    assert plain == 3 and penalised == 4
+
+
+def test_min_tokens_forbids_eos():
+    logits = torch.zeros(1, V)
+    logits[0, V - 1] = 10.0                               # EOS is by far the best
+    s = _sampler()
+    early = s(logits.clone(), [_seq(SamplingParams(temperature=0, min_tokens=2), output=[1])]).token_ids.item()
+    later = s(logits.clone(), [_seq(SamplingParams(temperature=0, min_tokens=2), output=[1, 2])]).token_ids.item()
+    assert early != V - 1 and later == V - 1
+
+
+def test_logprobs_are_raw_log_softmax_before_temperature():
+    logits = _logits()
+    out = _sampler()(logits.clone(), [_seq(SamplingParams(temperature=0.3, top_k=2, logprobs=2))])
+    ref = torch.log_softmax(logits, -1)
+    tok = out.token_ids.item()
+    torch.testing.assert_close(out.logprobs[0, 0], ref[0, tok])
+    torch.testing.assert_close(out.logprobs[0, 1:], ref[0].topk(2).values)

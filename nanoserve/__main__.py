@@ -14,47 +14,74 @@ import time
 from .config import EngineConfig
 
 
+# One line of help per EngineConfig field (the defaults are appended by the formatter).
+_ENGINE_HELP = {
+    "model": "checkpoint directory, weights/<name>, or hub id (gpt2, gpt2-medium, ...)",
+    "device": "cuda or cpu; default: cuda when available", "dtype": "float32, float16 or bfloat16; "
+    "default: float32 on CPU, float16 on CUDA", "block_size": "tokens per KV block",
+    "num_blocks": "KV blocks in the pool; default: sized from free memory",
+    "gpu_memory_utilization": "fraction of GPU memory the engine may use",
+    "cpu_kv_cache_gb": "KV pool size on CPU (GiB)", "max_num_seqs": "sequences per step, at most",
+    "max_num_batched_tokens": "tokens per step, at most; default: 2048 on CPU, 8192 on CUDA",
+    "seed": "seed of the sampler for requests without their own seed",
+    "enable_kv_cache": "off: recompute every token's K/V at every step (for comparison)",
+    "enforce_eager": "no CUDA graphs", "use_triton": "Triton attention kernels on CUDA (default: when installed)",
+    "quiet": "no progress bars or info logs",
+}
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine (EngineConfig)")
+    added = []
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
         if flag in p._option_string_actions:      # e.g. generate's --seed is the request's seed
             continue
+        added.append(f.name)
         base = str(f.type).split(" ")[0]          # "int | None" -> "int"
+        kw = dict(default=f.default, help=_ENGINE_HELP.get(f.name, " "))
         if base == "bool":
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            g.add_argument(flag, type={"int": int, "float": float}.get(base, str), default=f.default)
+            g.add_argument(flag, type={"int": int, "float": float}.get(base, str), **kw)
+    p.set_defaults(engine_fields=added)
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    names = [f.name for f in dataclasses.fields(EngineConfig)]
-    return EngineConfig(**{n: getattr(args, n) for n in names if n != "seed" or "engine_seed" not in args})
+    return EngineConfig(**{name: getattr(args, name) for name in args.engine_fields})
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (SamplingParams)")
-    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate, at most")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = all")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    g.add_argument("--seed", type=int, default=None, help="per-request seed")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Stream one completion to stdout, then one line of statistics to stderr."""
     from .engine import LLMEngine
     from .sequence import SamplingParams
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
-    engine = LLMEngine(_engine_config(args))
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    except (ValueError, TypeError) as e:
+        print(f"nanoserve: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        engine = LLMEngine(_engine_config(args))
+        engine.add_request("cli", args.prompt, params)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        print(f"nanoserve: error: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    engine.add_request("cli", args.prompt, params)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     shown, t_first, out = 0, None, None
@@ -100,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="stream a completion for one prompt", formatter_class=fmt)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="text to continue")
     _add_sampling_args(p)
     _add_engine_args(p)
     p.set_defaults(fn=cmd_generate)

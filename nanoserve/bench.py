@@ -49,7 +49,11 @@ def checkpoint_for(model: str, workdir: Path) -> Path:
         torch.manual_seed(0)
         p = PRESETS[model]
         cfg = HFConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"])
-        GPT2LMHeadModel(cfg).save_pretrained(path, safe_serialization=True)
+        # On a GPU, initialise there and save fp16: gpt2-xl's CPU init takes minutes.
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(dev):
+            m = GPT2LMHeadModel(cfg)
+        (m.half() if dev == "cuda" else m).save_pretrained(path, safe_serialization=True)
     return path
 
 

@@ -10,7 +10,7 @@ References: nanoGPT `GPTConfig`, Hugging Face `GPT2Config`, vLLM `EngineArgs`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -135,7 +135,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9 # fraction of GPU memory the engine may use in total
     cpu_kv_cache_gb: float = 1.0        # KV pool size on CPU when num_blocks is None
     max_num_seqs: int = 256             # sequences in one step, at most
-    max_num_batched_tokens: int = 2048  # tokens in one step (prefill chunks + decodes), at most
+    max_num_batched_tokens: int | None = None  # tokens in one step, at most; None: 2048 on CPU, 8192 on CUDA
     seed: int = 0                       # seeds the sampler for requests without their own seed
     enable_kv_cache: bool = True        # False: recompute every token's K/V at every step (for comparison)
     enforce_eager: bool = False         # True: no CUDA graphs
@@ -151,7 +151,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
 
     @classmethod

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
+from .attention import AttentionMetadata, paged_attention
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
 from .kv_cache import BlockAllocator, allocate_kv_cache, bytes_per_block
 from .model import GPT2
@@ -66,12 +67,14 @@ class LLMEngine:
         self.model.load_weights(load_state_dict(self.model_dir, mc))
         self.model.to(device=self.device, dtype=self.dtype).eval()
         self._use_kernels()
+        # Bigger steps amortise a GPU's fixed per-step cost; on a CPU they only add latency.
+        self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
 
         self.num_blocks = config.num_blocks or self._auto_num_blocks()
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.dtype, self.device)
         self.allocator = BlockAllocator(self.num_blocks)
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
-                                   config.max_num_batched_tokens, config.enable_kv_cache)
+                                   self.max_num_batched_tokens, config.enable_kv_cache)
         self.sampler = Sampler(mc.vocab_size, mc.eos_token_id, self.device, config.seed)
         self.runner = ModelRunner(self.model, mc, config, self.kv_cache, self.sampler, self.device)
         if not config.quiet:
@@ -79,7 +82,8 @@ class LLMEngine:
                      self.model_dir, self.device, self.dtype, self.num_blocks, config.block_size,
                      bytes_per_block(mc, config.block_size, self.dtype) / 2**20,
                      self.num_blocks * bytes_per_block(mc, config.block_size, self.dtype) / 2**20)
-        if self.device.type == "cuda" and not config.enforce_eager:
+        # CUDA graphs need kernels that never synchronise with the host: the Triton ones.
+        if self.device.type == "cuda" and not config.enforce_eager and self.model.attn_fn is not paged_attention:
             self.runner.capture_cuda_graphs()
 
         self.requests: dict[str, Request] = {}
@@ -120,10 +124,9 @@ class LLMEngine:
         """Run one forward at the full token budget with a throwaway pool, and see how much
         memory is left for KV blocks: total * gpu_memory_utilization - peak use."""
         mc, cfg = self.model_config, self.config
-        from .attention import AttentionMetadata
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        n_tok = cfg.max_num_batched_tokens
+        n_tok = self.max_num_batched_tokens
         seq_len = min(n_tok, mc.n_ctx)
         S = -(-n_tok // seq_len)
         MB = -(-seq_len // cfg.block_size)

@@ -120,9 +120,9 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> StepResult:
         inp = self.prepare(sched)
         result = StepResult()
-        S = len(sched.scheduled)
-        if inp.meta.is_decode and S in self.graphs or (inp.meta.is_decode and self._graph_size(S)):
-            logits = self._replay(inp)                                      # (S, V)
+        graph_bs = self._graph_size(inp)
+        if graph_bs is not None:
+            logits = self._replay(inp, graph_bs)                            # (S, V)
         else:
             hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (N, C)
             logits = self.model.compute_logits(hidden[inp.sample_rows]) if inp.sample_rows else None
@@ -138,7 +138,7 @@ class ModelRunner:
                 for row, seq in enumerate(inp.sample_seqs):
                     k = seq.params.logprobs
                     if k is not None:
-                        # sampled token first, then the top k (the sampled one may repeat there)
+                        # the top k, plus the sampled token (which may be among them)
                         result.logprobs[seq.seq_id] = dict(zip(ids[row][1:k + 1], lps[row][1:k + 1])) | {
                             ids[row][0]: lps[row][0]}
         return result
@@ -148,18 +148,76 @@ class ModelRunner:
         targets = torch.tensor(inp.prompt_targets, device=lp.device)[:, None]      # (P, 1)
         target_lp = lp.gather(1, targets)[:, 0].tolist()
         k_max = max(s.params.prompt_logprobs for s in inp.prompt_owner)
-        top_lp, top_ids = (x.tolist() for x in lp.topk(k_max, dim=-1)) if k_max else ([[]] * len(targets), [[]] * len(targets))
+        top_lp, top_ids = (x.tolist() for x in lp.topk(k_max, dim=-1)) if k_max else ([[]] * len(targets),) * 2
         for i, seq in enumerate(inp.prompt_owner):
             k = seq.params.prompt_logprobs
             d = dict(zip(top_ids[i][:k], top_lp[i][:k])) | {inp.prompt_targets[i]: target_lp[i]}
             result.prompt_logprobs.setdefault(seq.seq_id, []).append(d)
 
-    # ---- CUDA graphs (decode only) ----------------------------------------------------------
-    def capture_cuda_graphs(self) -> None:
-        pass
+    # ---- CUDA graphs (decode steps only) -------------------------------------------------
+    # A decode step of S sequences has a fixed shape: N = S tokens, query_start_loc = 0..S.
+    # We capture the model forward + logits once per batch size G in GRAPH_SIZES into static
+    # buffers; a step of S <= G sequences copies its inputs into the first S rows, pads the
+    # rest with harmless dummies (slot -1: no cache write; context 1 over block 0), replays,
+    # and reads the first S rows of logits. The attention kernels take every length from
+    # device tensors, so one graph serves any context lengths.
+    GRAPH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
 
-    def _graph_size(self, S: int) -> int | None:
+    def capture_cuda_graphs(self) -> None:
+        sizes = [g for g in self.GRAPH_SIZES if g <= self.cfg.max_num_seqs]
+        if not sizes or sizes[-1] < self.cfg.max_num_seqs:
+            sizes.append(self.cfg.max_num_seqs)
+        G, MB, dev = sizes[-1], self.max_blocks_per_seq, self.device
+        b = self.graph_bufs = dict(
+            input_ids=torch.zeros(G, dtype=torch.int64, device=dev),
+            positions=torch.zeros(G, dtype=torch.int64, device=dev),
+            slot_mapping=torch.full((G,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros(G, MB, dtype=torch.int32, device=dev),
+            context_lens=torch.ones(G, dtype=torch.int32, device=dev),
+            query_start_loc=torch.arange(G + 1, dtype=torch.int32, device=dev),
+        )
+        self.graph_logits: dict[int, torch.Tensor] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for g in reversed(sizes):          # largest first, so smaller ones reuse its memory
+                meta = AttentionMetadata(slot_mapping=b["slot_mapping"][:g], block_tables=b["block_tables"][:g],
+                                         context_lens=b["context_lens"][:g], query_start_loc=b["query_start_loc"][:g + 1],
+                                         max_query_len=1, max_context_len=self.model_cfg.n_ctx)
+                fwd = lambda: self.model.compute_logits(                                  # noqa: E731
+                    self.model(b["input_ids"][:g], b["positions"][:g], self.kv_cache, meta))
+                fwd()                           # warm-up: Triton compiles, cuBLAS picks kernels
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.graph_pool):
+                    self.graph_logits[g] = fwd()                                          # (g, V)
+                self.graphs[g] = graph
+        torch.cuda.synchronize()
+        self.graph_sizes = sorted(self.graphs)
+        import logging
+        logging.getLogger("nanoserve").info("captured %d CUDA graphs (batch sizes %s) in %.1fs",
+                                            len(sizes), sizes, time.perf_counter() - t0)
+
+    def _graph_size(self, inp: StepInputs) -> int | None:
+        """The smallest captured batch size that fits this step, if it is a pure decode step."""
+        S = len(inp.sample_seqs)
+        if not self.graphs or not inp.meta.is_decode or inp.prompt_rows or S != inp.meta.num_seqs:
+            return None
+        for g in self.graph_sizes:
+            if g >= S:
+                return g
         return None
 
-    def _replay(self, inp: StepInputs) -> torch.Tensor:
-        raise NotImplementedError
+    def _replay(self, inp: StepInputs, g: int) -> torch.Tensor:
+        b, m, S = self.graph_bufs, inp.meta, inp.meta.num_seqs
+        b["input_ids"][:S].copy_(inp.input_ids)
+        b["positions"][:S].copy_(inp.positions)
+        b["slot_mapping"][:S].copy_(m.slot_mapping)
+        b["block_tables"][:S, :m.block_tables.shape[1]].copy_(m.block_tables)
+        b["context_lens"][:S].copy_(m.context_lens)
+        if g > S:                                 # padding rows: write nothing, read one slot
+            b["slot_mapping"][S:g].fill_(-1)
+            b["context_lens"][S:g].fill_(1)
+            b["block_tables"][S:g, 0].fill_(0)
+        self.graphs[g].replay()
+        return self.graph_logits[g][:S]                                               # (S, V)

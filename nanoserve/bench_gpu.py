@@ -1,0 +1,174 @@
+"""GPU benchmarks (../DESIGN.md workloads), nanoserve and Hugging Face in the same process.
+
+throughput: 256 requests, prompts uniform in [32, 512], 384 new tokens each, all submitted at
+            once; output tok/s over wall time after a warm-up, TTFT / TPOT percentiles.
+            HF: `generate_batch` (its continuous batching, attn "paged|sdpa").
+latency:    one request, 32-token prompt, 256 new tokens; ms per output token.
+            HF: `generate`.
+sweep:      output tok/s against the number of concurrent requests (128 in, 128 out), for
+            the plot; HF: padded `generate` with the whole batch at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .bench import _row, hf_model, random_prompts
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
+
+
+def _engine_run(llm, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Submit everything at once, step to the end; per-request TTFT and TPOT."""
+    from .sequence import SamplingParams
+    eng = llm.engine
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        eng.add_request(f"b{i}", p, sp)
+    first, done, ntok = {}, {}, {}
+    steps = 0
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+        steps += 1
+        now = time.perf_counter()
+        for o in outs:
+            first.setdefault(o.request_id, now)
+            if o.finished:
+                done[o.request_id] = now
+                ntok[o.request_id] = len(o.outputs[0].token_ids)
+    wall = time.perf_counter() - t0
+    out_tokens = sum(ntok.values())
+    ttft = [1000 * (first[r] - t0) for r in first]
+    tpot = [1000 * (done[r] - first[r]) / max(1, ntok[r] - 1) for r in done]
+    return {"wall_s": wall, "output_tokens": out_tokens, "output_tok_s": out_tokens / wall,
+            "total_tok_s": (out_tokens + sum(map(len, prompts))) / wall, "steps": steps,
+            "ttft_ms_p50": _pct(ttft, 50), "ttft_ms_p99": _pct(ttft, 99),
+            "tpot_ms_p50": _pct(tpot, 50), "tpot_ms_p99": _pct(tpot, 99)}
+
+
+def _hf_generate_batch(model, prompts: list[list[int]], max_tokens: int) -> dict:
+    from transformers import GenerationConfig
+    gc = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate_batch(inputs=prompts[:8], generation_config=GenerationConfig(
+        max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0), progress_bar=False)   # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    res = model.generate_batch(inputs=prompts, generation_config=gc, progress_bar=False)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    n = sum(len(o.generated_tokens) for o in res.values())
+    return {"wall_s": wall, "output_tokens": n, "output_tok_s": n / wall}
+
+
+def _hf_generate(model, prompts: list[list[int]], max_tokens: int) -> dict:
+    from .bench import run_hf_generate
+    run_hf_generate(model, prompts[:1], 4, 1)                              # warm-up
+    wall, n = run_hf_generate(model, prompts, max_tokens, len(prompts))
+    return {"wall_s": wall, "output_tokens": n, "output_tok_s": n / wall}
+
+
+def _new_llm(args, ckpt: Path, **kw):
+    from .engine import LLM
+    return LLM(str(ckpt), device="cuda", dtype=args.dtype or "float16", enforce_eager=args.enforce_eager,
+               quiet=False, **kw)
+
+
+def bench_throughput(args, ckpt: Path) -> list[dict]:
+    n, olen = args.num_requests, args.output_len or 384
+    prompts = random_prompts(n, 32, 512)
+    llm = _new_llm(args, ckpt)
+    _engine_run(llm, random_prompts(16, 32, 64, seed=1), 16)               # warm-up
+    ours = _engine_run(llm, prompts, olen)
+    row = {"workload": f"throughput: {n} requests, [32, 512] -> {olen}", **{f"nanoserve_{k}": v for k, v in ours.items()},
+           "nanoserve_tok_s": ours["output_tok_s"]}
+    print(json.dumps(row, indent=1))
+    if args.compare_hf:
+        del llm
+        torch.cuda.empty_cache()
+        try:
+            from transformers import GPT2LMHeadModel
+            hf = GPT2LMHeadModel.from_pretrained(ckpt, dtype=torch.float16, attn_implementation="paged|sdpa").cuda().eval()
+            theirs = _hf_generate_batch(hf, prompts, olen)
+            row.update({f"hf_{k}": v for k, v in theirs.items()}, hf_tok_s=theirs["output_tok_s"],
+                       ratio=ours["output_tok_s"] / theirs["output_tok_s"])
+        except Exception as e:   # record, do not hide, a baseline that failed to run
+            row["hf_error"] = f"{type(e).__name__}: {e}"
+        print(json.dumps({k: v for k, v in row.items() if k.startswith(("hf", "ratio"))}, indent=1))
+    return [row]
+
+
+def bench_latency(args, ckpt: Path) -> list[dict]:
+    olen = args.output_len or 256
+    prompt = random_prompts(1, 32, 32)
+    llm = _new_llm(args, ckpt, max_num_seqs=8)
+    _engine_run(llm, prompt, 16)
+    runs = [_engine_run(llm, prompt, olen) for _ in range(3)]
+    best = min(runs, key=lambda r: r["wall_s"])
+    row = {"workload": f"latency {args.model}: 1 request, 32 -> {olen}", "nanoserve_tok_s": best["output_tok_s"],
+           "nanoserve_ms_per_token": 1000 * best["wall_s"] / olen, "nanoserve_tpot_ms": best["tpot_ms_p50"],
+           "nanoserve_ttft_ms": best["ttft_ms_p50"], "runs_ms_per_token": [1000 * r["wall_s"] / olen for r in runs]}
+    if args.compare_hf:
+        del llm
+        torch.cuda.empty_cache()
+        hf = hf_model(ckpt, "cuda", torch.float16)
+        theirs = _hf_generate(hf, prompt, olen)
+        row.update(hf_tok_s=theirs["output_tok_s"], hf_ms_per_token=1000 * theirs["wall_s"] / olen,
+                   ratio=theirs["wall_s"] / best["wall_s"])
+    print(json.dumps(row, indent=1))
+    return [row]
+
+
+def bench_sweep(args, ckpt: Path) -> list[dict]:
+    olen = args.output_len or 128
+    llm = _new_llm(args, ckpt)
+    _engine_run(llm, random_prompts(16, 32, 64, seed=1), 16)
+    rows = []
+    for c in [1, 8, 32, 64, 128, 256]:
+        prompts = random_prompts(c, 128, 128, seed=c)
+        ours = _engine_run(llm, prompts, olen)
+        rows.append({"workload": f"sweep: {c} concurrent, 128 -> {olen}", "concurrency": c,
+                     "nanoserve_tok_s": ours["output_tok_s"]})
+    if args.compare_hf:
+        del llm
+        torch.cuda.empty_cache()
+        hf = hf_model(ckpt, "cuda", torch.float16)
+        for r in rows:
+            c = r["concurrency"]
+            theirs = _hf_generate(hf, random_prompts(c, 128, 128, seed=c), olen)
+            r.update(hf_tok_s=theirs["output_tok_s"], ratio=r["nanoserve_tok_s"] / theirs["output_tok_s"])
+    _plot(rows, Path(args.out) / "throughput_vs_concurrency.png", args.model)
+    return rows
+
+
+def _plot(rows: list[dict], path: Path, model: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    c = [r["concurrency"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(c, [r["nanoserve_tok_s"] for r in rows], "o-", label="nanoserve")
+    if "hf_tok_s" in rows[0]:
+        ax.plot(c, [r["hf_tok_s"] for r in rows], "s--", label="HF transformers generate (padded)")
+    ax.set_xscale("log", base=2); ax.set_yscale("log")
+    ax.set_xlabel("concurrent requests (128 in, 128 out)"); ax.set_ylabel("output tokens / s")
+    ax.set_title(f"{model} fp16, {torch.cuda.get_device_name()}"); ax.grid(True, which="both", alpha=0.3)
+    ax.legend(); fig.tight_layout(); fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def run(args: argparse.Namespace, ckpt: Path) -> list[dict]:
+    return {"throughput": bench_throughput, "latency": bench_latency, "sweep": bench_sweep}[args.workload](args, ckpt)

@@ -1,0 +1,29 @@
+"""The command line: generate streams text and ends with a statistics line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_generate_streams_text_and_prints_statistics(tiny_ckpt):
+    r = subprocess.run([sys.executable, "-m", "nanoserve", "generate", "--model", str(tiny_ckpt), "--device", "cpu",
+                        "--prompt", "Hello, my name is", "--max-tokens", "8", "--ignore-eos"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hello, my name is") and len(r.stdout) > len("Hello, my name is\n")
+    stats = r.stderr.strip().splitlines()[-1]
+    for key in ("prompt_tokens=5", "generated_tokens=8", "ttft=", "tok/s"):
+        assert key in stats
+
+
+def test_help_lists_engine_flags_with_defaults():
+    r = subprocess.run([sys.executable, "-m", "nanoserve", "generate", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for flag in ("--block-size", "--num-blocks", "--max-num-seqs", "--temperature", "--top-p", "(default: 16)"):
+        assert flag in r.stdout
+
+
+def test_bad_sampling_flag_is_a_clear_error(tiny_ckpt):
+    r = subprocess.run([sys.executable, "-m", "nanoserve", "generate", "--model", str(tiny_ckpt), "--device", "cpu",
+                        "--prompt", "x", "--top-p", "1.5"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "top_p" in r.stderr

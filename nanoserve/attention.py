@@ -56,13 +56,15 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              slot_mapping: torch.Tensor) -> None:
     """Store each token's K/V at its slot.  k, v: (N, H, D) -> k_cache, v_cache: (NB, BS, H, D).
 
-    Tokens with slot -1 (padding added for CUDA graphs) are skipped."""
-    NB, BS, H, D = k_cache.shape
+    Tokens with slot -1 (padding added for CUDA graphs) are skipped. Works for any memory
+    layout of the cache (kv_cache.py stores blocks head-major)."""
+    BS = k_cache.shape[1]
     valid = slot_mapping >= 0                                   # (N,)
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
-    k_cache.view(NB * BS, H, D).index_copy_(0, slot_mapping, k)
-    v_cache.view(NB * BS, H, D).index_copy_(0, slot_mapping, v)
+    block, offset = slot_mapping // BS, slot_mapping % BS       # (N,), (N,)
+    k_cache[block, offset] = k
+    v_cache[block, offset] = v
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -79,6 +81,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     N, H, D = q.shape
     S = meta.num_seqs
+    if meta.is_decode and N == S:
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
     BS = k_cache.shape[1]
     dev = q.device
     qsl = meta.query_start_loc.long()                          # (S+1,)
@@ -114,6 +118,28 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     result = torch.zeros_like(q)                                     # (N, H, D)
     result[q_idx[q_valid]] = out[q_valid]
     return result
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The common case, one query per sequence, done block by block: (S, H, D) -> (S, H, D).
+
+    With head-major blocks each (block, head) is a contiguous (BS, D) matrix, so the scores and
+    the weighted sum are batched matrix-vector products straight on the gathered blocks; this
+    avoids re-laying out K/V for SDPA, which on a CPU cost more than the attention itself."""
+    S, H, D = q.shape
+    BS = k_cache.shape[1]
+    nb = (meta.max_context_len + BS - 1) // BS
+    blocks = meta.block_tables[:, :nb].long()                  # (S, nb)
+    k = k_cache.transpose(1, 2)[blocks]                        # (S, nb, H, BS, D)
+    v = v_cache.transpose(1, 2)[blocks]                        # (S, nb, H, BS, D)
+    scores = torch.matmul(k, q[:, None, :, :, None])[..., 0]   # (S, nb, H, BS)
+    scores = scores.transpose(1, 2).reshape(S, H, nb * BS) * scale   # (S, H, T)
+    t = torch.arange(nb * BS, device=q.device)                 # (T,)
+    beyond = t[None, :] >= meta.context_lens[:, None]          # (S, T) keys not yet written
+    probs = scores.masked_fill(beyond[:, None, :], float("-inf")).softmax(dim=-1)   # (S, H, T)
+    probs = probs.view(S, H, nb, BS).transpose(1, 2)[..., None, :]   # (S, nb, H, 1, BS)
+    return torch.matmul(probs, v)[..., 0, :].sum(dim=1)        # (S, H, D)
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

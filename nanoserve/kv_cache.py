@@ -7,8 +7,12 @@ BS tokens; a sequence holds a list of block ids (its block table) and takes one 
 only when its last one is full. Memory waste is then under one block per sequence, and a
 finished or preempted sequence returns its blocks at once.
 
-The pool is one tensor (L, 2, NB, BS, H, D): per layer, K and V, each block holding BS tokens
-of H heads of D dims. The allocator is plain Python: it knows block ids, not tensors.
+The pool is one tensor, indexed (L, 2, NB, BS, H, D): per layer, K and V, each block holding
+BS tokens of H heads of D dims. In memory each block is stored head-major, (H, BS, D): one
+head's BS keys are then one contiguous (BS, D) matrix, so attention over a block is a plain
+matrix product on the CPU and one contiguous read on the GPU. Code indexes the logical shape
+and never needs to know; the strides carry the layout. The allocator is plain Python: it
+knows block ids, not tensors.
 
 L = n_layer  NB = KV blocks in pool   BS = tokens per block   H = n_head  D = head_dim
 
@@ -30,10 +34,13 @@ def bytes_per_block(cfg: GPT2Config, block_size: int, dtype: torch.dtype) -> int
 
 def allocate_kv_cache(cfg: GPT2Config, num_blocks: int, block_size: int,
                       dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The pool: (L, 2, NB, BS, H, D). Zero-filled, so a bug that reads an unwritten slot shows
-    up as a wrong number in tests rather than as NaN garbage from uninitialised memory."""
-    return torch.zeros(cfg.n_layer, 2, num_blocks, block_size, cfg.n_head, cfg.head_dim,
-                       dtype=dtype, device=device)
+    """The pool: (L, 2, NB, BS, H, D), stored as (L, 2, NB, H, BS, D).
+
+    Zero-filled: padded block-table entries point at real (finite) memory, so masked-out
+    reads contribute exact zeros, never NaN from uninitialised bytes."""
+    pool = torch.zeros(cfg.n_layer, 2, num_blocks, cfg.n_head, block_size, cfg.head_dim,
+                       dtype=dtype, device=device)      # (L, 2, NB, H, BS, D) in memory
+    return pool.transpose(3, 4)                         # (L, 2, NB, BS, H, D) to index
 
 
 class BlockAllocator:

@@ -9,14 +9,19 @@ import torch
 from nanoserve.attention import AttentionMetadata, dense_causal_attention, paged_attention, write_kv
 
 
-def _paged_step(seqs: list[tuple[int, int]], H: int, D: int, BS: int, NB: int, seed: int):
+def _paged_step(seqs: list[tuple[int, int]], H: int, D: int, BS: int, NB: int, seed: int,
+                head_major: bool = False):
     """Build a step for sequences given as (num_cached, num_new) with shuffled physical blocks.
 
     Returns (q, k_cache, v_cache, meta, full_q, full_k, full_v): the full per-sequence tensors
     let us compute the dense reference over [0, cached + new)."""
     g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(NB, BS, H, D, generator=g)
-    v_cache = torch.randn(NB, BS, H, D, generator=g)
+    if head_major:   # the engine's layout (kv_cache.py): blocks stored (H, BS, D)
+        k_cache = torch.randn(NB, H, BS, D, generator=g).transpose(1, 2)
+        v_cache = torch.randn(NB, H, BS, D, generator=g).transpose(1, 2)
+    else:
+        k_cache = torch.randn(NB, BS, H, D, generator=g)
+        v_cache = torch.randn(NB, BS, H, D, generator=g)
     free = torch.randperm(NB, generator=g).tolist()
     MB = max(math.ceil((c + n) / BS) for c, n in seqs)
     block_tables, slots, qs, ks, vs, fulls = [], [], [], [], [], []
@@ -44,6 +49,7 @@ def _paged_step(seqs: list[tuple[int, int]], H: int, D: int, BS: int, NB: int, s
     return torch.cat(qs), torch.cat(ks), torch.cat(vs), k_cache, v_cache, meta, fulls
 
 
+@pytest.mark.parametrize("head_major", [False, True])
 @pytest.mark.parametrize("BS", [1, 4, 16])
 @pytest.mark.parametrize("seqs", [
     [(0, 7)],                                  # one fresh prompt
@@ -51,10 +57,11 @@ def _paged_step(seqs: list[tuple[int, int]], H: int, D: int, BS: int, NB: int, s
     [(9, 1), (20, 1), (0, 1), (31, 1)],        # decode steps
     [(12, 6), (3, 1), (0, 11), (17, 1)],       # chunked prefill mixed with decodes
 ])
-def test_paged_attention_equals_dense_causal_attention(BS, seqs):
-    """Each sequence's paged output equals dense causal SDPA over its whole history."""
+def test_paged_attention_equals_dense_causal_attention(BS, seqs, head_major):
+    """Each sequence's paged output equals dense causal SDPA over its whole history, for
+    either memory layout of the blocks."""
     H, D = 3, 16
-    q, k, v, kc, vc, meta, fulls = _paged_step(seqs, H, D, BS, NB=64, seed=BS)
+    q, k, v, kc, vc, meta, fulls = _paged_step(seqs, H, D, BS, NB=64, seed=BS, head_major=head_major)
     write_kv(k, v, kc, vc, meta.slot_mapping)
     out = paged_attention(q, kc, vc, meta, 1 / math.sqrt(D))
     start = 0

@@ -1,0 +1,297 @@
+"""Triton kernels for the paged KV cache: the GPU fast path of attention.py.
+
+Three kernels, each built around one idea:
+  _write_kv_kernel   a scatter: one program per token copies that token's (H, D) K and V rows
+                     into its cache slot, or does nothing for a padding token (slot -1).
+  _decode_kernel     one query per sequence: one program per (sequence, head) walks the
+                     sequence's block table, a BLOCK_N-token tile at a time, with an online softmax.
+  _prefill_kernel    many queries per sequence (a prompt, or a chunk of one): flash attention over
+                     the block table, one program per (sequence, head, BLOCK_M queries).
+
+They have the same semantics as attention.write_kv and attention.paged_attention, which the
+tests use as the oracle. This file does not cover ALiBi, sliding windows, GQA, or split-K
+("flash decoding"): GPT-2's n_ctx is 1024, so one program per (sequence, head) already fills
+the GPU at serving batch sizes.
+
+The decode kernel follows two rules so that a CUDA graph can capture it once and replay it
+with other context lengths:
+  - its grid and constexprs depend only on S, H, D and BS, never on max_context_len;
+  - it reads every length on the device (context_lens, query_start_loc). No kernel here
+    synchronises with the host.
+
+N = tokens in this step   S = sequences   H = n_head   D = head_dim   BD = D padded to a power of 2
+NB = KV blocks in pool   BS = tokens per block   MB = max blocks per sequence
+BLOCK_M = queries per prefill program   BLOCK_N = keys per loop iteration
+
+References: FlashAttention-2 (Dao 2023), Triton's fused-attention tutorial,
+vLLM PagedAttention (Kwon et al. 2023) and its Triton unified-attention kernel.
+"""
+# Keep annotations as strings: `tl.constexpr` is then not evaluated at import, so this file
+# imports without triton. (Triton reads string annotations the same way.)
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionMetadata
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs use attention.py; nothing here is launched
+    triton = tl = None
+    HAS_TRITON = False
+
+LOG2E = 1.4426950408889634  # we fold log2(e) into the scale: exp2 is one instruction, exp is not
+
+
+def _jit(fn):
+    """triton.jit when triton is installed; otherwise the plain function, never launched."""
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
+@_jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     stride_kn, stride_kh,               # k, v: (N, H, D), same strides
+                     stride_cb, stride_cs, stride_ch,    # caches: (NB, BS, H, D), same strides
+                     H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per token copies all H heads at once: a (BLOCK_H, BLOCK_D) tile of 1-2K elements
+    # for GPT-2 is big enough for wide loads and small enough that N programs spread over the SMs.
+    n = tl.program_id(0)
+    slot = tl.load(slot_ptr + n).to(tl.int64)            # int64: NB*BS*H*D may pass 2**31
+    block, offset = slot // BS, slot % BS
+    h = tl.arange(0, BLOCK_H)[:, None]                   # (BLOCK_H, 1)
+    d = tl.arange(0, BLOCK_D)[None, :]                   # (1, BLOCK_D)
+    # A padding token (slot -1) gets an all-false mask: no branch and no out-of-bounds address.
+    mask = (h < H) & (d < D) & (slot >= 0)               # (BLOCK_H, BLOCK_D)
+    src = n * stride_kn + h * stride_kh + d              # (BLOCK_H, BLOCK_D)
+    dst = block * stride_cb + offset * stride_cs + h * stride_ch + d
+    tl.store(k_cache_ptr + dst, tl.load(k_ptr + src, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + dst, tl.load(v_ptr + src, mask=mask), mask=mask)
+
+
+@_jit
+def _kv_offsets(block, t, h, d, stride_cb, stride_cs, stride_ch, BS: tl.constexpr):
+    # Where key position t of a sequence lives in the pool: block id (from the block table) and
+    # offset inside the block, then head h and the d lanes. (BLOCK_N,) -> (BLOCK_N, BD) offsets.
+    # int64, because NB*BS*H*D can pass 2**31 elements in a large pool.
+    row = block.to(tl.int64) * stride_cb + (t % BS) * stride_cs + h * stride_ch
+    return row[:, None] + d[None, :]
+
+
+@_jit
+def _zero_padding_rows(out_ptr, first_row, num_tokens, step, h, stride_on, stride_oh,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr):
+    # CUDA-graph padding rows (after the last sequence's tokens) get zeros, as in the reference.
+    # The attention programs share this work: the program with rank r writes rows first_row + r,
+    # + step, ... for its head. No extra memset launch is needed, and a graph with few padding
+    # rows pays almost nothing.
+    d = tl.arange(0, BLOCK_D)
+    zeros = tl.zeros([BLOCK_D], dtype=out_ptr.dtype.element_ty)
+    for row in range(first_row, num_tokens, step):
+        tl.store(out_ptr + row * stride_on + h * stride_oh + d, zeros, mask=d < D)
+
+
+@_jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+                   block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
+                   qk_scale, num_seqs, num_tokens,
+                   stride_qn, stride_qh, stride_on, stride_oh,
+                   stride_cb, stride_cs, stride_ch, stride_bt,
+                   D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Program (s, h) produces one (D,) output row: sequence s's single query against all of its
+    # ctx keys for head h. The loop runs over device-side ctx in BLOCK_N-token tiles (several cache
+    # blocks each), so one compiled kernel serves every context length.
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    q_row = tl.load(query_start_loc_ptr + s)
+    has_query = tl.load(query_start_loc_ptr + s + 1) > q_row   # False for an empty filler sequence
+    ctx = tl.load(context_lens_ptr + s)
+    d = tl.arange(0, BLOCK_D)                                  # (BD,) the padded lanes are masked off
+    d_mask = d < D
+    q = tl.load(q_ptr + q_row * stride_qn + h * stride_qh + d, mask=d_mask & has_query, other=0.0)
+    q = q.to(tl.float32) * qk_scale                            # (BD,) scale once, not per score
+
+    # A single query row gives no matrix for tl.dot (it needs M >= 16), so we score the tile with
+    # a broadcast multiply and a row sum in fp32. Decode is bound by memory, not compute.
+    n = tl.arange(0, BLOCK_N)                                  # (BLOCK_N,)
+    bt_row = block_tables_ptr + s * stride_bt
+    m_i = tl.full([], -1e30, tl.float32)   # running max; finite, so m_i - m_new is never inf - inf
+    l_i = tl.full([], 0.0, tl.float32)     # running softmax denominator
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)                # (BD,) running weighted sum of V
+    # We gather one block id per token (each id repeats BS times, so these loads hit L1). Block ids
+    # of tile i+1 are loaded during tile i, leaving one memory round trip per iteration, not two.
+    block = tl.load(bt_row + n // BS, mask=n < ctx, other=0)   # (BLOCK_N,) block ids of tile 0
+    for start in range(0, ctx, BLOCK_N):
+        t = start + n                                          # (BLOCK_N,) key positions
+        t_mask = t < ctx
+        kv = _kv_offsets(block, t, h, d, stride_cb, stride_cs, stride_ch, BS)    # (BLOCK_N, BD)
+        kv_mask = t_mask[:, None] & d_mask[None, :]            # (BLOCK_N, BD)
+        k = tl.load(k_cache_ptr + kv, mask=kv_mask, other=0.0).to(tl.float32)   # (BLOCK_N, BD)
+        v = tl.load(v_cache_ptr + kv, mask=kv_mask, other=0.0).to(tl.float32)   # (BLOCK_N, BD)
+        t_next = t + BLOCK_N
+        block = tl.load(bt_row + t_next // BS, mask=t_next < ctx, other=0)
+
+        scores = tl.sum(k * q[None, :], axis=1)                # (BLOCK_N,) log2-scaled logits
+        scores = tl.where(t_mask, scores, float("-inf"))
+        # Online softmax: rescale what we have so far by exp2(old max - new max).
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new)                            # (BLOCK_N,)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)     # (BD,)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)                    # ctx == 0 (filler) gives zeros, not NaN
+    tl.store(out_ptr + q_row * stride_on + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d_mask & has_query)
+    first_pad = tl.load(query_start_loc_ptr + num_seqs)
+    _zero_padding_rows(out_ptr, first_pad + s, num_tokens, num_seqs, h, stride_on, stride_oh, D, BLOCK_D)
+
+
+@_jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+                    block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
+                    qk_scale, num_seqs, num_tokens,
+                    stride_qn, stride_qh, stride_on, stride_oh,
+                    stride_cb, stride_cs, stride_ch, stride_bt,
+                    D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Program (s, h, mb) produces the output rows of queries [mb*BLOCK_M, (mb+1)*BLOCK_M) of
+    # sequence s, for head h. It is flash attention: a (BLOCK_M, BD) Q tile stays in registers while
+    # (BLOCK_N, BD) K and V tiles stream past. The K/V tiles are gathered through the block table
+    # rather than read from one contiguous tensor. Keys of earlier chunks are already in the cache,
+    # so a chunk needs nothing beyond what a whole prompt needs.
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    mb = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + s)
+    q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
+    ctx = tl.load(context_lens_ptr + s)
+    j = mb * BLOCK_M + tl.arange(0, BLOCK_M)                   # (BLOCK_M,) query index in sequence
+    j_mask = j < q_len
+    q_pos = ctx - q_len + j                                    # (BLOCK_M,) absolute positions
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    q_mask = j_mask[:, None] & d_mask[None, :]                 # (BLOCK_M, BD)
+    # Q stays in its input dtype so that tl.dot runs on tensor cores. Scores come out in fp32.
+    q = tl.load(q_ptr + (q_start + j)[:, None] * stride_qn + h * stride_qh + d[None, :],
+                mask=q_mask, other=0.0)                        # (BLOCK_M, BD)
+
+    # Causality bounds the loop: no row of this tile sees past its last query's position. A tile
+    # past the end of a short sequence (the grid is sized for the longest) does no iterations.
+    last_pos = ctx - q_len + tl.minimum((mb + 1) * BLOCK_M, q_len) - 1
+    hi = tl.where(mb * BLOCK_M < q_len, last_pos + 1, 0)
+
+    n = tl.arange(0, BLOCK_N)
+    bt_row = block_tables_ptr + s * stride_bt
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)   # finite, so a fully masked tile gives no NaN
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)       # (BLOCK_M, BD)
+    block = tl.load(bt_row + n // BS, mask=n < hi, other=0)    # (BLOCK_N,) prefetched, as in decode
+    for start in range(0, hi, BLOCK_N):
+        t = start + n                                          # (BLOCK_N,) key positions
+        kv = _kv_offsets(block, t, h, d, stride_cb, stride_cs, stride_ch, BS)    # (BLOCK_N, BD)
+        kv_mask = (t < hi)[:, None] & d_mask[None, :]          # (BLOCK_N, BD)
+        # other=0 matters: a masked key gets p = 0, but 0 * NaN is NaN, so V must be defined.
+        k = tl.load(k_cache_ptr + kv, mask=kv_mask, other=0.0)    # (BLOCK_N, BD)
+        v = tl.load(v_cache_ptr + kv, mask=kv_mask, other=0.0)    # (BLOCK_N, BD)
+        t_next = t + BLOCK_N
+        block = tl.load(bt_row + t_next // BS, mask=t_next < hi, other=0)
+
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale   # (BLOCK_M, BLOCK_N)
+        # Key t is visible to query j when t <= q_pos[j]. That also hides t >= ctx for real rows.
+        scores = tl.where(t[None, :] <= q_pos[:, None], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))        # (BLOCK_M,)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])                   # (BLOCK_M, BLOCK_N)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # tl.dot wants one dtype for both operands: we round p to V's (fp16/bf16), as FA2 does.
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]           # (BLOCK_M, BD)
+    tl.store(out_ptr + (q_start + j)[:, None] * stride_on + h * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    num_mb = tl.num_programs(2)
+    first_pad = tl.load(query_start_loc_ptr + num_seqs)
+    _zero_padding_rows(out_ptr, first_pad + s * num_mb + mb, num_tokens, num_seqs * num_mb, h,
+                       stride_on, stride_oh, D, BLOCK_D)
+
+
+def _check_inputs(x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("nanoserve.kernels needs triton; pip install 'nanoserve[gpu]', "
+                           "or use the torch path in nanoserve.attention")
+    assert x.stride(-1) == 1 and k_cache.stride(-1) == 1, "kernels need head_dim contiguous"
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), \
+        f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must share a layout"
+
+
+def _block_d(D: int) -> int:
+    # tl.arange needs a power of two and tl.dot needs K >= 16, so we pad head_dim (80 -> 128).
+    return max(16, triton.next_power_of_2(D))
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store each token's K/V at its slot.  k, v: (N, H, D) -> k_cache, v_cache: (NB, BS, H, D).
+
+    Same as attention.write_kv: tokens with slot -1 are skipped, and no other slot is touched."""
+    _check_inputs(k, k_cache, v_cache)
+    assert k.shape == v.shape and k.stride() == v.stride(), "k and v must share a layout"
+    N, H, D = k.shape
+    if N == 0:
+        return
+    _write_kv_kernel[(N,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        H=H, D=D, BS=k_cache.shape[1],
+        BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's queries over its cached keys (see attention.py).
+
+    Args:
+        q: (N, H, D) this step's queries, sequences back to back (meta.query_start_loc).
+        k_cache, v_cache: (NB, BS, H, D) the pool, already holding this step's K/V.
+        meta: the step's layout; only max_query_len is read on the host.
+        scale: usually 1/sqrt(D).
+    Returns:
+        (N, H, D) in q's dtype. Rows past query_start_loc[-1] (padding tokens) are zeros.
+    """
+    _check_inputs(q, k_cache, v_cache)
+    assert q.dtype == k_cache.dtype, f"q is {q.dtype} but the cache is {k_cache.dtype}"
+    N, H, D = q.shape
+    S, BS = meta.num_seqs, k_cache.shape[1]
+    out = torch.empty((N, H, D), dtype=q.dtype, device=q.device)   # (N, H, D) every row gets written
+    if N == 0:
+        return out
+    if S == 0 or meta.max_query_len == 0:                           # nothing but padding rows
+        return out.zero_()
+    BLOCK_D = _block_d(D)
+    args = (q, k_cache, v_cache, out, meta.block_tables, meta.context_lens, meta.query_start_loc,
+            scale * LOG2E, S, N,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0))
+    if meta.is_decode:
+        # 64 keys per iteration (4 GPT-2 blocks): the (64, 64) K and V tiles fill 4 warps with
+        # 16-byte loads. With D padded to 128 we halve the tile to keep registers in check.
+        BLOCK_N = max(BS, 64 if BLOCK_D <= 64 else 32)
+        _decode_kernel[(S, H)](*args, D=D, BS=BS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4)
+    else:
+        if q.dtype == torch.float32:
+            # tl.dot on fp32 defaults to TF32 (10-bit mantissa), far from the torch reference,
+            # so fp32 (the test dtype) uses exact FMA dots. Those need many registers: with
+            # 32x32 tiles on 8 warps they stay below the limit instead of spilling to local memory.
+            BLOCK_M, BLOCK_N, num_warps, precision = 32, 32, 8, "ieee"
+        else:
+            # fp16/bf16 (serving): wgmma tensor-core dots. This is ~150 registers with D = 64.
+            BLOCK_M, BLOCK_N, num_warps, precision = 64, (64 if BLOCK_D <= 64 else 32), 4, "tf32"
+        grid = (S, H, triton.cdiv(meta.max_query_len, BLOCK_M))
+        _prefill_kernel[grid](*args, D=D, BS=BS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                              DOT_PRECISION=precision, num_warps=num_warps)
+    return out

@@ -1,0 +1,169 @@
+"""The Triton kernels must agree with the PyTorch reference in attention.py.
+
+Without a GPU these run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), so the
+shapes are small. The same tests run compiled on a GPU. Every case draws fresh random tensors
+(seeded from its test id), puts sequences in randomly permuted physical blocks, and takes q, k, v
+as strided views of one fused qkv tensor, the way model.py produces them.
+
+N = tokens in step   S = sequences   H = heads   D = head_dim   NB = blocks in pool   BS = block size
+"""
+import math
+import os
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from nanoserve import attention as ref  # noqa: E402
+from nanoserve import kernels  # noqa: E402
+from nanoserve.attention import AttentionMetadata  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# fp32 is checked tightly. fp16/bf16 round P to 16 bits before P@V, as flash attention does.
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison_empty(request, monkeypatch):
+    """Seed each case differently, and make torch.empty return NaNs: an output row that a
+    kernel forgets to write then fails the comparison instead of passing by luck."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs) -> torch.Tensor:
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _make_step(seqs: list[tuple[int, int]], *, H: int, D: int, BS: int, dtype: torch.dtype,
+               num_padding: int = 0) -> tuple:
+    """Build one step for sequences given as (num_cached, num_new) token counts.
+
+    The pool holds random K/V in every slot, including the earlier chunks' keys. Physical blocks
+    are a random permutation, so no block table is contiguous. This step's K/V are NOT written yet.
+    Returns q, k, v (N, H, D) views, k_cache, v_cache (NB, BS, H, D), meta.
+    """
+    ctx_lens = [c + n for c, n in seqs]
+    blocks_per_seq = [math.ceil(c / BS) for c in ctx_lens]
+    NB = sum(blocks_per_seq) + 3                                   # a few blocks nobody owns
+    perm = torch.randperm(NB).to(torch.int32)                      # (NB,)
+    block_tables = torch.zeros(len(seqs), max(max(blocks_per_seq), 1), dtype=torch.int32)  # (S, MB)
+    used = 0
+    for s, nb in enumerate(blocks_per_seq):
+        block_tables[s, :nb] = perm[used:used + nb]
+        used += nb
+    slots = [int(block_tables[s, p // BS]) * BS + p % BS
+             for s, (c, n) in enumerate(seqs) for p in range(c, c + n)] + [-1] * num_padding
+    N = len(slots)
+    qkv = torch.randn(N, 3, H, D, dtype=dtype, device=DEVICE)     # fused, like model.py's c_attn
+    q, k, v = qkv.unbind(1)                                        # 3 x (N, H, D), strided
+    # The engine's layout (kv_cache.py): indexed (NB, BS, H, D), stored head-major (NB, H, BS, D).
+    k_cache = torch.randn(NB, H, BS, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+    v_cache = torch.randn(NB, H, BS, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+    q_lens = [n for _, n in seqs]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        block_tables=block_tables.to(DEVICE),
+        context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE),
+        query_start_loc=torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(),
+                                     dtype=torch.int32, device=DEVICE),
+        max_query_len=max(q_lens), max_context_len=max(ctx_lens),
+        query_lens_host=q_lens, context_lens_host=ctx_lens)
+    return q, k, v, k_cache, v_cache, meta
+
+
+def _check_attention(seqs: list[tuple[int, int]], *, H: int, D: int, BS: int,
+                     dtype: torch.dtype, num_padding: int = 0) -> None:
+    """Write this step's K/V, then compare the kernel's attention with the reference's.
+
+    We compute the reference in fp32 from the same (rounded) inputs, so the comparison measures
+    only the kernel's own error."""
+    q, k, v, k_cache, v_cache, meta = _make_step(seqs, H=H, D=D, BS=BS, dtype=dtype,
+                                                 num_padding=num_padding)
+    ref.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    scale = 1.0 / math.sqrt(D)
+    got = kernels.paged_attention(q, k_cache, v_cache, meta, scale)                   # (N, H, D)
+    want = ref.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+SHAPES = [(64, 16), (64, 32), (80, 16), (80, 32), (48, 16), (16, 32)]   # (D, BS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("H, D, BS", [(3, 64, 16), (3, 80, 32), (2, 16, 16)])
+def test_write_kv_writes_exactly_the_slots_of_real_tokens(H: int, D: int, BS: int,
+                                                          dtype: torch.dtype) -> None:
+    """Each token's K/V lands in its slot. Padding tokens (slot -1) and all other slots stay untouched."""
+    _, k, v, k_cache, v_cache, meta = _make_step([(5, 7), (0, 20), (30, 1)], H=H, D=D, BS=BS,
+                                                 dtype=dtype, num_padding=3)
+    k_cache.fill_(777.0)                                           # poison: any stray write shows
+    v_cache.fill_(-777.0)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    ref.write_kv(k, v, want_k, want_v, meta.slot_mapping)
+    kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D, BS", SHAPES)
+def test_decode_matches_reference(D: int, BS: int, dtype: torch.dtype) -> None:
+    """One query per sequence. Contexts end mid-block, on a block edge, and past one BLOCK_N tile."""
+    seqs = [(0, 1), (16, 1), (2 * BS - 1, 1), (3 * BS + 4, 1), (69, 1)]
+    _check_attention(seqs, H=2, D=D, BS=BS, dtype=dtype, num_padding=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D, BS", SHAPES)
+def test_mixed_prefill_batch_matches_reference(D: int, BS: int, dtype: torch.dtype) -> None:
+    """A fresh prompt that spans two BLOCK_M query tiles, a chunk whose earlier chunks are in the
+    cache, a decode token, and a short prompt, all in one step with padding tokens."""
+    seqs = [(0, 70), (45, 20), (33, 1), (0, 5)]
+    _check_attention(seqs, H=2, D=D, BS=BS, dtype=dtype, num_padding=3)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_bf16_matches_reference(decode: bool) -> None:
+    """bf16 inputs go through the same kernels, with fp32 accumulation."""
+    if INTERPRETED and not decode:
+        pytest.skip("Triton's interpreter (3.6-3.9) multiplies the raw bits of bf16 in tl.dot")
+    seqs = [(20, 1), (50, 1)] if decode else [(20, 13), (0, 40)]
+    _check_attention(seqs, H=2, D=64, BS=16, dtype=torch.bfloat16, num_padding=1)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_filler_sequences_and_padding_tokens_get_zeros(decode: bool) -> None:
+    """Rows after the last sequence's tokens (CUDA-graph padding) come out as zeros, as in the
+    reference. A sequence with no queries this step (an empty filler, or one with context but
+    no new tokens) writes no row, so it cannot overwrite the padding rows."""
+    first = (10, 1) if decode else (10, 6)
+    _check_attention([first, (0, 0), (5, 0)], H=2, D=64, BS=16, dtype=torch.float32,
+                     num_padding=4)
+
+
+def test_chunked_prefill_then_decode_matches_dense_causal_attention() -> None:
+    """A sequence fed as chunks (16 + 24 tokens) then 3 decode steps, through write_kv and
+    paged_attention of kernels.py only, gives dense causal attention over all 43 tokens."""
+    H, D, BS, T = 2, 48, 16, 43
+    q, k, v = torch.randn(3, T, H, D, device=DEVICE).unbind(0)    # 3 x (T, H, D)
+    k_cache = torch.randn(8, BS, H, D, device=DEVICE)              # (NB, BS, H, D) stale junk
+    v_cache = torch.randn(8, BS, H, D, device=DEVICE)
+    block_table = torch.tensor([[5, 2, 7]], dtype=torch.int32, device=DEVICE)   # (1, MB)
+    outs = []
+    for start, end in [(0, 16), (16, 40), (40, 41), (41, 42), (42, 43)]:
+        pos = torch.arange(start, end, device=DEVICE)
+        meta = AttentionMetadata(
+            slot_mapping=block_table[0, pos // BS].long() * BS + pos % BS,
+            block_tables=block_table,
+            context_lens=torch.tensor([end], dtype=torch.int32, device=DEVICE),
+            query_start_loc=torch.tensor([0, end - start], dtype=torch.int32, device=DEVICE),
+            max_query_len=end - start, max_context_len=end)
+        kernels.write_kv(k[start:end], v[start:end], k_cache, v_cache, meta.slot_mapping)
+        outs.append(kernels.paged_attention(q[start:end], k_cache, v_cache, meta, D ** -0.5))
+    want = ref.dense_causal_attention(q, k, v, D ** -0.5)           # (T, H, D)
+    torch.testing.assert_close(torch.cat(outs), want, atol=1e-4, rtol=1e-4)

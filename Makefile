@@ -12,6 +12,9 @@ PY     := $(VENV)/bin/python
 # pip never swaps it for a multi-GB download. On a GPU machine the same pin from PyPI is a
 # CUDA build; override with e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130".
 TORCH_SPEC ?= torch==2.13.0
+# A CUDA build of torch brings its own matching triton; the CPU build has none, and the
+# kernel tests need it to run Triton's interpreter (TRITON_INTERPRET=1).
+TRITON_SPEC ?= triton==3.7.1
 
 MODEL      ?= gpt2
 PROMPT     ?= def fibonacci(n):
@@ -25,6 +28,7 @@ EXTRAS     ?= dev
 $(VENV)/.installed-%: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q $(TRITON_SPEC)
 	$(PY) -m pip install -q -e ".[$*]"
 	@touch $@
 

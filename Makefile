@@ -23,7 +23,7 @@ TEMPERATURE ?= 0.0
 PORT       ?= 8000
 EXTRAS     ?= dev
 
-.PHONY: run test weights bench serve clean venv
+.PHONY: run test weights bench serve clean venv gpu-check
 
 $(VENV)/.installed-%: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,3 +51,13 @@ serve: $(VENV)/.installed-serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# On the GPU machine (python3 there already has torch, triton, transformers):
+#   make gpu-check PY=python3 OUT=/some/dir
+OUT ?= bench_out
+gpu-check:
+	$(PY) -m pytest -q tests/test_kernels.py tests/test_gpu.py 2>&1 | tee $(OUT)/gpu_tests.log
+	$(PY) -m nanoserve bench latency --device cuda --model gpt2 --out $(OUT) 2>&1 | tee $(OUT)/latency_gpt2.log
+	$(PY) -m nanoserve bench throughput --device cuda --model gpt2 --out $(OUT) 2>&1 | tee $(OUT)/throughput.log
+	$(PY) -m nanoserve bench latency --device cuda --model gpt2-xl --out $(OUT) 2>&1 | tee $(OUT)/latency_xl.log
+	$(PY) -m nanoserve bench sweep --device cuda --model gpt2 --out $(OUT) 2>&1 | tee $(OUT)/sweep.log

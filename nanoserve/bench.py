@@ -176,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
     info = {"workload": args.workload, "model": args.model, "date": time.strftime("%Y-%m-%d"),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
-    (out_dir / f"bench_{args.workload}.json").write_text(json.dumps(info, indent=2))
+    (out_dir / f"bench_{args.workload}_{Path(args.model).name}.json").write_text(json.dumps(info, indent=2))
     print()
     _print_table(rows)
     return 0

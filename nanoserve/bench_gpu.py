@@ -11,8 +11,8 @@ sweep:      output tok/s against the number of concurrent requests (128 in, 128 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -77,6 +77,35 @@ def _hf_generate(model, prompts: list[list[int]], max_tokens: int) -> dict:
     return {"wall_s": wall, "output_tokens": n, "output_tok_s": n / wall}
 
 
+def profile_decode(llm, prompts: list[list[int]], num_steps: int = 30) -> dict:
+    """Where a decode step's time goes: GPU kernel time vs host time, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    from .sequence import SamplingParams
+    eng = llm.engine
+    for i, p in enumerate(prompts):
+        eng.add_request(f"p{i}", p, SamplingParams(temperature=0.0, max_tokens=num_steps + 40, ignore_eos=True))
+    while eng.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running):
+        eng.step()                                               # get through the prefills
+    for _ in range(5):
+        eng.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_steps):
+            eng.step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / num_steps
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    gpu_us = sum(e.self_device_time_total for e in events) / num_steps
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
+    for rid in list(eng.requests):
+        eng.abort_request(rid)
+    res = {"batch": len(prompts), "wall_ms_per_step": 1000 * wall, "gpu_kernel_ms_per_step": gpu_us / 1000,
+           "top_kernels_ms_per_step": {e.key[:60]: e.self_device_time_total / 1000 / num_steps for e in top}}
+    print(json.dumps(res, indent=1))
+    return res
+
+
 def _new_llm(args, ckpt: Path, **kw):
     from .engine import LLM
     return LLM(str(ckpt), device="cuda", dtype=args.dtype or "float16", enforce_eager=args.enforce_eager,
@@ -92,8 +121,10 @@ def bench_throughput(args, ckpt: Path) -> list[dict]:
     row = {"workload": f"throughput: {n} requests, [32, 512] -> {olen}", **{f"nanoserve_{k}": v for k, v in ours.items()},
            "nanoserve_tok_s": ours["output_tok_s"]}
     print(json.dumps(row, indent=1))
+    row["profile"] = [profile_decode(llm, prompts[:n], 30), profile_decode(llm, prompts[:1], 30)]
     if args.compare_hf:
         del llm
+        gc.collect()
         torch.cuda.empty_cache()
         try:
             from transformers import GPT2LMHeadModel
@@ -117,8 +148,10 @@ def bench_latency(args, ckpt: Path) -> list[dict]:
     row = {"workload": f"latency {args.model}: 1 request, 32 -> {olen}", "nanoserve_tok_s": best["output_tok_s"],
            "nanoserve_ms_per_token": 1000 * best["wall_s"] / olen, "nanoserve_tpot_ms": best["tpot_ms_p50"],
            "nanoserve_ttft_ms": best["ttft_ms_p50"], "runs_ms_per_token": [1000 * r["wall_s"] / olen for r in runs]}
+    row["profile"] = profile_decode(llm, prompt, 30)
     if args.compare_hf:
         del llm
+        gc.collect()
         torch.cuda.empty_cache()
         hf = hf_model(ckpt, "cuda", torch.float16)
         theirs = _hf_generate(hf, prompt, olen)
@@ -140,6 +173,7 @@ def bench_sweep(args, ckpt: Path) -> list[dict]:
                      "nanoserve_tok_s": ours["output_tok_s"]})
     if args.compare_hf:
         del llm
+        gc.collect()
         torch.cuda.empty_cache()
         hf = hf_model(ckpt, "cuda", torch.float16)
         for r in rows:

@@ -231,16 +231,18 @@ class LLMEngine:
         return len(self.requests)
 
     # ---- the step -----------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one step. Returns a RequestOutput for every request that made progress (or,
+        with finished_only, only for those that finished: cheaper when nobody streams)."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler could not schedule any sequence; the KV pool is too small")
             return []
         result = self.runner.execute(sched)
-        return self._update(sched, result)
+        return self._update(sched, result, finished_only)
 
-    def _update(self, sched, result: StepResult) -> list[RequestOutput]:
+    def _update(self, sched, result: StepResult, finished_only: bool = False) -> list[RequestOutput]:
         touched: dict[str, Request] = {}
         now = time.perf_counter()
         for seq, n in sched.scheduled:
@@ -255,8 +257,10 @@ class LLMEngine:
             self._append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
         outputs = []
         for req in touched.values():
-            outputs.append(self._output(req))
-            if req.is_finished:
+            done = req.is_finished
+            if done or not finished_only:
+                outputs.append(self._output(req))
+            if done:
                 del self.requests[req.request_id]
         return outputs
 
@@ -272,11 +276,11 @@ class LLMEngine:
             return self.scheduler.finish(seq, "stop")
         if token in p.stop_token_ids and num_out >= p.min_tokens:
             return self.scheduler.finish(seq, "stop")
-        if token != eos:                       # special tokens are not part of the text
-            old = len(seq.detok.text)
-            seq.detok.push(token)
-            seq.text = seq.detok.text
-            if p.stop and num_out >= p.min_tokens:
+        if p.stop:
+            # Stop strings need the text now; otherwise it is made when someone asks (_output).
+            old = len(seq.text)
+            self._detokenize(seq)
+            if num_out >= p.min_tokens:
                 # Search only where a new match can be: the new text plus a stop string's length.
                 start = max(0, old - max(len(s) for s in p.stop) + 1)
                 hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
@@ -286,7 +290,27 @@ class LLMEngine:
         if num_out >= p.max_tokens or seq.num_tokens >= self.model_config.n_ctx:
             self.scheduler.finish(seq, "length")
 
+    def _detokenize(self, seq: Sequence) -> None:
+        """Bring seq.text up to date with its output tokens (special tokens are not text)."""
+        eos, out = self.model_config.eos_token_id, seq.output_token_ids
+        if seq.num_detok == len(out):
+            return
+        if seq.num_detok == 0 and seq.is_finished:
+            # Nobody streamed this sequence: one bulk decode (in Rust) beats a push per token.
+            seq.text = self.tokenizer.decode([t for t in out if t != eos])
+        else:
+            for t in out[seq.num_detok:]:
+                if t != eos:
+                    seq.detok.push(t)
+            if seq.is_finished:
+                seq.detok.flush()
+            seq.text = seq.detok.text
+        seq.num_detok = len(out)
+
     def _output(self, req: Request) -> RequestOutput:
+        for s in req.seqs:
+            if s.finish_reason != "stop" or not s.params.stop:   # a stop string already cut the text
+                self._detokenize(s)
         comps = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.output_token_ids),
                                   cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
                                   logprobs=list(s.logprobs) if s.logprobs is not None else None,
@@ -339,7 +363,7 @@ class LLM:
             from tqdm import tqdm
             bar = tqdm(total=len(ids), desc="generate", unit="req")
         while eng.has_unfinished_requests():
-            for out in eng.step():
+            for out in eng.step(finished_only=True):
                 if out.finished:
                     results[out.request_id] = out
                     if bar:

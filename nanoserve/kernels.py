@@ -45,9 +45,17 @@ except ImportError:  # CPU-only installs use attention.py; nothing here is launc
 LOG2E = 1.4426950408889634  # we fold log2(e) into the scale: exp2 is one instruction, exp is not
 
 
-def _jit(fn):
+def _jit(fn=None, **kwargs):
     """triton.jit when triton is installed; otherwise the plain function, never launched."""
-    return triton.jit(fn) if HAS_TRITON else fn
+    if fn is None:
+        return lambda f: _jit(f, **kwargs)
+    return triton.jit(fn, **kwargs) if HAS_TRITON else fn
+
+
+# Triton compiles a separate variant when an int argument is 1 or a multiple of 16. The
+# sequence and token counts change every step, so a fresh variant could compile (~1 s) in the
+# middle of serving; we ask Triton not to specialise on them.
+_DYNAMIC = ["num_seqs", "num_tokens"]
 
 
 @_jit
@@ -93,7 +101,7 @@ def _zero_padding_rows(out_ptr, first_row, num_tokens, step, h, stride_on, strid
         tl.store(out_ptr + row * stride_on + h * stride_oh + d, zeros, mask=d < D)
 
 
-@_jit
+@_jit(do_not_specialize=_DYNAMIC)
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                    block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
                    qk_scale, num_seqs, num_tokens,
@@ -150,7 +158,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     _zero_padding_rows(out_ptr, first_pad + s, num_tokens, num_seqs, h, stride_on, stride_oh, D, BLOCK_D)
 
 
-@_jit
+@_jit(do_not_specialize=_DYNAMIC)
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                     block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
                     qk_scale, num_seqs, num_tokens,

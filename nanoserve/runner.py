@@ -53,9 +53,13 @@ class StepInputs:
     prompt_owner: list[Sequence]
 
 
-def _to(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=dtype)
+def _tensor_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Through pinned memory the copy is asynchronous: the host goes on preparing the step.
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _to(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _tensor_to(torch.tensor(values, dtype=dtype), device)
 
 
 class ModelRunner:
@@ -68,6 +72,33 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-model_cfg.n_ctx // cfg.block_size)   # MB
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}                   # batch size -> graph
         self.graph_bufs: dict[str, torch.Tensor] = {}
+        # Block tables live in a host tensor with one row per running sequence, updated only
+        # when a sequence gains a block: turning 256 Python lists into a tensor every step
+        # cost more (~2 ms) than the GPU's whole decode step.
+        rows = cfg.max_num_seqs + 1
+        self.bt_host = torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.int32)   # (R, MB)
+        self.row_of: dict[int, int] = {}         # seq_id -> row of bt_host
+        self.row_len = [0] * rows                 # block ids already written in each row
+        self.free_rows = list(range(rows))
+
+    def _block_table_rows(self, sched: SchedulerOutput) -> list[int]:
+        """Bring bt_host up to date for this step's sequences; return their rows."""
+        for sid in sched.freed_seq_ids:           # finished or preempted: their blocks are gone
+            row = self.row_of.pop(sid, None)
+            if row is not None:
+                self.free_rows.append(row)
+        rows = []
+        for seq, _ in sched.scheduled:
+            row = self.row_of.get(seq.seq_id)
+            if row is None:
+                row = self.row_of[seq.seq_id] = self.free_rows.pop()
+                self.row_len[row] = 0
+            have, bt = self.row_len[row], seq.block_table
+            if len(bt) > have:
+                self.bt_host[row, have:len(bt)] = torch.tensor(bt[have:], dtype=torch.int32)
+                self.row_len[row] = len(bt)
+            rows.append(row)
+        return rows
 
     # ---- Sequences -> tensors -----------------------------------------------------------
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
@@ -80,11 +111,16 @@ class ModelRunner:
         prompt_rows, prompt_targets, prompt_owner = [], [], []
         for seq, n in sched.scheduled:
             c = seq.num_computed_tokens
-            tokens = seq.token_ids
-            input_ids += tokens[c:c + n]
-            positions += range(c, c + n)
             bt = seq.block_table
-            slots += [bt[p // BS] * BS + p % BS for p in range(c, c + n)]
+            if n == 1:                                   # decode: avoid copying the token list
+                P = len(seq.prompt_token_ids)
+                input_ids.append(seq.prompt_token_ids[c] if c < P else seq.output_token_ids[c - P])
+                positions.append(c)
+                slots.append(bt[c // BS] * BS + c % BS)
+            else:
+                input_ids += seq.token_ids[c:c + n]
+                positions += range(c, c + n)
+                slots += [bt[p // BS] * BS + p % BS for p in range(c, c + n)]
             row0 = qsl[-1]
             qsl.append(row0 + n)
             ctx_lens.append(c + n)
@@ -99,15 +135,16 @@ class ModelRunner:
                 first = max(c, len(seq.prompt_logprobs) - 1)
                 for p in range(first, min(c + n, seq.num_prompt_tokens - 1)):
                     prompt_rows.append(row0 + p - c)
-                    prompt_targets.append(tokens[p + 1])
+                    prompt_targets.append(seq.prompt_token_ids[p + 1])
                     prompt_owner.append(seq)
         MB = max(len(seq.block_table) for seq, _ in sched.scheduled)
-        block_tables = [seq.block_table + [0] * (MB - len(seq.block_table)) for seq, _ in sched.scheduled]
+        rows = self._block_table_rows(sched)
+        block_tables = self.bt_host[:, :MB].index_select(0, torch.tensor(rows))   # (S, MB)
 
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=_to(slots, torch.int64, dev),                 # (N,)
-            block_tables=_to(block_tables, torch.int32, dev),          # (S, MB)
+            block_tables=_tensor_to(block_tables, dev),                # (S, MB)
             context_lens=_to(ctx_lens, torch.int32, dev),              # (S,)
             query_start_loc=_to(qsl, torch.int32, dev),                # (S+1,)
             max_query_len=max(q_lens), max_context_len=max(ctx_lens),

@@ -32,6 +32,7 @@ from .sequence import Sequence, SequenceStatus
 class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
     preempted: list[Sequence] = field(default_factory=list)
+    freed_seq_ids: list[int] = field(default_factory=list)   # lost their blocks since the last step
 
     @property
     def num_tokens(self) -> int:
@@ -57,6 +58,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []   # sorted by (priority, arrival)
         self.running: list[Sequence] = []   # sorted by (priority, arrival)
         self.num_preemptions = 0
+        self._freed: list[int] = []         # seq ids whose blocks were freed, for the runner
 
     # ---- queue management -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -77,6 +79,7 @@ class Scheduler:
         seq.finish_reason = reason
 
     def _free(self, seq: Sequence) -> None:
+        self._freed.append(seq.seq_id)
         self.allocator.free(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
@@ -103,8 +106,7 @@ class Scheduler:
         if not self.enable_kv_cache:
             # Comparison mode: forget every cached K/V, so each step recomputes whole sequences.
             for seq in self.running:
-                self.allocator.free(seq.block_table)
-                seq.block_table, seq.num_computed_tokens = [], 0
+                self._free(seq)
 
         # 1. Running sequences, in order; preempt from the back when blocks run out.
         i = 0
@@ -137,4 +139,5 @@ class Scheduler:
             bisect.insort(self.running, seq, key=_order)
             out.scheduled.append((seq, n))
             budget -= n
+        out.freed_seq_ids, self._freed = self._freed, []
         return out

@@ -76,3 +76,9 @@ class IncrementalDetokenizer:
         delta = self.decoder.decode(self.tokenizer.token_bytes(token_id))
         self.text += delta
         return delta
+
+    def flush(self) -> str:
+        """The sequence ended: a held-back partial character becomes U+FFFD, as in decode()."""
+        delta = self.decoder.decode(b"", final=True)
+        self.text += delta
+        return delta

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import _row, hf_model, random_prompts
+from .bench import hf_model, random_prompts
 
 
 def _pct(xs: list[float], q: float) -> float:

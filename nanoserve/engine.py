@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -26,7 +26,7 @@ from .model import GPT2
 from .runner import ModelRunner, StepResult
 from .sampler import Sampler
 from .scheduler import Scheduler
-from .sequence import CompletionOutput, RequestOutput, SamplingParams, Sequence, SequenceStatus
+from .sequence import CompletionOutput, RequestOutput, SamplingParams, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .weights import load_state_dict, resolve_model
 
@@ -257,7 +257,7 @@ class LLMEngine:
             self._append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
         outputs = []
         for req in touched.values():
-            done = req.is_finished
+            done = req.seqs[-1].is_finished and req.is_finished   # cheap test first: n is usually 1
             if done or not finished_only:
                 outputs.append(self._output(req))
             if done:
@@ -287,7 +287,7 @@ class LLMEngine:
                 if hits:
                     seq.text = seq.text[:min(hits)]
                     return self.scheduler.finish(seq, "stop")
-        if num_out >= p.max_tokens or seq.num_tokens >= self.model_config.n_ctx:
+        if num_out >= p.max_tokens or len(seq.prompt_token_ids) + num_out >= self.model_config.n_ctx:
             self.scheduler.finish(seq, "length")
 
     def _detokenize(self, seq: Sequence) -> None:

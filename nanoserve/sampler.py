@@ -55,7 +55,6 @@ class Sampler:
         logits = logits.float()                                    # (S, V)
         S, V = logits.shape
         params = [s.params for s in seqs]
-        dev = logits.device
 
         out_lp = None
         max_lp = max((p.logprobs for p in params if p.logprobs is not None), default=None)

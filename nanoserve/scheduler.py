@@ -114,6 +114,11 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             assert n > 0, f"running sequence {seq.seq_id} has nothing to compute"
+            if seq.num_computed_tokens + n <= len(seq.block_table) * self.block_size:
+                out.scheduled.append((seq, n))   # the usual decode: its last block has room
+                budget -= n
+                i += 1
+                continue
             while not self._grow(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)

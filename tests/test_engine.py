@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from nanoserve import LLM, LLMEngine, EngineConfig, SamplingParams
+from nanoserve import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 

@@ -1,0 +1,219 @@
+"""The engine in a background thread, for servers: asyncio handlers talk to it through a queue.
+
+The engine is single-threaded and `step()` blocks for a whole forward pass, so it cannot run on
+the asyncio event loop. It lives in ONE background thread that owns it:
+
+    handler (event loop) --add/abort--> commands (queue.SimpleQueue) --> engine thread
+    engine thread: apply commands between steps; step() while work exists; block when idle
+    engine thread --outputs--> loop.call_soon_threadsafe --> each request's asyncio.Queue
+
+Concurrent requests are just more sequences in the same engine, so the scheduler batches them
+step by step (continuous batching) with no extra code here. The thread also keeps the serving
+metrics (Prometheus text format). Nothing in this file knows about HTTP; server.py does.
+
+References: vLLM `AsyncLLMEngine`, the Prometheus text exposition format.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import LLMEngine
+from .sequence import RequestOutput, SamplingParams
+
+log = logging.getLogger("nanoserve.server")
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, plus sum and count."""
+
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.help, self.buckets = name, help, buckets
+        self.counts, self.sum, self.count = [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.sum, self.count = self.sum + value, self.count + 1
+        for i, le in enumerate(self.buckets):
+            self.counts[i] += value <= le
+
+    def render(self) -> list[str]:
+        n = self.name
+        return ([f"# HELP {n} {self.help}", f"# TYPE {n} histogram"]
+                + [f'{n}_bucket{{le="{le}"}} {c}' for le, c in zip(self.buckets, self.counts)]
+                + [f'{n}_bucket{{le="+Inf"}} {self.count}', f"{n}_sum {self.sum:.6f}", f"{n}_count {self.count}"])
+
+
+_METRICS = {   # name (after "nanoserve_") -> (type, help)
+    "num_requests_running": ("gauge", "Requests with a sequence in the running batch."),
+    "num_requests_waiting": ("gauge", "Requests waiting for a batch slot or KV blocks."),
+    "kv_blocks_used": ("gauge", "KV cache blocks in use."),
+    "kv_blocks_free": ("gauge", "KV cache blocks free."),
+    "prompt_tokens_total": ("counter", "Prompt tokens prefilled."),
+    "generation_tokens_total": ("counter", "Output tokens generated."),
+    "num_preemptions_total": ("counter", "Sequences preempted (their KV is recomputed later)."),
+}
+
+
+class Metrics:
+    """Written by the engine thread after every step, read by GET /metrics: hence the lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.values = dict.fromkeys(_METRICS, 0)
+        self.finished: dict[str, int] = {}               # finish_reason -> completions
+        self.ttft = Histogram("nanoserve_time_to_first_token_seconds", "Request arrival to first output token.",
+                              (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+        self.tpot = Histogram("nanoserve_time_per_output_token_seconds", "Time between a request's output tokens.",
+                              (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5))
+
+    def render(self) -> str:
+        with self.lock:
+            lines = []
+            for name, (kind, help) in _METRICS.items():
+                lines += [f"# HELP nanoserve_{name} {help}", f"# TYPE nanoserve_{name} {kind}",
+                          f"nanoserve_{name} {self.values[name]}"]
+            lines += ["# HELP nanoserve_requests_finished_total Completions finished, by finish reason.",
+                      "# TYPE nanoserve_requests_finished_total counter"]
+            lines += [f'nanoserve_requests_finished_total{{finish_reason="{r}"}} {c}' for r, c in self.finished.items()]
+            return "\n".join(lines + self.ttft.render() + self.tpot.render()) + "\n"
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """What the engine thread remembers about one engine request it serves."""
+    loop: asyncio.AbstractEventLoop
+    sink: asyncio.Queue            # the HTTP handler's queue for this request's outputs
+    arrival: float                 # time.perf_counter() when the HTTP request arrived
+    last: float | None = None      # when its previous output came; None: no token yet
+    num_tokens: int = 0            # output tokens already counted in the metrics
+
+
+class EngineThread:
+    """Owns the LLMEngine: every call into the engine happens on this one thread. The methods
+    without an underscore are for the event loop, and only enqueue a command."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.metrics = Metrics()
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.tracked: dict[str, _Tracked] = {}
+        # Prompts that left the queue: started, rejected or aborted. Only this thread writes it;
+        # the loop reads it (an int read is atomic), so a dead HTTP handler cannot skew the count.
+        self.num_dequeued = 0
+        self.ready = threading.Event()           # set after warm-up: GET /health says 200
+        self.thread = threading.Thread(target=self._run, name="nanoserve-engine", daemon=True)
+
+    def add(self, batch: list[tuple[str, list[int]]], params: SamplingParams, sink: asyncio.Queue,
+            arrival: float) -> None:
+        """Queue prompts as (request id, token ids). `sink` first gets the verdict, None
+        (accepted) or the engine's ValueError/TypeError, then RequestOutputs, or an exception
+        if the engine fails."""
+        self.commands.put(("add", batch, params, asyncio.get_running_loop(), sink, arrival))
+
+    def abort(self, request_ids: set[str] | None) -> None:
+        """Abort these requests (None: all of them); their KV blocks return to the pool."""
+        self.commands.put(("abort", request_ids))
+
+    def stop(self) -> None:
+        self.commands.put(("stop",))
+        self.thread.join()
+
+    def _run(self) -> None:
+        eng = self.engine
+        # Warm-up: one short generation, so that no client pays for lazy first-call set-up.
+        eng.add_request("warm-up", [eng.model_config.eos_token_id], SamplingParams(max_tokens=2, temperature=0.0))
+        while eng.has_unfinished_requests():
+            eng.step()
+        self.ready.set()
+        while True:
+            # Block only when idle (no busy loop); with work in flight, take what is there and step.
+            cmds = []
+            with contextlib.suppress(queue.Empty):
+                cmds.append(self.commands.get(block=not eng.has_unfinished_requests()))
+                while True:
+                    cmds.append(self.commands.get_nowait())
+            for cmd in cmds:
+                if cmd[0] == "stop":
+                    return self._abort(None)
+                getattr(self, "_" + cmd[0])(*cmd[1:])
+            if eng.has_unfinished_requests():
+                try:
+                    self._deliver(eng.step())
+                except Exception as e:   # a bug or a device error: fail these requests, keep serving
+                    log.exception("engine step failed; aborting %d requests", len(self.tracked))
+                    self._abort(None, e)
+            self._update_gauges()
+
+    def _add(self, batch, params, loop, sink, arrival) -> None:
+        # All prompts of one HTTP request get in, or none do (as in LLM.generate).
+        try:
+            for rid, ids in batch:
+                self.engine.add_request(rid, ids, params)
+        except (ValueError, TypeError) as e:
+            for rid, _ in batch:
+                self.engine.abort_request(rid)        # ids that never got in are ignored
+            self.num_dequeued += len(batch)
+            return self._post(loop, [(sink, e)])
+        self.tracked.update((rid, _Tracked(loop, sink, arrival)) for rid, _ in batch)
+        self._post(loop, [(sink, None)])
+
+    def _abort(self, request_ids: set[str] | None, error: Exception | None = None) -> None:
+        for rid in list(self.tracked) if request_ids is None else request_ids:
+            out, t = self.engine.abort_request(rid), self.tracked.pop(rid, None)
+            if out is not None and t is not None:
+                if t.last is None:                    # aborted while still queued
+                    self.num_dequeued += 1
+                with self.metrics.lock:
+                    self._count(t, out)
+                # The handler may still be listening (shutdown, engine error): tell it the end.
+                self._post(t.loop, [(t.sink, error or out)])
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now, posts = time.perf_counter(), {}
+        with self.metrics.lock:
+            for out in outputs:
+                t = self.tracked.get(out.request_id)
+                if t is None:
+                    continue                          # the warm-up request
+                if t.last is None:                    # its first token: it has left the queue
+                    self.metrics.ttft.observe(now - t.arrival)
+                    self.num_dequeued += 1
+                else:
+                    self.metrics.tpot.observe(now - t.last)
+                t.last = now
+                self._count(t, out)
+                posts.setdefault(t.loop, []).append((t.sink, out))
+                if out.finished:
+                    del self.tracked[out.request_id]
+        for loop, items in posts.items():
+            self._post(loop, items)
+
+    def _count(self, t: _Tracked, out: RequestOutput) -> None:
+        v, num = self.metrics.values, sum(len(c.token_ids) for c in out.outputs)
+        if t.num_tokens == 0 and num:
+            v["prompt_tokens_total"] += len(out.prompt_token_ids)
+        v["generation_tokens_total"] += num - t.num_tokens
+        t.num_tokens = num
+        for c in out.outputs if out.finished else []:
+            self.metrics.finished[c.finish_reason] = self.metrics.finished.get(c.finish_reason, 0) + 1
+
+    def _update_gauges(self) -> None:
+        sched, free = self.engine.scheduler, self.engine.allocator.num_free
+        with self.metrics.lock:
+            self.metrics.values.update(
+                num_requests_running=len({s.request_id for s in sched.running}),
+                num_requests_waiting=len({s.request_id for s in sched.waiting}),
+                kv_blocks_used=self.engine.num_blocks - free, kv_blocks_free=free,
+                num_preemptions_total=sched.num_preemptions)
+
+    @staticmethod
+    def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
+        # asyncio.Queue is not thread-safe: the loop's own thread does the puts, one wake-up per step.
+        with contextlib.suppress(RuntimeError):       # the loop is closed: nobody is listening
+            loop.call_soon_threadsafe(lambda: [sink.put_nowait(item) for sink, item in items])

@@ -1,0 +1,55 @@
+"""The committed model (weights/nanoserve-stdlib-tiny) through the public API.
+
+Its held-out loss must stay within 5% of the model card's value: a wrong loader, tokenizer,
+position handling or attention path breaks this long before it breaks a unit test."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from nanoserve import LLM, SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "weights" / "nanoserve-stdlib-tiny"
+HELDOUT = Path(__file__).resolve().parent / "data" / "heldout_stdlib.txt"
+
+pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason="embedded model missing")
+
+
+def _card_loss() -> float:
+    """The held-out loss the model card reports for tests/data/heldout_stdlib.txt."""
+    card = (MODEL / "README.md").read_text()
+    m = re.search(r"heldout_stdlib\.txt[^\n]*?loss[^0-9]*([0-9]+\.[0-9]+)", card)
+    assert m, "model card must state the loss on tests/data/heldout_stdlib.txt"
+    return float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(str(MODEL), device="cpu", quiet=True)
+
+
+def heldout_loss(llm: LLM, window: int) -> float:
+    """Mean next-token NLL over non-overlapping windows of the held-out text, as one stream."""
+    ids = llm.tokenizer.encode(HELDOUT.read_text())
+    windows = [ids[i:i + window] for i in range(0, len(ids), window)]
+    windows = [w for w in windows if len(w) > 1]
+    outs = llm.generate(windows, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    nll = [-entry[w[j]] for w, o in zip(windows, outs) for j, entry in enumerate(o.prompt_logprobs) if j > 0]
+    return sum(nll) / len(nll)
+
+
+def test_heldout_loss_matches_the_model_card(llm):
+    """Within 5% of the card. Windows are n_ctx - 1 tokens: one slot stays for max_tokens=1."""
+    loss = heldout_loss(llm, llm.engine.model_config.n_ctx - 1)
+    assert abs(loss - _card_loss()) <= 0.05 * _card_loss(), f"held-out loss {loss:.4f} vs card {_card_loss()}"
+    assert math.exp(loss) < 20, "a trained model of code should be far better than chance"
+
+
+def test_embedded_model_writes_python_shaped_text(llm):
+    out = llm.generate(["import os\nimport sys\n\n\ndef main("], SamplingParams(temperature=0, max_tokens=48))[0]
+    text = out.outputs[0].text
+    assert any(tok in text for tok in ("):", "self", "return", "=", "\n")), text

@@ -127,12 +127,14 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     With head-major blocks each (block, head) is a contiguous (BS, D) matrix, so the scores and
     the weighted sum are batched matrix-vector products straight on the gathered blocks; this
     avoids re-laying out K/V for SDPA, which on a CPU cost more than the attention itself."""
-    S, H, D = q.shape
     BS = k_cache.shape[1]
     nb = (meta.max_context_len + BS - 1) // BS
     blocks = meta.block_tables[:, :nb].long()                  # (S, nb)
-    k = k_cache.transpose(1, 2)[blocks]                        # (S, nb, H, BS, D)
-    v = v_cache.transpose(1, 2)[blocks]                        # (S, nb, H, BS, D)
+    kh, vh = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (NB, H, BS, D) head-major
+    if COMPILE_ON_CPU and q.device.type == "cpu":
+        return _compiled_fused(q, kh, vh, blocks, meta.context_lens.long(), scale)
+    S, H, D = q.shape
+    k, v = kh[blocks], vh[blocks]                              # (S, nb, H, BS, D) each
     scores = torch.matmul(k, q[:, None, :, :, None])[..., 0]   # (S, nb, H, BS)
     scores = scores.transpose(1, 2).reshape(S, H, nb * BS) * scale   # (S, H, T)
     t = torch.arange(nb * BS, device=q.device)                 # (T,)
@@ -140,6 +142,37 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     probs = scores.masked_fill(beyond[:, None, :], float("-inf")).softmax(dim=-1)   # (S, H, T)
     probs = probs.view(S, H, nb, BS).transpose(1, 2)[..., None, :]   # (S, nb, H, 1, BS)
     return torch.matmul(probs, v)[..., 0, :].sum(dim=1)        # (S, H, D)
+
+
+def _decode_fused(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, blocks: torch.Tensor,
+                  context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The same computation written elementwise, for torch.compile to fuse (see below).
+
+    q (S, H, D), kh/vh (NB, H, BS, D) head-major pool, blocks (S, nb) -> (S, H, D)."""
+    nb, BS = blocks.shape[1], kh.shape[2]
+    scores = (kh[blocks] * q[:, None, :, None, :]).sum(-1) * scale      # (S, nb, H, BS)
+    t = torch.arange(nb * BS, device=q.device).view(nb, BS)            # (nb, BS) key positions
+    scores = scores.masked_fill(t[None, :, None, :] >= context_lens[:, None, None, None], float("-inf"))
+    # Softmax over all of a sequence's keys, which span two axes here (nb, BS).
+    probs = torch.exp(scores - scores.amax(dim=(1, 3), keepdim=True))   # (S, nb, H, BS)
+    out = (probs[..., None] * vh[blocks]).sum(dim=(1, 3))               # (S, H, D)
+    return out / probs.sum(dim=(1, 3))[..., None]
+
+
+# On a CPU the gathers cost more than the arithmetic: eager PyTorch copies every gathered
+# block before using it. torch.compile turns _decode_fused into one C++ loop nest that reads
+# each cached K/V once (measured 1.8 ms vs 6 ms eager for 32 sequences of 128 tokens, one layer,
+# 2 cores). It needs a C++ compiler and ~10 s the first time, so it is opt-in:
+# EngineConfig.compile_cpu_attention.
+COMPILE_ON_CPU = False
+_compiled_fused = _decode_fused
+
+
+def enable_cpu_compile() -> None:
+    global COMPILE_ON_CPU, _compiled_fused
+    if not COMPILE_ON_CPU:
+        _compiled_fused = torch.compile(_decode_fused, dynamic=True)
+        COMPILE_ON_CPU = True
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

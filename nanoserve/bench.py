@@ -33,6 +33,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench_out", help="directory for JSON results and plots")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--quick", action="store_true", help="smaller workloads (smoke test)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="cpu: torch.compile the decode attention (EngineConfig.compile_cpu_attention)")
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -126,10 +128,13 @@ def _print_table(rows: list[dict]) -> None:
 def bench_cpu(args: argparse.Namespace, ckpt: Path) -> list[dict]:
     from .engine import LLM
     q = args.quick
-    llm = LLM(str(ckpt), device="cpu", dtype="float32", quiet=True)
+    llm = LLM(str(ckpt), device="cpu", dtype="float32", quiet=True, compile_cpu_attention=args.compile)
     nocache = LLM(str(ckpt), device="cpu", dtype="float32", quiet=True, enable_kv_cache=False)
     hf = hf_model(ckpt, "cpu", torch.float32) if args.compare_hf else None
-    warm = random_prompts(2, 8, 8, seed=1)
+    # Warm-up, also compiling the decode attention for one and for several sequences (torch
+    # treats a size of 1 as a special case) and for several blocks per sequence.
+    warm = random_prompts(2, 40, 40, seed=1)
+    run_nanoserve(llm, warm[:1], 4)
     run_nanoserve(llm, warm, 4)
     if hf:
         run_hf_generate(hf, warm, 4, 2)

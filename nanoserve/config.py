@@ -140,6 +140,7 @@ class EngineConfig:
     enable_kv_cache: bool = True        # False: recompute every token's K/V at every step (for comparison)
     enforce_eager: bool = False         # True: no CUDA graphs
     use_triton: bool | None = None      # None: Triton kernels on CUDA when triton imports
+    compile_cpu_attention: bool = False # CPU: torch.compile the decode attention (needs a C++ compiler)
     quiet: bool = False                 # no progress bars or info logs
 
     def __post_init__(self) -> None:

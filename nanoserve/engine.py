@@ -94,6 +94,9 @@ class LLMEngine:
     # ---- set-up helpers -------------------------------------------------------------------
     def _use_kernels(self) -> None:
         """Triton kernels on CUDA when available; the PyTorch reference otherwise."""
+        if self.device.type == "cpu" and self.config.compile_cpu_attention:
+            from .attention import enable_cpu_compile
+            enable_cpu_compile()
         want = self.config.use_triton
         if self.device.type != "cuda" or want is False:
             return

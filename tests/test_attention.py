@@ -82,3 +82,15 @@ def test_write_kv_writes_only_its_slots_and_skips_padding():
     torch.testing.assert_close(flat_k[14], k[2])
     untouched = [i for i in range(NB * BS) if i not in (5, 14)]
     assert bool((flat_k[untouched] == 7.0).all()) and bool((vc.view(-1, H, D)[untouched] == 7.0).all())
+
+
+def test_fused_decode_form_equals_the_reference():
+    """_decode_fused (the form torch.compile fuses on CPU) computes the same attention."""
+    from nanoserve import attention as A
+    seqs = [(9, 1), (20, 1), (0, 1), (31, 1)]
+    q, k, v, kc, vc, meta, _ = _paged_step(seqs, 3, 16, 4, NB=64, seed=7, head_major=True)
+    write_kv(k, v, kc, vc, meta.slot_mapping)
+    nb = -(-meta.max_context_len // 4)
+    fused = A._decode_fused(q, kc.transpose(1, 2), vc.transpose(1, 2), meta.block_tables[:, :nb].long(),
+                            meta.context_lens.long(), 0.25)
+    torch.testing.assert_close(fused, paged_attention(q, kc, vc, meta, 0.25), atol=1e-5, rtol=1e-5)

@@ -203,3 +203,16 @@ def test_text_prompts_and_dict_prompts_round_trip(tiny_llm):
     assert a.prompt_token_ids == ids and a.prompt == "Hello, my name is"
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
     assert a.outputs[0].text == tiny_llm.tokenizer.decode(a.outputs[0].token_ids)
+
+
+def test_compiled_cpu_attention_gives_the_same_tokens(tiny_ckpt, tiny_llm):
+    """compile_cpu_attention=True (torch.compile of the decode attention) changes speed only."""
+    import nanoserve.attention as A
+    prompts = _prompts(6, seed=5, hi=40)
+    ref = tiny_llm.generate(prompts, GREEDY, use_tqdm=False)
+    try:
+        fast = LLM(str(tiny_ckpt), device="cpu", quiet=True, compile_cpu_attention=True)
+        out = fast.generate(prompts, GREEDY, use_tqdm=False)
+    finally:
+        A.COMPILE_ON_CPU = False          # keep the rest of the suite on the eager path
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]

@@ -27,3 +27,14 @@ def test_bad_sampling_flag_is_a_clear_error(tiny_ckpt):
     r = subprocess.run([sys.executable, "-m", "nanoserve", "generate", "--model", str(tiny_ckpt), "--device", "cpu",
                         "--prompt", "x", "--top-p", "1.5"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "top_p" in r.stderr
+
+
+def test_example_script_runs_on_the_embedded_model():
+    """examples/example.py (the README's tour) runs end to end."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    model = root / "weights" / "nanoserve-stdlib-tiny"
+    r = subprocess.run([sys.executable, str(root / "examples" / "example.py"), str(model)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "completion 0:" in r.stdout and "completion 1:" in r.stdout and "[length]" in r.stdout

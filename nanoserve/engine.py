@@ -95,8 +95,8 @@ class LLMEngine:
     def _use_kernels(self) -> None:
         """Triton kernels on CUDA when available; the PyTorch reference otherwise."""
         if self.device.type == "cpu" and self.config.compile_cpu_attention:
-            from .attention import enable_cpu_compile
-            enable_cpu_compile()
+            from .attention import compiled_cpu_attention
+            self.model.attn_fn = compiled_cpu_attention()
         want = self.config.use_triton
         if self.device.type != "cuda" or want is False:
             return

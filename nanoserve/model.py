@@ -27,10 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import attention
-from .attention import AttentionMetadata
+from .attention import AttentionFn, AttentionMetadata
 from .config import GPT2Config
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
 WriteKVFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 

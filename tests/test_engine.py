@@ -207,12 +207,9 @@ def test_text_prompts_and_dict_prompts_round_trip(tiny_llm):
 
 def test_compiled_cpu_attention_gives_the_same_tokens(tiny_ckpt, tiny_llm):
     """compile_cpu_attention=True (torch.compile of the decode attention) changes speed only."""
-    import nanoserve.attention as A
     prompts = _prompts(6, seed=5, hi=40)
     ref = tiny_llm.generate(prompts, GREEDY, use_tqdm=False)
-    try:
-        fast = LLM(str(tiny_ckpt), device="cpu", quiet=True, compile_cpu_attention=True)
-        out = fast.generate(prompts, GREEDY, use_tqdm=False)
-    finally:
-        A.COMPILE_ON_CPU = False          # keep the rest of the suite on the eager path
+    fast = LLM(str(tiny_ckpt), device="cpu", quiet=True, compile_cpu_attention=True)
+    out = fast.generate(prompts, GREEDY, use_tqdm=False)
+    assert fast.engine.model.attn_fn is not tiny_llm.engine.model.attn_fn
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]

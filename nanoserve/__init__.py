@@ -5,7 +5,7 @@ scheduler, runner, sampler, engine (then server, bench, __main__).
 """
 from .config import EngineConfig, GPT2Config
 from .engine import LLM, LLMEngine
-from .sequence import CompletionOutput, RequestOutput, SamplingParams
+from .sequence import CompletionOutput, RequestMetrics, RequestOutput, SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput",
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics",
            "EngineConfig", "GPT2Config"]

@@ -27,31 +27,22 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _engine_run(llm, prompts: list[list[int]], max_tokens: int) -> dict:
-    """Submit everything at once, step to the end; per-request TTFT and TPOT."""
+    """One LLM.generate call over all prompts (the workload's definition); TTFT and TPOT
+    per request from the engine's own timestamps (RequestOutput.metrics)."""
     from .sequence import SamplingParams
-    eng = llm.engine
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        eng.add_request(f"b{i}", p, sp)
-    first, done, ntok = {}, {}, {}
-    steps = 0
-    while eng.has_unfinished_requests():
-        outs = eng.step()
-        steps += 1
-        now = time.perf_counter()
-        for o in outs:
-            first.setdefault(o.request_id, now)
-            if o.finished:
-                done[o.request_id] = now
-                ntok[o.request_id] = len(o.outputs[0].token_ids)
+    steps0 = llm.engine.runner.num_steps
+    outs = llm.generate(prompts, sp, use_tqdm=False)
     wall = time.perf_counter() - t0
-    out_tokens = sum(ntok.values())
-    ttft = [1000 * (first[r] - t0) for r in first]
-    tpot = [1000 * (done[r] - first[r]) / max(1, ntok[r] - 1) for r in done]
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttft = [1000 * (o.metrics.first_token_time - t0) for o in outs]
+    tpot = [1000 * (o.metrics.finished_time - o.metrics.first_token_time) / max(1, len(o.outputs[0].token_ids) - 1)
+            for o in outs]
     return {"wall_s": wall, "output_tokens": out_tokens, "output_tok_s": out_tokens / wall,
-            "total_tok_s": (out_tokens + sum(map(len, prompts))) / wall, "steps": steps,
+            "total_tok_s": (out_tokens + sum(map(len, prompts))) / wall,
+            "steps": llm.engine.runner.num_steps - steps0,
             "ttft_ms_p50": _pct(ttft, 50), "ttft_ms_p99": _pct(ttft, 99),
             "tpot_ms_p50": _pct(tpot, 50), "tpot_ms_p99": _pct(tpot, 99)}
 
@@ -87,12 +78,12 @@ def profile_decode(llm, prompts: list[list[int]], num_steps: int = 30) -> dict:
     while eng.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running):
         eng.step()                                               # get through the prefills
     for _ in range(5):
-        eng.step()
+        eng.step(finished_only=True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(num_steps):
-            eng.step()
+            eng.step(finished_only=True)
         torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / num_steps
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]

@@ -26,7 +26,7 @@ from .model import GPT2
 from .runner import ModelRunner, StepResult
 from .sampler import Sampler
 from .scheduler import Scheduler
-from .sequence import CompletionOutput, RequestOutput, SamplingParams, Sequence
+from .sequence import CompletionOutput, RequestMetrics, RequestOutput, SamplingParams, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .weights import load_state_dict, resolve_model
 
@@ -44,6 +44,7 @@ class Request:
     seqs: list[Sequence]
     arrival_time: float
     first_token_time: float | None = None
+    finished_time: float | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -261,6 +262,8 @@ class LLMEngine:
         outputs = []
         for req in touched.values():
             done = req.seqs[-1].is_finished and req.is_finished   # cheap test first: n is usually 1
+            if done:
+                req.finished_time = now
             if done or not finished_only:
                 outputs.append(self._output(req))
             if done:
@@ -321,7 +324,8 @@ class LLMEngine:
         first = req.seqs[0]
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
-                             outputs=comps, finished=req.is_finished)
+                             outputs=comps, finished=req.is_finished,
+                             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time))
 
 
 class LLM:

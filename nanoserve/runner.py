@@ -70,6 +70,7 @@ class ModelRunner:
         self.sampler, self.device = sampler, device
         self.block_size = cfg.block_size
         self.max_blocks_per_seq = -(-model_cfg.n_ctx // cfg.block_size)   # MB
+        self.num_steps = 0                                                  # steps executed
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}                   # batch size -> graph
         self.graph_bufs: dict[str, torch.Tensor] = {}
         # Block tables live in a host tensor with one row per running sequence, updated only
@@ -155,6 +156,7 @@ class ModelRunner:
     # ---- run ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
+        self.num_steps += 1
         inp = self.prepare(sched)
         result = StepResult()
         graph_bs = self._graph_size(inp)

@@ -147,6 +147,14 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """time.perf_counter() timestamps (seconds), as vLLM's RequestOutput.metrics."""
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -154,3 +162,4 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None
     outputs: list[CompletionOutput]
     finished: bool
+    metrics: RequestMetrics | None = None

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="stream a completion for one prompt", formatter_class=fmt)
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("text", nargs="?", default=None, help="text to continue (or use --prompt)")
+    p.add_argument("--prompt", default=None, help="text to continue")
     _add_sampling_args(p)
     _add_engine_args(p)
     p.set_defaults(fn=cmd_generate)
@@ -153,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_serve)
 
     args = parser.parse_args(argv)
+    if args.command == "generate":
+        args.prompt = args.prompt if args.prompt is not None else args.text
+        if args.prompt is None:
+            parser.error("generate needs a prompt: python -m nanoserve generate \"Hello\" (or --prompt)")
     if getattr(args, "serve_missing", None):
         parser.error(f"serving needs the serve extra ({args.serve_missing}); pip install -e '.[serve]'")
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,

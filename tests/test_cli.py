@@ -16,6 +16,12 @@ def test_generate_streams_text_and_prints_statistics(tiny_ckpt):
         assert key in stats
 
 
+def test_prompt_may_be_positional(tiny_ckpt):
+    r = subprocess.run([sys.executable, "-m", "nanoserve", "generate", "Hello", "--model", str(tiny_ckpt),
+                        "--device", "cpu", "--max-tokens", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("Hello") and "generated_tokens=" in r.stderr
+
+
 def test_help_lists_engine_flags_with_defaults():
     r = subprocess.run([sys.executable, "-m", "nanoserve", "generate", "--help"], capture_output=True, text=True)
     assert r.returncode == 0

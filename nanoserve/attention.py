@@ -38,10 +38,6 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # (S+1,) int32: sequence s owns tokens [qsl[s], qsl[s+1])
     max_query_len: int             # host-side maxima, so kernels size their grids without a sync
     max_context_len: int
-    # Host-side copies of the index tensors (lists): the CPU path uses them to build its
-    # padded index without reading device memory. Kernel paths ignore them.
-    query_lens_host: list[int] | None = None
-    context_lens_host: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -132,8 +128,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     the weighted sum are batched matrix-vector products straight on the gathered blocks; this
     avoids re-laying out K/V for SDPA, which on a CPU cost more than the attention itself."""
     BS = k_cache.shape[1]
-    nb = (meta.max_context_len + BS - 1) // BS
-    blocks = meta.block_tables[:, :nb].long()                  # (S, nb)
+    blocks = _used_blocks(meta, BS)                            # (S, nb)
+    nb = blocks.shape[1]
     kh, vh = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (NB, H, BS, D) head-major
     S, H, D = q.shape
     k, v = kh[blocks], vh[blocks]                              # (S, nb, H, BS, D) each
@@ -144,6 +140,11 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     probs = scores.masked_fill(beyond[:, None, :], float("-inf")).softmax(dim=-1)   # (S, H, T)
     probs = probs.view(S, H, nb, BS).transpose(1, 2)[..., None, :]   # (S, nb, H, 1, BS)
     return torch.matmul(probs, v)[..., 0, :].sum(dim=1)        # (S, H, D)
+
+
+def _used_blocks(meta: AttentionMetadata, BS: int) -> torch.Tensor:
+    """The block-table columns that hold any of this step's context: (S, MB) -> (S, nb)."""
+    return meta.block_tables[:, :(meta.max_context_len + BS - 1) // BS].long()
 
 
 def _decode_fused(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, blocks: torch.Tensor,
@@ -173,8 +174,7 @@ def compiled_cpu_attention() -> AttentionFn:
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if not (meta.is_decode and q.shape[0] == meta.num_seqs):
             return paged_attention(q, k_cache, v_cache, meta, scale)   # prefill: the reference
-        BS = k_cache.shape[1]
-        blocks = meta.block_tables[:, :(meta.max_context_len + BS - 1) // BS].long()   # (S, nb)
+        blocks = _used_blocks(meta, k_cache.shape[1])                   # (S, nb)
         return fused(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), blocks,
                      meta.context_lens.long(), scale)                   # (S, H, D)
     return attention

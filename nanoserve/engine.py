@@ -142,7 +142,7 @@ class LLMEngine:
             block_tables=torch.arange(S * MB, dtype=torch.int32).view(S, MB).to(dev),
             context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev),
-            max_query_len=max(lens), max_context_len=max(lens), query_lens_host=lens, context_lens_host=lens)
+            max_query_len=max(lens), max_context_len=max(lens))
         ids = torch.randint(0, mc.vocab_size, (n_tok,), device=dev)
         pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
         hidden = self.model(ids, pos, pool, meta)

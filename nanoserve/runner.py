@@ -148,8 +148,7 @@ class ModelRunner:
             block_tables=_tensor_to(block_tables, dev),                # (S, MB)
             context_lens=_to(ctx_lens, torch.int32, dev),              # (S,)
             query_start_loc=_to(qsl, torch.int32, dev),                # (S+1,)
-            max_query_len=max(q_lens), max_context_len=max(ctx_lens),
-            query_lens_host=q_lens, context_lens_host=ctx_lens)
+            max_query_len=max(q_lens), max_context_len=max(ctx_lens))
         return StepInputs(_to(input_ids, torch.int64, dev), _to(positions, torch.int64, dev), meta,
                           sample_rows, sample_seqs, prompt_rows, prompt_targets, prompt_owner)
 

@@ -71,8 +71,7 @@ def _make_step(seqs: list[tuple[int, int]], *, H: int, D: int, BS: int, dtype: t
         context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE),
         query_start_loc=torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(),
                                      dtype=torch.int32, device=DEVICE),
-        max_query_len=max(q_lens), max_context_len=max(ctx_lens),
-        query_lens_host=q_lens, context_lens_host=ctx_lens)
+        max_query_len=max(q_lens), max_context_len=max(ctx_lens))
     return q, k, v, k_cache, v_cache, meta
 
 

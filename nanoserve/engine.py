@@ -37,6 +37,7 @@ PromptType = str | list[int] | dict
 
 @dataclass
 class Request:
+    """One user request: its n sequences (completions) share the prompt and the params."""
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -52,6 +53,9 @@ class Request:
 
 
 class LLMEngine:
+    """Owns the model, the KV pool, the scheduler and the sampler; advances all requests one
+    step at a time. Not thread-safe: one thread drives it (see async_engine.py for servers)."""
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
@@ -158,6 +162,7 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------
     def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) for the prompt forms the API accepts; raises on others."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 prompt = prompt["prompt_token_ids"]
@@ -201,6 +206,8 @@ class LLMEngine:
         if any(not 0 <= t < self.model_config.vocab_size for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids {params.stop_token_ids} has ids outside [0, {self.model_config.vocab_size})")
 
+        # Everything is validated above, so from here on nothing can fail half-way: a rejected
+        # request never leaves sequences or blocks behind.
         seqs = []
         arrival = next(self._arrivals)
         for i in range(params.n):
@@ -247,6 +254,11 @@ class LLMEngine:
         return self._update(sched, result, finished_only)
 
     def _update(self, sched, result: StepResult, finished_only: bool = False) -> list[RequestOutput]:
+        """Apply one step's results to the sequences, in the scheduler's order.
+
+        Every scheduled sequence advances its cache counter by the tokens it ran. Only those
+        whose prompt (or recompute) is now complete got a sampled token; a prefill chunk that
+        stopped mid-prompt just waits for its next chunk."""
         touched: dict[str, Request] = {}
         now = time.perf_counter()
         for seq, n in sched.scheduled:
@@ -271,6 +283,8 @@ class LLMEngine:
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
+        """Add a sampled token and check the stop conditions, in vLLM's order: EOS, stop token
+        ids, stop strings (text is cut before the match), then length. Finishing frees blocks."""
         p = seq.params
         seq.output_token_ids.append(token)
         if logprobs is not None:
@@ -314,6 +328,7 @@ class LLMEngine:
         seq.num_detok = len(out)
 
     def _output(self, req: Request) -> RequestOutput:
+        """A snapshot for the caller: lists are copied, since the sequences keep growing."""
         for s in req.seqs:
             if s.finish_reason != "stop" or not s.params.stop:   # a stop string already cut the text
                 self._detokenize(s)

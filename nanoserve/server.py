@@ -38,7 +38,7 @@ import uuid
 from dataclasses import dataclass, fields
 from typing import Any, AsyncIterator
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -177,6 +177,22 @@ class BodyLimit:
                 raise HTTPException(413, f"the request body is over {self.max_bytes} bytes (--max-body-bytes)")
             return message
         await self.app(scope, limited_receive, send)
+
+
+class AuthFirst:
+    """ASGI middleware: check the API key of /v1 routes before anything reads the body, so a
+    client without the key gets 401 whatever it sent (malformed or oversized bodies too)."""
+
+    def __init__(self, app: Any, check: Any) -> None:
+        self.app, self.check = app, check
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            try:
+                self.check(Request(scope))
+            except APIError as e:
+                return await e.response()(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 @dataclass(slots=True)
@@ -451,15 +467,15 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, **options: Any) -> Fas
     app = FastAPI(title="nanoserve", lifespan=lifespan)
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=server.opts.max_body_bytes)
+    app.add_middleware(AuthFirst, check=server.check_auth)   # added last = runs first
     app.add_exception_handler(APIError, lambda request, e: e.response())
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
-    auth = [Depends(server.check_auth)]
     app.get("/health")(server.health)
     app.get("/metrics")(server.metrics)
-    app.get("/v1/models", dependencies=auth)(server.models)
-    app.post("/v1/completions", dependencies=auth)(server.completions)
+    app.get("/v1/models")(server.models)               # /v1 routes: AuthFirst checks the key
+    app.post("/v1/completions")(server.completions)
     return app
 
 

@@ -359,6 +359,9 @@ BAD_REQUESTS = {
     "unknown model": (dict(json={"model": "gpt-4", "prompt": "a"}), 404, "model"),
     "missing api key": (dict(json={"model": MODEL, "prompt": "a"}, headers={}), 401, None),
     "wrong api key": (dict(json={"model": MODEL, "prompt": "a"}, headers={"Authorization": "Bearer nope"}), 401, None),
+    # The key is checked before the body is read: without it, a broken body is still a 401.
+    "malformed json without a key": (dict(content=b'{"prompt": ', headers={}), 401, None),
+    "oversized body without a key": (dict(json={"model": MODEL, "prompt": "a " * 40_000}, headers={}), 401, None),
     "oversized body": (dict(json={"model": MODEL, "prompt": "a " * 40_000}), 413, None),
     "oversized chunked body": (dict(content=iter([b'{"prompt": "' + b"a" * 70_000 + b'"}'])), 413, None),
 }

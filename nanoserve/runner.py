@@ -35,7 +35,7 @@ from .sequence import Sequence
 
 @dataclass
 class StepResult:
-    """Per scheduled sequence (by position in SchedulerOutput.scheduled)."""
+    """What one step produced, keyed by seq_id (only sequences that sampled or scored)."""
     sampled: dict[int, int] = field(default_factory=dict)                  # seq_id -> token
     logprobs: dict[int, dict[int, float]] = field(default_factory=dict)    # seq_id -> {tok: lp}
     prompt_logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)

@@ -330,8 +330,7 @@ class LLMEngine:
     def _output(self, req: Request) -> RequestOutput:
         """A snapshot for the caller: lists are copied, since the sequences keep growing."""
         for s in req.seqs:
-            if s.finish_reason != "stop" or not s.params.stop:   # a stop string already cut the text
-                self._detokenize(s)
+            self._detokenize(s)      # a no-op once text is current (a stop-string cut included)
         comps = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.output_token_ids),
                                   cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
                                   logprobs=list(s.logprobs) if s.logprobs is not None else None,

@@ -82,13 +82,14 @@ class ModelRunner:
         self.row_len = [0] * rows                 # block ids already written in each row
         self.free_rows = list(range(rows))
 
-    def _block_table_rows(self, sched: SchedulerOutput) -> list[int]:
-        """Bring bt_host up to date for this step's sequences; return their rows."""
+    def _block_table_rows(self, sched: SchedulerOutput) -> tuple[list[int], int]:
+        """Bring bt_host up to date for this step's sequences; return their rows and the
+        longest block table among them (MB of this step)."""
         for sid in sched.freed_seq_ids:           # finished or preempted: their blocks are gone
             row = self.row_of.pop(sid, None)
             if row is not None:
                 self.free_rows.append(row)
-        rows = []
+        rows, MB = [], 0
         for seq, _ in sched.scheduled:
             row = self.row_of.get(seq.seq_id)
             if row is None:
@@ -99,7 +100,8 @@ class ModelRunner:
                 self.bt_host[row, have:len(bt)] = torch.tensor(bt[have:], dtype=torch.int32)
                 self.row_len[row] = len(bt)
             rows.append(row)
-        return rows
+            MB = max(MB, len(bt))
+        return rows, MB
 
     # ---- Sequences -> tensors -----------------------------------------------------------
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
@@ -138,8 +140,7 @@ class ModelRunner:
                     prompt_rows.append(row0 + p - c)
                     prompt_targets.append(seq.prompt_token_ids[p + 1])
                     prompt_owner.append(seq)
-        MB = max(len(seq.block_table) for seq, _ in sched.scheduled)
-        rows = self._block_table_rows(sched)
+        rows, MB = self._block_table_rows(sched)
         block_tables = self.bt_host[:, :MB].index_select(0, torch.tensor(rows))   # (S, MB)
 
         dev = self.device

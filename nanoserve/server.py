@@ -297,6 +297,7 @@ class Server:
         finally:
             hangup.cancel()
             collect.cancel()                  # a no-op once done; else it closes `results`: an abort
+            collect.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "never retrieved"
         if collect not in done:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         return JSONResponse(collect.result())

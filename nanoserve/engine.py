@@ -14,42 +14,24 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .attention import AttentionMetadata, paged_attention
+from .attention import paged_attention
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
-from .kv_cache import BlockAllocator, allocate_kv_cache, bytes_per_block
+from .kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_per_block
 from .model import GPT2
 from .runner import ModelRunner, StepResult
 from .sampler import Sampler
 from .scheduler import Scheduler
-from .sequence import CompletionOutput, RequestMetrics, RequestOutput, SamplingParams, Sequence
+from .sequence import CompletionOutput, Request, RequestMetrics, RequestOutput, SamplingParams, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .weights import load_state_dict, resolve_model
 
 log = logging.getLogger("nanoserve")
 
 PromptType = str | list[int] | dict
-
-
-@dataclass
-class Request:
-    """One user request: its n sequences (completions) share the prompt and the params."""
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    arrival_time: float
-    first_token_time: float | None = None
-    finished_time: float | None = None
-
-    @property
-    def is_finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
 
 
 class LLMEngine:
@@ -75,7 +57,8 @@ class LLMEngine:
         # Bigger steps amortise a GPU's fixed per-step cost; on a CPU they only add latency.
         self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
 
-        self.num_blocks = config.num_blocks or self._auto_num_blocks()
+        self.num_blocks = config.num_blocks or auto_num_blocks(self.model, config, self.dtype, self.device,
+                                                               self.max_num_batched_tokens)
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.dtype, self.device)
         self.allocator = BlockAllocator(self.num_blocks)
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
@@ -111,54 +94,6 @@ class LLMEngine:
                 raise RuntimeError("use_triton=True but triton is not installed; pip install triton")
             return
         self.model.attn_fn, self.model.write_fn = kernels.paged_attention, kernels.write_kv
-
-    def _auto_num_blocks(self) -> int:
-        mc, cfg = self.model_config, self.config
-        per_block = bytes_per_block(mc, cfg.block_size, self.dtype)
-        if self.device.type == "cpu":
-            budget = int(cfg.cpu_kv_cache_gb * 2**30)
-        else:
-            budget = self._profile_free_gpu_memory()
-        num_blocks = budget // per_block
-        need = -(-mc.n_ctx // cfg.block_size)
-        if num_blocks < need:
-            raise RuntimeError(f"the KV pool would hold {num_blocks} blocks of {cfg.block_size} tokens, less than "
-                               f"one {mc.n_ctx}-token sequence ({need} blocks); raise gpu_memory_utilization or "
-                               "cpu_kv_cache_gb, or set num_blocks")
-        return num_blocks
-
-    @torch.inference_mode()
-    def _profile_free_gpu_memory(self) -> int:
-        """Run one forward at the full token budget with a throwaway pool, and see how much
-        memory is left for KV blocks: total * gpu_memory_utilization - peak use."""
-        mc, cfg = self.model_config, self.config
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        n_tok = self.max_num_batched_tokens
-        seq_len = min(n_tok, mc.n_ctx)
-        S = -(-n_tok // seq_len)
-        MB = -(-seq_len // cfg.block_size)
-        pool = allocate_kv_cache(mc, S * MB, cfg.block_size, self.dtype, self.device)
-        lens = [seq_len] * (S - 1) + [n_tok - seq_len * (S - 1)]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat([torch.arange(n) + s * MB * cfg.block_size for s, n in enumerate(lens)]).to(dev),
-            block_tables=torch.arange(S * MB, dtype=torch.int32).view(S, MB).to(dev),
-            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev),
-            max_query_len=max(lens), max_context_len=max(lens))
-        ids = torch.randint(0, mc.vocab_size, (n_tok,), device=dev)
-        pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
-        hidden = self.model(ids, pos, pool, meta)
-        logits = self.model.compute_logits(hidden[: cfg.max_num_seqs]).float()
-        logits.softmax(-1).sort(-1)           # the sampler's largest temporaries
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(self.device)
-        del pool, hidden, logits
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        return max(0, int(total * cfg.gpu_memory_utilization) - peak - used_by_others)
 
     # ---- requests -----------------------------------------------------------------------
     def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:

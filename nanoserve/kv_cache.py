@@ -14,17 +14,23 @@ matrix product on the CPU and one contiguous read on the GPU. Code indexes the l
 and never needs to know; the strides carry the layout. The allocator is plain Python: it
 knows block ids, not tensors.
 
+How many blocks? On a GPU, as many as fit: we run one forward at the full step budget with a
+throwaway pool, note the peak memory, and give the pool what is left of
+total * gpu_memory_utilization (vLLM's profile run). On a CPU, `cpu_kv_cache_gb`.
+
 L = n_layer  NB = KV blocks in pool   BS = tokens per block   H = n_head  D = head_dim
 
 References: vLLM `BlockSpaceManager` / `KVCacheManager`, nano-vllm `block_manager.py`.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 import torch
 
-from .config import GPT2Config
+from .attention import AttentionMetadata
+from .config import EngineConfig, GPT2Config
 
 
 def bytes_per_block(cfg: GPT2Config, block_size: int, dtype: torch.dtype) -> int:
@@ -41,6 +47,58 @@ def allocate_kv_cache(cfg: GPT2Config, num_blocks: int, block_size: int,
     pool = torch.zeros(cfg.n_layer, 2, num_blocks, cfg.n_head, block_size, cfg.head_dim,
                        dtype=dtype, device=device)      # (L, 2, NB, H, BS, D) in memory
     return pool.transpose(3, 4)                         # (L, 2, NB, BS, H, D) to index
+
+
+def auto_num_blocks(model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype,
+                    device: torch.device, max_num_batched_tokens: int) -> int:
+    """How many blocks the pool gets when `num_blocks` is not set: cpu_kv_cache_gb on a CPU;
+    on a GPU, what a full-budget forward leaves of total * gpu_memory_utilization."""
+    mc, per_block = model.config, bytes_per_block(model.config, config.block_size, dtype)
+    if device.type == "cpu":
+        budget = int(config.cpu_kv_cache_gb * 2**30)
+    else:
+        budget = _profile_free_gpu_memory(model, config, dtype, device, max_num_batched_tokens)
+    num_blocks = budget // per_block
+    need = -(-mc.n_ctx // config.block_size)
+    if num_blocks < need:
+        raise RuntimeError(f"the KV pool would hold {num_blocks} blocks of {config.block_size} tokens, less than "
+                           f"one {mc.n_ctx}-token sequence ({need} blocks); raise gpu_memory_utilization or "
+                           "cpu_kv_cache_gb, or set num_blocks")
+    return num_blocks
+
+
+@torch.inference_mode()
+def _profile_free_gpu_memory(model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype,
+                             device: torch.device, n_tok: int) -> int:
+    """Run one forward of n_tok tokens (the step budget) with a throwaway pool, and see how
+    much memory is left for KV blocks: total * gpu_memory_utilization - peak use - others' use.
+    The peak holds the activations and the sampler's temporaries that every later step needs."""
+    mc, BS = model.config, config.block_size
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    seq_len = min(n_tok, mc.n_ctx)
+    S = -(-n_tok // seq_len)                            # full-length sequences fill the budget
+    MB = -(-seq_len // BS)
+    pool = allocate_kv_cache(mc, S * MB, BS, dtype, device)
+    lens = [seq_len] * (S - 1) + [n_tok - seq_len * (S - 1)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.cat([torch.arange(n) + s * MB * BS for s, n in enumerate(lens)]).to(device),
+        block_tables=torch.arange(S * MB, dtype=torch.int32).view(S, MB).to(device),   # (S, MB)
+        context_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device),
+        max_query_len=max(lens), max_context_len=max(lens))
+    ids = torch.randint(0, mc.vocab_size, (n_tok,), device=device)                      # (N,)
+    pos = torch.cat([torch.arange(n) for n in lens]).to(device)                         # (N,)
+    hidden = model(ids, pos, pool, meta)                                                # (N, C)
+    logits = model.compute_logits(hidden[: config.max_num_seqs]).float()                # (S, V)
+    logits.softmax(-1).sort(-1)                         # the sampler's largest temporaries
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device)
+    del pool, hidden, logits
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others = total - free - torch.cuda.memory_reserved(device)
+    return max(0, int(total * config.gpu_memory_utilization) - peak - used_by_others)
 
 
 class BlockAllocator:

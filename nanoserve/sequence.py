@@ -1,5 +1,6 @@
 """Request-level data: what the user asks for (SamplingParams), the engine's running state of
-each generated sequence (Sequence), and what the user gets back (RequestOutput).
+each generated sequence (Sequence), a request's n sequences together (Request), and what
+the user gets back (RequestOutput).
 
 A request with n > 1 becomes n sequences that share a request_id. A sequence's tokens are
 prompt + output; `num_computed_tokens` counts those whose K/V are already in the cache. The
@@ -131,6 +132,23 @@ class Sequence:
     def num_blocks_needed(self, num_tokens: int, block_size: int) -> int:
         """Extra blocks to hold `num_tokens` tokens in total."""
         return max(0, -(-num_tokens // block_size) - len(self.block_table))
+
+
+@dataclass(slots=True)
+class Request:
+    """One user request: its n sequences (completions) share the prompt and the params."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
 
 
 @dataclass

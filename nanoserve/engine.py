@@ -16,8 +16,6 @@ import logging
 import time
 from typing import Any
 
-import torch
-
 from .attention import paged_attention
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
 from .kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_per_block

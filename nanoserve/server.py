@@ -14,7 +14,8 @@ control (bounded queue -> 503, per-client token bucket -> 429), an optional API 
 body size limit (413), OpenAI-style error objects for every client error (never a traceback),
 request timeouts, abort on client disconnect, and graceful shutdown on SIGTERM.
 
-The engine thread and the metrics live in async_engine.py, which knows nothing of HTTP.
+The engine thread and the metrics live in async_engine.py, which knows nothing of HTTP; the
+OpenAI wire format (request body, error objects, JSON and SSE responses) lives in protocol.py.
 
 Left out: /v1/chat/completions (GPT-2 has no chat template); best_of, logit_bias, suffix and
 presence/frequency penalties (a 400 says so; nothing is silently ignored); TLS (use a proxy).
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -41,32 +41,19 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import EngineThread
 from .config import EngineConfig
 from .engine import LLMEngine
-from .sequence import RequestOutput, SamplingParams
-from .tokenizer import IncrementalDetokenizer
+from .protocol import (APIError, CompletionRequest, Responses, http_error, internal_error,
+                       validation_error)
+from .sequence import RequestOutput
 
 log = logging.getLogger("nanoserve.server")
 
 
 # ---- the HTTP app ----------------------------------------------------------------------------
-class APIError(Exception):
-    """A client-visible error, rendered as OpenAI's {"error": {...}} object."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.headers = status, headers
-        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body, self.status, headers=self.headers)
-
-
 @dataclass(frozen=True)
 class ServerOptions:
     served_model_name: str | None = None   # the id clients send as "model"; None: the checkpoint dir's name
@@ -85,54 +72,6 @@ class ServerOptions:
         for name in ("rate_limit", "request_timeout"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0, or None for no limit")
-
-
-class CompletionRequest(BaseModel):
-    # strict: "5" is not an int and true is not a number. forbid: an unknown option is a 400,
-    # never a silently ignored setting.
-    model_config = ConfigDict(strict=True, extra="forbid")
-    model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)     # None: up to the context length
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    stream: bool = False
-    stream_options: dict[str, bool] | None = None    # {"include_usage": true}: a last chunk with usage
-    user: str | None = None                          # accepted for compatibility; unused
-    # OpenAI options we do not implement: accepted only at their neutral values.
-    best_of: int | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
-    # vLLM's extensions, passed straight to SamplingParams.
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        for name, neutral in [("best_of", (None, self.n)), ("frequency_penalty", (0,)), ("presence_penalty", (0,)),
-                              ("logit_bias", (None, {})), ("suffix", (None, ""))]:
-            if getattr(self, name) not in neutral:
-                raise APIError(400, f"{name}={getattr(self, name)!r} is not supported by nanoserve; leave it unset",
-                               param=name)
-        try:
-            return SamplingParams(
-                n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
-                stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=self.logprobs,
-                # echo + logprobs scores the prompt too, as OpenAI's API does
-                prompt_logprobs=self.logprobs if self.echo else None, repetition_penalty=self.repetition_penalty)
-        except (ValueError, TypeError) as e:
-            raise APIError(400, str(e)) from None
 
 
 class TokenBucket:
@@ -195,15 +134,6 @@ class AuthFirst:
         await self.app(scope, receive, send)
 
 
-@dataclass(slots=True)
-class _StreamChoice:
-    """How much of one choice a stream has sent so far."""
-    detok: IncrementalDetokenizer  # the tokens sent so far, as text: text_offset counts from it
-    num_chars: int = 0             # characters of text sent
-    num_tokens: int = 0            # tokens sent (their logprobs)
-    done: bool = False
-
-
 class Server:
     """The HTTP side: admission, validation, and engine outputs -> OpenAI responses."""
 
@@ -212,6 +142,7 @@ class Server:
         self.tokenizer = engine.tokenizer    # tiktoken is thread-safe; we only encode and decode
         self.n_ctx = engine.model_config.n_ctx
         self.model_name = opts.served_model_name or engine.model_dir.name
+        self.responses = Responses(self.tokenizer, self.model_name)
         self.limiter = TokenBucket(opts.rate_limit, opts.rate_limit_burst) if opts.rate_limit else None
         self.num_admitted = 0                # prompts admitted; minus core.num_dequeued: the queue
         self.draining = False                # set on SIGTERM: admit nothing new
@@ -288,9 +219,9 @@ class Server:
         # stream holds them back until the next token decides, so sent text is never taken back.
         hold = max(map(len, params.stop), default=1) - 1
         if req.stream:
-            return _EventStream(self._stream(cid, req, texts, hold, results), lambda: self.core.abort(set(rids)))
+            return _EventStream(self.responses.stream(cid, req, texts, hold, results), lambda: self.core.abort(set(rids)))
         # A StreamingResponse notices a hang-up by itself; a plain request watches for one here.
-        collect = asyncio.ensure_future(self._collect(cid, req, texts, results))
+        collect = asyncio.ensure_future(self.responses.collect(cid, req, texts, results))
         hangup = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait([collect, hangup], return_when=asyncio.FIRST_COMPLETED)
@@ -330,80 +261,6 @@ class Server:
             if live:
                 self.core.abort(live)
 
-    def _logprobs(self, ids: list[int], lps: list[dict[int, float] | None],
-                  detok: IncrementalDetokenizer) -> dict:
-        """OpenAI's logprobs object for `ids`; `detok` holds the choice's text before them
-        (text_offset indexes the returned text) and gets them pushed."""
-        offsets = []
-        for t in ids:
-            offsets.append(len(detok.text))
-            detok.push(t)
-        word = lambda t: self.tokenizer.decode([t])
-        return {"tokens": [word(t) for t in ids],
-                "token_logprobs": [None if lp is None else lp[t] for t, lp in zip(ids, lps)],
-                "top_logprobs": [None if lp is None else {word(k): v for k, v in lp.items()} for lp in lps],
-                "text_offset": offsets}
-
-    def _echo(self, req: CompletionRequest, text: str | None, out: RequestOutput) -> tuple[str, list, list]:
-        """What a choice starts with: with echo, the prompt's text, token ids and logprobs."""
-        if not req.echo:
-            return "", [], []
-        text = text if text is not None else self.tokenizer.decode(out.prompt_token_ids)
-        return text, list(out.prompt_token_ids), list(out.prompt_logprobs or [])
-
-    async def _collect(self, cid: str, req: CompletionRequest, texts: list[str | None],
-                       results: AsyncIterator) -> dict:
-        final: dict[int, RequestOutput] = {}
-        async with contextlib.aclosing(results):
-            async for i, out in results:
-                final[i] = out
-        choices = []
-        for i, out in sorted(final.items()):
-            for c in out.outputs:
-                text, ids, lps = self._echo(req, texts[i], out)
-                lp = None if req.logprobs is None else self._logprobs(
-                    ids + c.token_ids, lps + c.logprobs, IncrementalDetokenizer(self.tokenizer))
-                choices.append({"index": i * req.n + c.index, "text": text + c.text, "logprobs": lp,
-                                "finish_reason": c.finish_reason})
-        return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
-                "choices": choices, "usage": _usage(final.values())}
-
-    async def _stream(self, cid: str, req: CompletionRequest, texts: list[str | None], hold: int,
-                      results: AsyncIterator) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, then `data: [DONE]`. A client hang-up
-        cancels this generator at an await; closing `results` then aborts the request."""
-        head = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
-        event = lambda data: f"data: {json.dumps({**head, **data})}\n\n"
-        states: dict[int, _StreamChoice] = {}
-        final: dict[int, RequestOutput] = {}
-        try:
-            async with contextlib.aclosing(results):
-                async for i, out in results:
-                    final[i] = out
-                    for c in out.outputs:
-                        k, text, ids, lps = i * req.n + c.index, "", [], []
-                        if k not in states:                   # this choice's first chunk
-                            states[k] = _StreamChoice(IncrementalDetokenizer(self.tokenizer))
-                            text, ids, lps = self._echo(req, texts[i], out)
-                        st = states[k]
-                        if st.done:
-                            continue
-                        end = len(c.text) if c.finish_reason else max(st.num_chars, len(c.text) - hold)
-                        text += c.text[st.num_chars:end]
-                        ids += c.token_ids[st.num_tokens:]
-                        lps += (c.logprobs or [])[st.num_tokens:]
-                        st.num_chars, st.num_tokens, st.done = end, len(c.token_ids), c.finish_reason is not None
-                        if text or st.done or (ids and req.logprobs is not None):
-                            lp = None if req.logprobs is None else self._logprobs(ids, lps, st.detok)
-                            yield event({"choices": [{"index": k, "text": text, "logprobs": lp,
-                                                      "finish_reason": c.finish_reason}]})
-            if (req.stream_options or {}).get("include_usage"):
-                yield event({"choices": [], "usage": _usage(final.values())})
-        except APIError as e:                  # timeout, shutdown: the stream ends with the error
-            yield f"data: {json.dumps(e.body)}\n\n"
-        yield "data: [DONE]\n\n"
-
-
 class _EventStream(StreamingResponse):
     """An SSE response that calls `on_close` however it ends. If the client leaves before the
     body starts, Starlette cancels it unstarted and the body's own `finally` never runs."""
@@ -425,32 +282,6 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _usage(outputs: Any) -> dict:
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)       # once per prompt, not per choice
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-# ---- errors: every client mistake becomes an OpenAI error object, never a traceback ------
-def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    if errors and errors[0]["type"] == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON (at character {errors[0]['loc'][-1]})").response()
-    where = lambda e: ".".join(str(x) for x in e["loc"][1:]) or "body"
-    message = "; ".join(f"{where(e)}: {e['msg']}" for e in errors[:3])
-    param = str(errors[0]["loc"][1]) if errors and len(errors[0]["loc"]) > 1 else None
-    return APIError(400, message or "invalid request", param=param).response()
-
-
-def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)).response()
-
-
-def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return APIError(500, "internal server error; the server log has the details", type="server_error").response()
-
-
 def build_app(engine_or_config: LLMEngine | EngineConfig, **options: Any) -> FastAPI:
     """The FastAPI app: routes, error handlers, and the engine thread, which starts with the app
     and stops after uvicorn has sent the last response. `options` are ServerOptions fields;
@@ -470,9 +301,9 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, **options: Any) -> Fas
     app.add_middleware(BodyLimit, max_bytes=server.opts.max_body_bytes)
     app.add_middleware(AuthFirst, check=server.check_auth)   # added last = runs first
     app.add_exception_handler(APIError, lambda request, e: e.response())
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
     app.get("/health")(server.health)
     app.get("/metrics")(server.metrics)
     app.get("/v1/models")(server.models)               # /v1 routes: AuthFirst checks the key

@@ -60,6 +60,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = all")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * top probability")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, -2..2: > 0 favours new tokens")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, -2..2: > 0 discourages "
+                   "tokens by how often they were generated")
     g.add_argument("--seed", type=int, default=None, help="per-request seed")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
@@ -72,6 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                                 seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     except (ValueError, TypeError) as e:
         print(f"nanoserve: error: {e}", file=sys.stderr)

@@ -136,8 +136,10 @@ class LLMEngine:
         if len(ids) + params.max_tokens > capacity:
             raise ValueError(f"prompt + max_tokens = {len(ids) + params.max_tokens} tokens exceeds the whole KV pool "
                              f"({capacity} tokens); raise num_blocks or lower max_tokens")
-        if any(not 0 <= t < self.model_config.vocab_size for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids {params.stop_token_ids} has ids outside [0, {self.model_config.vocab_size})")
+        V = self.model_config.vocab_size
+        for name, token_ids in [("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias))]:
+            if bad := [t for t in token_ids if not 0 <= t < V]:
+                raise ValueError(f"{name} has token ids {bad[:5]} outside the vocabulary [0, {V})")
 
         # Everything is validated above, so from here on nothing can fail half-way: a rejected
         # request never leaves sequences or blocks behind.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -60,11 +61,11 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, bool] | None = None    # {"include_usage": true}: a last chunk with usage
     user: str | None = None                          # accepted for compatibility; unused
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None       # {"50256": -100}: token ids as strings, as OpenAI sends
     # OpenAI options we do not implement: accepted only at their neutral values.
     best_of: int | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
     suffix: str | None = None
     # vLLM's extensions, passed straight to SamplingParams.
     top_k: int = -1
@@ -75,20 +76,31 @@ class CompletionRequest(BaseModel):
     stop_token_ids: list[int] | None = None
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
-        for name, neutral in [("best_of", (None, self.n)), ("frequency_penalty", (0,)), ("presence_penalty", (0,)),
-                              ("logit_bias", (None, {})), ("suffix", (None, ""))]:
+        for name, neutral in [("best_of", (None, self.n)), ("suffix", (None, ""))]:
             if getattr(self, name) not in neutral:
                 raise APIError(400, f"{name}={getattr(self, name)!r} is not supported by nanoserve; leave it unset",
                                param=name)
+        bias = self.logit_bias or {}
+        if not all(k.isdigit() for k in bias):
+            raise APIError(400, f"logit_bias keys must be token ids written as strings, like \"50256\"; got "
+                           f"{[k for k in bias if not k.isdigit()][:5]}", param="logit_bias")
         try:
             return SamplingParams(
                 n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                 seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=self.logprobs,
                 # echo + logprobs scores the prompt too, as OpenAI's API does
-                prompt_logprobs=self.logprobs if self.echo else None, repetition_penalty=self.repetition_penalty)
+                prompt_logprobs=self.logprobs if self.echo else None, repetition_penalty=self.repetition_penalty,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                logit_bias={int(k): v for k, v in bias.items()})
         except (ValueError, TypeError) as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=field_named_in(e)) from None
+
+
+def field_named_in(error: Exception) -> str | None:
+    """The request field a SamplingParams or engine error message names, for "param"."""
+    m = re.match(r"(?:SamplingParams\.)?(\w+)", str(error))
+    return m.group(1) if m and m.group(1) in CompletionRequest.model_fields else None
 
 
 # ---- errors: every client mistake becomes an OpenAI error object ------------------------

@@ -3,7 +3,9 @@
 Per row, in order (vLLM's order):
   raw logits -> logprobs are taken here (the model's own distribution, before any knob)
   -> min_tokens: forbid EOS / stop tokens until enough tokens exist
+  -> logit_bias (add a fixed amount to chosen tokens)
   -> repetition penalty (divide positive logits of seen tokens, multiply negative ones)
+  -> presence / frequency penalties (subtract, for tokens already in the output: once / per use)
   -> temperature -> top-k -> top-p -> min-p  (masking to -inf)
   -> draw: argmax for greedy rows; for the others, argmax(probs / E) with E ~ Exponential(1),
      which samples exactly from probs (the "exponential race", a form of the Gumbel-max trick).
@@ -84,10 +86,15 @@ class Sampler:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else [self.eos_token_id])
                 if banned:
                     logits[row, banned] = float("-inf")
+            if p.logit_bias:
+                logits[row, list(p.logit_bias)] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
             if p.repetition_penalty != 1.0:
                 seen = torch.tensor(s.token_ids, device=logits.device).unique()   # (U,)
                 x = logits[row, seen]
                 logits[row, seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and s.output_token_ids:
+                used, counts = torch.tensor(s.output_token_ids, device=logits.device).unique(return_counts=True)
+                logits[row, used] -= p.frequency_penalty * counts + p.presence_penalty   # (U,)
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -35,6 +35,9 @@ class SamplingParams:
     logprobs: int | None = None         # top-k logprobs (plus the sampled token's) per output token
     prompt_logprobs: int | None = None  # same for each prompt token after the first
     repetition_penalty: float = 1.0     # > 1 discourages tokens already in prompt or output
+    presence_penalty: float = 0.0       # OpenAI's: subtracted once from each token the output holds
+    frequency_penalty: float = 0.0      # OpenAI's: subtracted per time the output holds the token
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's, in [-100, 100])
 
     def __post_init__(self) -> None:
         def bad(name: str, limit: str) -> ValueError:
@@ -43,7 +46,7 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"SamplingParams.{name} must be an int, got {type(v).__name__} {v!r}")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"SamplingParams.{name} must be a number, got {type(v).__name__} {v!r}")
@@ -63,6 +66,13 @@ class SamplingParams:
             raise bad("min_tokens", f"must be in [0, max_tokens={self.max_tokens}]")
         if self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "must be > 0 (1 means no penalty)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "must be in [-2, 2] (0 means no penalty)")
+        self.logit_bias = dict(self.logit_bias or {})
+        if not all(isinstance(t, int) and not isinstance(t, bool) and isinstance(b, (int, float))
+                   and not isinstance(b, bool) and -100 <= b <= 100 for t, b in self.logit_bias.items()):
+            raise bad("logit_bias", "must map token ids (ints) to biases in [-100, 100]")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):

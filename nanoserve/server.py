@@ -17,8 +17,8 @@ request timeouts, abort on client disconnect, and graceful shutdown on SIGTERM.
 The engine thread and the metrics live in async_engine.py, which knows nothing of HTTP; the
 OpenAI wire format (request body, error objects, JSON and SSE responses) lives in protocol.py.
 
-Left out: /v1/chat/completions (GPT-2 has no chat template); best_of, logit_bias, suffix and
-presence/frequency penalties (a 400 says so; nothing is silently ignored); TLS (use a proxy).
+Left out: /v1/chat/completions (GPT-2 has no chat template); best_of and suffix (a 400 says so;
+nothing is silently ignored); TLS (use a proxy).
 
 References: vLLM `entrypoints/openai/api_server.py` and `AsyncLLMEngine`, OpenAI's completions
 API reference, the Prometheus text exposition format.
@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .async_engine import EngineThread
 from .config import EngineConfig
 from .engine import LLMEngine
-from .protocol import (APIError, CompletionRequest, Responses, http_error, internal_error,
+from .protocol import (APIError, CompletionRequest, Responses, field_named_in, http_error, internal_error,
                        validation_error)
 from .sequence import RequestOutput
 
@@ -212,7 +212,7 @@ class Server:
         self.num_admitted += len(rids)
         self.core.add(list(zip(rids, ids)), params, sink, arrival)
         if (error := await sink.get()) is not None:     # the engine's verdict on the prompts
-            raise APIError(400, str(error), param="prompt")
+            raise APIError(400, str(error), param=field_named_in(error) or "prompt")
         results = self._results(rids, sink, arrival)
         texts = [p if isinstance(p, str) else None for p in prompts]
         # A stop string may be forming in the last (longest stop - 1) characters of the text: a

@@ -110,6 +110,18 @@ def test_stop_token_ids_and_eos_finish_with_stop(tiny_llm):
     assert len(late.token_ids) == 10 and late.finish_reason == "length" and tok not in late.token_ids
 
 
+def test_logit_bias_forces_or_forbids_tokens(tiny_llm):
+    """logit_bias +100 on one token makes greedy decoding emit only it; -100 on the token greedy
+    decoding would pick first makes it pick another."""
+    out = tiny_llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                        logit_bias={42: 100}))[0].outputs[0]
+    assert out.token_ids == [42] * 8
+    first = tiny_llm.generate([[1, 2, 3]], GREEDY)[0].outputs[0].token_ids[0]
+    other = tiny_llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                          logit_bias={first: -100}))[0].outputs[0]
+    assert other.token_ids[0] != first
+
+
 def test_step_streams_partial_outputs_until_finished(tiny_llm):
     """LLMEngine.step() returns growing partial outputs, the last one marked finished."""
     eng = tiny_llm.engine
@@ -159,6 +171,8 @@ def test_priority_orders_the_waiting_queue(tiny_ckpt):
     (12345, SamplingParams(), TypeError, "int"),
     ([1.5, 2], SamplingParams(), TypeError, "prompt"),
     ("hi", "not params", TypeError, "SamplingParams"),
+    ([1, 2], SamplingParams(logit_bias={50257: 5.0}), ValueError, r"logit_bias has token ids \[50257\]"),
+    ([1, 2], SamplingParams(stop_token_ids=[-2]), ValueError, r"stop_token_ids has token ids \[-2\]"),
 ])
 def test_bad_input_raises_clearly_and_leaves_engine_serving(tiny_llm, prompt, params, error, words):
     """Invalid prompts raise with the value and limit; the engine keeps serving, no leaks."""
@@ -174,6 +188,8 @@ def test_bad_input_raises_clearly_and_leaves_engine_serving(tiny_llm, prompt, pa
     (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"), (dict(top_k=-2), "top_k"),
     (dict(min_p=2.0), "min_p"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(logprobs=-1), "logprobs"),
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(logit_bias={5: 101}), "logit_bias"), (dict(logit_bias={"5": 1.0}), "logit_bias"),
 ])
 def test_invalid_sampling_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -82,6 +82,33 @@ def test_repetition_penalty_lowers_seen_tokens():
     assert plain == 3 and penalised == 4
 
 
+def test_frequency_penalty_counts_uses_and_presence_penalty_does_not():
+    """OpenAI's penalties, on output tokens only: token 3 (logit 2.0) was generated twice, token
+    4 has 1.5. frequency 0.3 takes 2 x 0.3 = 0.6 off token 3 (4 wins); presence 0.3 takes 0.3
+    once (3 still wins); the same token in the prompt only is not penalised."""
+    logits = torch.zeros(1, V)
+    logits[0, 3], logits[0, 4] = 2.0, 1.5
+    s = _sampler()
+    pick = lambda seq: s(logits.clone(), [seq]).token_ids.item()
+    assert pick(_seq(SamplingParams(temperature=0, frequency_penalty=0.3), output=[3, 3])) == 4
+    assert pick(_seq(SamplingParams(temperature=0, presence_penalty=0.3), output=[3, 3])) == 3
+    assert pick(_seq(SamplingParams(temperature=0, presence_penalty=0.6), output=[3, 3])) == 4
+    assert pick(_seq(SamplingParams(temperature=0, frequency_penalty=2.0), prompt=[3, 3])) == 3
+    assert pick(_seq(SamplingParams(temperature=0, frequency_penalty=-0.3), output=[4, 4])) == 4  # < 0 favours
+
+
+def test_logit_bias_adds_to_the_chosen_tokens_only():
+    """+100 makes a token certain and -100 rules one out, in any row, without touching the others."""
+    logits = _logits(2)
+    best, worst = logits[0].argmax().item(), logits[0].argmin().item()
+    out = _sampler()(logits.clone(), [_seq(SamplingParams(temperature=0, logit_bias={worst: 100})),
+                                      _seq(SamplingParams(temperature=0, logit_bias={best: -100.0}))])
+    assert out.token_ids[0].item() == worst
+    assert out.token_ids[1].item() == logits[1].masked_fill(torch.arange(V) == best, -1e9).argmax().item()
+    drawn = _draws(SamplingParams(temperature=1.0, logit_bias={best: -100}))
+    assert best not in drawn and len(drawn) > 1
+
+
 def test_min_tokens_forbids_eos():
     logits = torch.zeros(1, V)
     logits[0, V - 1] = 10.0                               # EOS is by far the best

@@ -203,6 +203,17 @@ def test_n_and_seed_sample_like_the_offline_engine(server, tiny_llm):
     assert len({c.text for c in resp.choices}) > 1, "the samples should differ from each other"
 
 
+def test_penalties_and_logit_bias_match_the_offline_engine(server, tiny_llm):
+    """OpenAI's presence_penalty, frequency_penalty and logit_bias (token ids as strings) reach
+    the sampler: the text equals LLM.generate's with the same SamplingParams."""
+    knobs = dict(presence_penalty=0.5, frequency_penalty=1.5)
+    resp = _client(server).completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=12, temperature=0,
+                                              logit_bias={"42": 8}, **knobs)
+    ref = _offline(tiny_llm, PROMPTS[2], max_tokens=12, temperature=0.0, logit_bias={42: 8}, **knobs)[0]
+    plain = _offline(tiny_llm, PROMPTS[2], max_tokens=12, temperature=0.0)[0]
+    assert resp.choices[0].text == ref.outputs[0].text != plain.outputs[0].text
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_cuts_the_text_like_the_offline_engine(server, tiny_llm, stream):
     """A stop string spanning tokens ends the text before it, streamed or not."""
@@ -364,8 +375,15 @@ BAD_REQUESTS = {
     "empty prompt": (dict(json={"model": MODEL, "prompt": ""}), 400, "prompt"),
     "empty prompt list": (dict(json={"model": MODEL, "prompt": []}), 400, "prompt"),
     "unknown option": (dict(json={"model": MODEL, "prompt": "a", "temprature": 0}), 400, "temprature"),
-    "unsupported option": (dict(json={"model": MODEL, "prompt": "a", "presence_penalty": 1.0}), 400,
-                           "presence_penalty"),
+    "unsupported option": (dict(json={"model": MODEL, "prompt": "a", "best_of": 3}), 400, "best_of"),
+    "penalty out of range": (dict(json={"model": MODEL, "prompt": "a", "presence_penalty": 2.5}), 400,
+                             "presence_penalty"),
+    "logit_bias key not an id": (dict(json={"model": MODEL, "prompt": "a", "logit_bias": {"x": 1}}), 400,
+                                 "logit_bias"),
+    "logit_bias id beyond vocab": (dict(json={"model": MODEL, "prompt": "a", "logit_bias": {"99999": 1}}), 400,
+                                   "logit_bias"),
+    "logit_bias over 100": (dict(json={"model": MODEL, "prompt": "a", "logit_bias": {"5": 500}}), 400,
+                            "logit_bias"),
     "unknown model": (dict(json={"model": "gpt-4", "prompt": "a"}), 404, "model"),
     "missing api key": (dict(json={"model": MODEL, "prompt": "a"}, headers={}), 401, None),
     "wrong api key": (dict(json={"model": MODEL, "prompt": "a"}, headers={"Authorization": "Bearer nope"}), 401, None),

@@ -156,11 +156,21 @@ class Responses:
         for t in ids:
             offsets.append(len(detok.text))
             detok.push(t)
-        word = lambda t: self.tokenizer.decode([t])
+        word = self._token_string
         return {"tokens": [word(t) for t in ids],
                 "token_logprobs": [None if lp is None else lp[t] for t, lp in zip(ids, lps)],
                 "top_logprobs": [None if lp is None else {word(k): v for k, v in lp.items()} for lp in lps],
                 "text_offset": offsets}
+
+    def _token_string(self, token_id: int) -> str:
+        """A token as logprobs show it. A GPT-2 token may hold part of a UTF-8 character (one
+        emoji can be three tokens); OpenAI writes such a token as "bytes:\\xf0\\x9f", which
+        keeps every token distinct and the bytes recoverable (U+FFFD would lose both)."""
+        raw = self.tokenizer.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def _echo(self, req: CompletionRequest, text: str | None, out: RequestOutput) -> tuple[str, list, list]:
         """What a choice starts with: with echo, the prompt's text, token ids and logprobs."""

@@ -257,6 +257,19 @@ def test_echo_prepends_the_prompt_and_scores_it(server, tiny_llm):
     assert choice.logprobs.token_logprobs[1:len(ref.prompt_token_ids)] == pytest.approx(want, abs=1e-4)
 
 
+def test_logprob_tokens_holding_part_of_a_character_are_shown_as_bytes(server, tiny_llm):
+    """A token that is part of a UTF-8 character shows as OpenAI's "bytes:\\xe6\\x97" form, not
+    U+FFFD: the prompt's tokens then spell out its exact bytes."""
+    prompt = "日本語 🤖!"
+    resp = _client(server).completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                              echo=True, logprobs=0)
+    n = len(tiny_llm.engine.tokenizer.encode(prompt))
+    tokens = resp.choices[0].logprobs.tokens[:n]
+    as_bytes = [bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode() for t in tokens]
+    assert b"".join(as_bytes) == prompt.encode()
+    assert any(t.startswith("bytes:") for t in tokens) and not any("\ufffd" in t for t in tokens)
+
+
 # ---- load and cancellation ---------------------------------------------------------------
 def test_64_concurrent_clients_get_complete_greedy_results(server, tiny_llm):
     """500 requests from 64 concurrent clients: every response complete and equal to the offline

@@ -11,6 +11,7 @@ References: vLLM `entrypoints/openai/protocol.py` and `serving_completion.py`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -50,7 +51,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)     # None: up to the context length
+    max_tokens: int | None = Field(16, ge=0)     # None: up to the context length; 0 needs echo
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)
@@ -75,7 +76,18 @@ class CompletionRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
+    @property
+    def is_echo_only(self) -> bool:
+        """max_tokens=0 with echo: score the prompt, generate nothing. Evaluation tools ask for
+        prompt logprobs this way (lm-evaluation-harness's loglikelihood). The engine runs one
+        token anyway, because it scores a prompt as part of a prefill; Responses hides it."""
+        return self.echo and self.max_tokens == 0
+
     def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """SamplingParams for a request whose max_tokens, resolved, is `max_tokens`."""
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens=0 generates nothing; it is allowed only with echo=true, to score "
+                           "the prompt", param="max_tokens")
         for name, neutral in [("best_of", (None, self.n)), ("suffix", (None, ""))]:
             if getattr(self, name) not in neutral:
                 raise APIError(400, f"{name}={getattr(self, name)!r} is not supported by nanoserve; leave it unset",
@@ -87,7 +99,7 @@ class CompletionRequest(BaseModel):
         try:
             return SamplingParams(
                 n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
+                seed=self.seed, max_tokens=max(1, max_tokens), min_tokens=self.min_tokens, stop=self.stop,
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=self.logprobs,
                 # echo + logprobs scores the prompt too, as OpenAI's API does
                 prompt_logprobs=self.logprobs if self.echo else None, repetition_penalty=self.repetition_penalty,
@@ -172,6 +184,16 @@ class Responses:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
+    @staticmethod
+    def _shown(req: CompletionRequest, out: RequestOutput) -> RequestOutput:
+        """What the client sees of `out`: all of it, or for an echo-only request no generated
+        tokens (the engine's one token is dropped from text, logprobs and usage)."""
+        if not req.is_echo_only:
+            return out
+        hide = lambda c: dataclasses.replace(c, text="", token_ids=[], logprobs=None if c.logprobs is None else [],
+                                             finish_reason=c.finish_reason and "length")
+        return dataclasses.replace(out, outputs=[hide(c) for c in out.outputs])
+
     def _echo(self, req: CompletionRequest, text: str | None, out: RequestOutput) -> tuple[str, list, list]:
         """What a choice starts with: with echo, the prompt's text, token ids and logprobs."""
         if not req.echo:
@@ -186,7 +208,7 @@ class Responses:
         final: dict[int, RequestOutput] = {}
         async with contextlib.aclosing(results):
             async for i, out in results:
-                final[i] = out
+                final[i] = self._shown(req, out)
         choices = []
         for i, out in sorted(final.items()):
             for c in out.outputs:
@@ -210,7 +232,7 @@ class Responses:
         try:
             async with contextlib.aclosing(results):
                 async for i, out in results:
-                    final[i] = out
+                    final[i] = out = self._shown(req, out)
                     for c in out.outputs:
                         k, text, ids, lps = i * req.n + c.index, "", [], []
                         if k not in states:                   # this choice's first chunk

@@ -203,7 +203,7 @@ class Server:
         if not prompts:
             raise APIError(400, "prompt is an empty list; give at least one prompt", param="prompt")
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
-        params = req.sampling_params(req.max_tokens or self.n_ctx - max(len(i) for i in ids))
+        params = req.sampling_params(self.n_ctx - max(map(len, ids)) if req.max_tokens is None else req.max_tokens)
         self.admit(request, len(ids))
 
         cid = f"cmpl-{uuid.uuid4().hex}"

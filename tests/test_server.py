@@ -257,6 +257,30 @@ def test_echo_prepends_the_prompt_and_scores_it(server, tiny_llm):
     assert choice.logprobs.token_logprobs[1:len(ref.prompt_token_ids)] == pytest.approx(want, abs=1e-4)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_zero_scores_the_prompt_only(server, tiny_llm, stream):
+    """echo=True, max_tokens=0 (how evaluation harnesses ask for loglikelihoods): each choice is
+    its prompt with the prompt's logprobs, nothing generated, completion_tokens 0."""
+    ref = _offline(tiny_llm, PROMPTS[:2], max_tokens=1, temperature=0.0, logprobs=2, prompt_logprobs=2)
+    resp = _client(server).completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=0, echo=True, logprobs=2,
+                                              temperature=0, stream=stream,
+                                              **({"stream_options": {"include_usage": True}} if stream else {}))
+    texts, tokens, lps, reasons, usage = {}, {}, {}, {}, None
+    for chunk in resp if stream else [resp]:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            tokens.setdefault(c.index, []).extend(c.logprobs.tokens)
+            lps.setdefault(c.index, []).extend(c.logprobs.token_logprobs)
+            reasons[c.index] = c.finish_reason
+    assert texts == {0: PROMPTS[0], 1: PROMPTS[1]} and reasons == {0: "length", 1: "length"}
+    for i, r in enumerate(ref):
+        assert len(tokens[i]) == len(r.prompt_token_ids) and lps[i][0] is None
+        want = [d[t] for t, d in zip(r.prompt_token_ids[1:], r.prompt_logprobs[1:])]
+        assert lps[i][1:] == pytest.approx(want, abs=1e-4)
+    assert usage.completion_tokens == 0 and usage.prompt_tokens == sum(len(r.prompt_token_ids) for r in ref)
+
+
 def test_logprob_tokens_holding_part_of_a_character_are_shown_as_bytes(server, tiny_llm):
     """A token that is part of a UTF-8 character shows as OpenAI's "bytes:\\xe6\\x97" form, not
     U+FFFD: the prompt's tokens then spell out its exact bytes."""

@@ -122,7 +122,10 @@ class LLMEngine:
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int):
             raise TypeError(f"priority must be an int, got {priority!r}")
-        request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
+        if request_id is None:      # the next free number: a caller may have taken "0" already
+            while (request_id := str(next(self._request_ids))) in self.requests:
+                pass
+        request_id = str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self._prompt_ids(prompt)
@@ -136,10 +139,17 @@ class LLMEngine:
         if len(ids) + params.max_tokens > capacity:
             raise ValueError(f"prompt + max_tokens = {len(ids) + params.max_tokens} tokens exceeds the whole KV pool "
                              f"({capacity} tokens); raise num_blocks or lower max_tokens")
+        if not self.config.enable_kv_cache and len(ids) + params.max_tokens - 1 > self.max_num_batched_tokens:
+            raise ValueError(f"without a KV cache every step recomputes the whole sequence, and prompt + max_tokens "
+                             f"- 1 = {len(ids) + params.max_tokens - 1} tokens exceeds max_num_batched_tokens="
+                             f"{self.max_num_batched_tokens}; raise it or lower max_tokens")
         V = self.model_config.vocab_size
         for name, token_ids in [("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias))]:
             if bad := [t for t in token_ids if not 0 <= t < V]:
                 raise ValueError(f"{name} has token ids {bad[:5]} outside the vocabulary [0, {V})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (k := getattr(params, name)) is not None and k > V:
+                raise ValueError(f"{name}={k} asks for more tokens than the vocabulary has ({V})")
 
         # Everything is validated above, so from here on nothing can fail half-way: a rejected
         # request never leaves sequences or blocks behind.
@@ -168,6 +178,7 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+        req.finished_time = time.perf_counter()
         return self._output(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -244,6 +255,8 @@ class LLMEngine:
                     return self.scheduler.finish(seq, "stop")
         if num_out >= p.max_tokens or len(seq.prompt_token_ids) + num_out >= self.model_config.n_ctx:
             self.scheduler.finish(seq, "length")
+            if p.stop:   # the text is current already, so _output won't flush a held-back partial character
+                seq.text += seq.detok.flush()
 
     def _detokenize(self, seq: Sequence) -> None:
         """Bring seq.text up to date with its output tokens (special tokens are not text)."""
@@ -318,12 +331,18 @@ class LLM:
         if use_tqdm and len(ids) > 1 and not eng.config.quiet:
             from tqdm import tqdm
             bar = tqdm(total=len(ids), desc="generate", unit="req")
-        while eng.has_unfinished_requests():
-            for out in eng.step(finished_only=True):
-                if out.finished:
-                    results[out.request_id] = out
-                    if bar:
-                        bar.update(1)
-        if bar:
-            bar.close()
+        try:
+            while eng.has_unfinished_requests():
+                for out in eng.step(finished_only=True):
+                    if out.finished:
+                        results[out.request_id] = out
+                        if bar:
+                            bar.update(1)
+        except BaseException:                 # an error or Ctrl-C mid-run: free what we queued
+            for rid in ids:
+                eng.abort_request(rid)
+            raise
+        finally:
+            if bar:
+                bar.close()
         return [results[r] for r in ids]

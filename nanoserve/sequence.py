@@ -15,6 +15,7 @@ References: vLLM `SamplingParams`, `RequestOutput`, nano-vllm `engine/sequence.p
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,8 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"SamplingParams.{name} must be a number, got {type(v).__name__} {v!r}")
+            if not math.isfinite(v):          # NaN slips through every comparison below
+                raise bad(name, "must be a finite number")
         if self.n < 1:
             raise bad("n", "must be >= 1")
         if self.temperature < 0:

@@ -142,11 +142,67 @@ def test_abort_frees_blocks_and_reports_abort(tiny_llm):
     assert eng.allocator.num_free < eng.num_blocks
     final = eng.abort_request("a1")
     assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert final.metrics.finished_time >= final.metrics.arrival_time
     outs = []
     while eng.has_unfinished_requests():
         outs += eng.step()
     assert outs[-1].request_id == "a2" and outs[-1].outputs[0].finish_reason == "length"
     _assert_pool_free(tiny_llm)
+
+
+def test_a_failing_step_leaves_the_engine_clean(tiny_llm, monkeypatch):
+    """If a step raises (a device error, Ctrl-C) inside generate, the requests it queued are
+    aborted: no blocks stay taken and the next generate works."""
+    eng = tiny_llm.engine
+    real, calls = eng.runner.execute, []
+
+    def failing(sched):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return real(sched)
+    monkeypatch.setattr(eng.runner, "execute", failing)
+    with pytest.raises(RuntimeError, match="device lost"):
+        tiny_llm.generate([[1, 2, 3], [4, 5]], GREEDY)
+    assert not eng.has_unfinished_requests()
+    _assert_pool_free(tiny_llm)
+    monkeypatch.setattr(eng.runner, "execute", real)
+    assert tiny_llm.generate([[1, 2, 3]], GREEDY)[0].finished
+
+
+def test_generated_request_ids_skip_ids_the_caller_took(tiny_llm):
+    """LLM.generate numbers its requests; a caller's own request "0" does not collide with them."""
+    eng = tiny_llm.engine
+    eng.add_request("0", [7, 8], GREEDY)
+    eng.add_request("1", [7, 8], GREEDY)
+    out = tiny_llm.generate([[1, 2, 3]], GREEDY)[0]
+    assert out.finished and out.request_id not in ("0", "1")
+    for rid in ("0", "1"):
+        eng.abort_request(rid)
+    _assert_pool_free(tiny_llm)
+
+
+def test_without_kv_cache_a_sequence_must_fit_one_step(tiny_ckpt):
+    """With enable_kv_cache=False each step recomputes whole sequences, so one that outgrows the
+    step budget could never finish: it is refused up front; one that fits equals the cached run."""
+    llm = LLM(str(tiny_ckpt), device="cpu", quiet=True, enable_kv_cache=False, max_num_batched_tokens=8)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=8"):
+        llm.generate([list(range(10))], SamplingParams(max_tokens=2))
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    cached = LLM(str(tiny_ckpt), device="cpu", quiet=True).generate([[1, 2, 3, 4, 5]], p)[0]
+    assert llm.generate([[1, 2, 3, 4, 5]], p)[0].outputs[0].token_ids == cached.outputs[0].token_ids
+
+
+def test_length_finish_with_stop_strings_keeps_a_trailing_partial_character(tiny_llm):
+    """A sequence ending mid-character shows U+FFFD for the partial bytes, as decode() does,
+    whether or not it had stop strings (which detokenize as they go)."""
+    tok = tiny_llm.tokenizer
+    lead = next(i for i in range(256) if tok.token_bytes(i) == b"\xe2")     # starts a 3-byte character
+    p = dict(temperature=0, max_tokens=2, ignore_eos=True, logit_bias={lead: 100})
+    plain = tiny_llm.generate([[1, 2]], SamplingParams(**p))[0].outputs[0]
+    with_stop = tiny_llm.generate([[1, 2]], SamplingParams(**p, stop=["zzz"]))[0].outputs[0]
+    assert plain.token_ids == with_stop.token_ids == [lead, lead]
+    assert with_stop.text == plain.text == tok.decode([lead, lead])
 
 
 def test_priority_orders_the_waiting_queue(tiny_ckpt):
@@ -173,6 +229,8 @@ def test_priority_orders_the_waiting_queue(tiny_ckpt):
     ("hi", "not params", TypeError, "SamplingParams"),
     ([1, 2], SamplingParams(logit_bias={50257: 5.0}), ValueError, r"logit_bias has token ids \[50257\]"),
     ([1, 2], SamplingParams(stop_token_ids=[-2]), ValueError, r"stop_token_ids has token ids \[-2\]"),
+    ([1, 2], SamplingParams(logprobs=60000), ValueError, r"logprobs=60000 .* vocabulary has \(50257\)"),
+    ([1, 2], SamplingParams(prompt_logprobs=50258), ValueError, "prompt_logprobs=50258"),
 ])
 def test_bad_input_raises_clearly_and_leaves_engine_serving(tiny_llm, prompt, params, error, words):
     """Invalid prompts raise with the value and limit; the engine keeps serving, no leaks."""
@@ -190,6 +248,8 @@ def test_bad_input_raises_clearly_and_leaves_engine_serving(tiny_llm, prompt, pa
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(logprobs=-1), "logprobs"),
     (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(logit_bias={5: 101}), "logit_bias"), (dict(logit_bias={"5": 1.0}), "logit_bias"),
+    (dict(temperature=float("nan")), "temperature"), (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+    (dict(top_p=float("inf")), "top_p"), (dict(logit_bias={5: float("nan")}), "logit_bias"),
 ])
 def test_invalid_sampling_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

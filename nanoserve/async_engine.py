@@ -112,8 +112,8 @@ class EngineThread:
     def add(self, batch: list[tuple[str, list[int]]], params: SamplingParams, sink: asyncio.Queue,
             arrival: float) -> None:
         """Queue prompts as (request id, token ids). `sink` first gets the verdict, None
-        (accepted) or the engine's ValueError/TypeError, then RequestOutputs, or an exception
-        if the engine fails."""
+        (accepted) or what add_request raised (ValueError/TypeError: the client's mistake),
+        then RequestOutputs, or an exception if the engine fails."""
         self.commands.put(("add", batch, params, asyncio.get_running_loop(), sink, arrival))
 
     def abort(self, request_ids: set[str] | None) -> None:
@@ -155,10 +155,12 @@ class EngineThread:
         try:
             for rid, ids in batch:
                 self.engine.add_request(rid, ids, params)
-        except (ValueError, TypeError) as e:
+        except Exception as e:   # ValueError/TypeError: a bad prompt (400); anything else is our bug (500)
             for rid, _ in batch:
                 self.engine.abort_request(rid)        # ids that never got in are ignored
             self.num_dequeued += len(batch)
+            if not isinstance(e, (ValueError, TypeError)):
+                log.exception("add_request failed")
             return self._post(loop, [(sink, e)])
         self.tracked.update((rid, _Tracked(loop, sink, arrival)) for rid, _ in batch)
         self._post(loop, [(sink, None)])

@@ -45,6 +45,11 @@ class APIError(Exception):
         return JSONResponse(self.body, self.status, headers=self.headers)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False      # a last chunk with usage (and "usage": null on the others)
+
+
 class CompletionRequest(BaseModel):
     # strict: "5" is not an int and true is not a number. forbid: an unknown option is a 400,
     # never a silently ignored setting.
@@ -60,7 +65,7 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     stream: bool = False
-    stream_options: dict[str, bool] | None = None    # {"include_usage": true}: a last chunk with usage
+    stream_options: StreamOptions | None = None
     user: str | None = None                          # accepted for compatibility; unused
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -85,6 +90,8 @@ class CompletionRequest(BaseModel):
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """SamplingParams for a request whose max_tokens, resolved, is `max_tokens`."""
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens=0 generates nothing; it is allowed only with echo=true, to score "
                            "the prompt", param="max_tokens")
@@ -131,7 +138,7 @@ def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return APIError(500, "internal server error; the server log has the details", type="server_error").response()
 
 
@@ -161,13 +168,15 @@ class Responses:
         return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
 
     def _logprobs(self, ids: list[int], lps: list[dict[int, float] | None],
-                  detok: IncrementalDetokenizer) -> dict:
-        """OpenAI's logprobs object for `ids`; `detok` holds the choice's text before them
-        (text_offset indexes the returned text) and gets them pushed."""
+                  detok: IncrementalDetokenizer, num_echo: int = 0) -> dict:
+        """OpenAI's logprobs object for `ids`, of which the first `num_echo` are the echoed
+        prompt; `detok` holds the choice's text before them (text_offset indexes the returned
+        text) and gets them pushed. A generated EOS is not in the text, so it takes no room."""
         offsets = []
-        for t in ids:
+        for j, t in enumerate(ids):
             offsets.append(len(detok.text))
-            detok.push(t)
+            if j < num_echo or t != self.tokenizer.eos_token_id:
+                detok.push(t)
         word = self._token_string
         return {"tokens": [word(t) for t in ids],
                 "token_logprobs": [None if lp is None else lp[t] for t, lp in zip(ids, lps)],
@@ -214,7 +223,7 @@ class Responses:
             for c in out.outputs:
                 text, ids, lps = self._echo(req, texts[i], out)
                 lp = None if req.logprobs is None else self._logprobs(
-                    ids + c.token_ids, lps + c.logprobs, IncrementalDetokenizer(self.tokenizer))
+                    ids + c.token_ids, lps + c.logprobs, IncrementalDetokenizer(self.tokenizer), len(ids))
                 choices.append({"index": i * req.n + c.index, "text": text + c.text, "logprobs": lp,
                                 "finish_reason": c.finish_reason})
         return {**self._head(cid), "choices": choices, "usage": usage(final.values())}
@@ -226,6 +235,9 @@ class Responses:
         there). A client hang-up cancels this generator at an await; closing `results` then
         aborts the request."""
         head = self._head(cid)
+        with_usage = req.stream_options is not None and req.stream_options.include_usage
+        if with_usage:
+            head["usage"] = None
         event = lambda data: f"data: {json.dumps({**head, **data})}\n\n"
         states: dict[int, _StreamChoice] = {}
         final: dict[int, RequestOutput] = {}
@@ -238,7 +250,7 @@ class Responses:
                         if k not in states:                   # this choice's first chunk
                             states[k] = _StreamChoice(IncrementalDetokenizer(self.tokenizer))
                             text, ids, lps = self._echo(req, texts[i], out)
-                        st = states[k]
+                        st, num_echo = states[k], len(ids)
                         if st.done:
                             continue
                         end = len(c.text) if c.finish_reason else max(st.num_chars, len(c.text) - hold)
@@ -247,10 +259,10 @@ class Responses:
                         lps += (c.logprobs or [])[st.num_tokens:]
                         st.num_chars, st.num_tokens, st.done = end, len(c.token_ids), c.finish_reason is not None
                         if text or st.done or (ids and req.logprobs is not None):
-                            lp = None if req.logprobs is None else self._logprobs(ids, lps, st.detok)
+                            lp = None if req.logprobs is None else self._logprobs(ids, lps, st.detok, num_echo)
                             yield event({"choices": [{"index": k, "text": text, "logprobs": lp,
                                                       "finish_reason": c.finish_reason}]})
-            if (req.stream_options or {}).get("include_usage"):
+            if with_usage:
                 yield event({"choices": [], "usage": usage(final.values())})
         except APIError as e:                  # timeout, shutdown: the stream ends with the error
             yield f"data: {json.dumps(e.body)}\n\n"

@@ -168,12 +168,17 @@ class Server:
             raise APIError(503, "the server is shutting down or not started; send the request elsewhere",
                            type="server_error", code="shutting_down")
         if self.limiter:
-            client = request.headers.get("authorization") or (request.client.host if request.client else "")
+            # The key identifies a client only when it is checked; else anyone could send a new one.
+            client = (request.headers.get("authorization") if self.opts.api_key else None) or \
+                (request.client.host if request.client else "")
             if wait := self.limiter.take(client):
                 raise APIError(429, f"rate limit of {self.opts.rate_limit:g} requests/s (burst "
                                f"{self.opts.rate_limit_burst}) exceeded; retry in {wait:.1f} s",
                                type="rate_limit_error", code="rate_limit_exceeded",
                                headers={"Retry-After": str(math.ceil(wait))})
+        if num_prompts > self.opts.max_queue:     # would never fit: retrying cannot help
+            raise APIError(400, f"this request has {num_prompts} prompts but the queue holds {self.opts.max_queue} "
+                           "(--max-queue); send fewer prompts per request", param="prompt")
         if (queued := self.num_admitted - self.core.num_dequeued) + num_prompts > self.opts.max_queue:
             raise APIError(503, f"{queued} prompts are already waiting and the queue holds "
                            f"{self.opts.max_queue} (--max-queue); retry later", type="server_error",
@@ -202,6 +207,13 @@ class Server:
             prompts = [prompts]
         if not prompts:
             raise APIError(400, "prompt is an empty list; give at least one prompt", param="prompt")
+        for i, p in enumerate(prompts):
+            if isinstance(p, str) and not p.isascii():
+                try:
+                    p.encode("utf-8")
+                except UnicodeEncodeError as e:   # JSON can carry a lone surrogate, "\ud800"
+                    raise APIError(400, f"prompt {i} is not valid Unicode ({e.reason} at character {e.start})",
+                                   param="prompt") from None
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
         params = req.sampling_params(self.n_ctx - max(map(len, ids)) if req.max_tokens is None else req.max_tokens)
         self.admit(request, len(ids))
@@ -212,6 +224,8 @@ class Server:
         self.num_admitted += len(rids)
         self.core.add(list(zip(rids, ids)), params, sink, arrival)
         if (error := await sink.get()) is not None:     # the engine's verdict on the prompts
+            if not isinstance(error, (ValueError, TypeError)):
+                raise APIError(500, f"the engine failed: {error!r}", type="server_error")
             raise APIError(400, str(error), param=field_named_in(error) or "prompt")
         results = self._results(rids, sink, arrival)
         texts = [p if isinstance(p, str) else None for p in prompts]

@@ -192,6 +192,12 @@ def test_streamed_chunks_concatenate_to_the_offline_text(server, tiny_llm):
         lines = [line for line in r.iter_lines() if line]
     assert r.headers["content-type"].startswith("text/event-stream")
     assert lines[-1] == "data: [DONE]" and len(_events(lines)) >= 2
+    with httpx.stream("POST", server + "/v1/completions", headers=AUTH, json={
+            "model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        events = _events([line for line in r.iter_lines() if line])
+    assert all(e["usage"] is None for e in events[:-1])                 # as OpenAI: null until the last
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
 
 
 def test_n_and_seed_sample_like_the_offline_engine(server, tiny_llm):
@@ -279,6 +285,20 @@ def test_echo_with_max_tokens_zero_scores_the_prompt_only(server, tiny_llm, stre
         want = [d[t] for t, d in zip(r.prompt_token_ids[1:], r.prompt_logprobs[1:])]
         assert lps[i][1:] == pytest.approx(want, abs=1e-4)
     assert usage.completion_tokens == 0 and usage.prompt_tokens == sum(len(r.prompt_token_ids) for r in ref)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_offset_gives_a_generated_eos_no_room(server, stream):
+    """A generated <|endoftext|> is not in the text (as offline), so text_offset does not move
+    past it: offsets always index the returned text."""
+    resp = _client(server).completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0, logprobs=0,
+                                              logit_bias={"50256": 100}, stream=stream,
+                                              extra_body={"ignore_eos": True})
+    chunks = list(resp) if stream else [resp]
+    text = "".join(c.text for ch in chunks for c in ch.choices)
+    offsets = [o for ch in chunks for c in ch.choices if c.logprobs for o in c.logprobs.text_offset]
+    tokens = [t for ch in chunks for c in ch.choices if c.logprobs for t in c.logprobs.tokens]
+    assert text == "" and tokens == ["<|endoftext|>"] * 3 and offsets == [0, 0, 0]
 
 
 def test_logprob_tokens_holding_part_of_a_character_are_shown_as_bytes(server, tiny_llm):
@@ -422,6 +442,12 @@ BAD_REQUESTS = {
     "logit_bias over 100": (dict(json={"model": MODEL, "prompt": "a", "logit_bias": {"5": 500}}), 400,
                             "logit_bias"),
     "unknown model": (dict(json={"model": "gpt-4", "prompt": "a"}), 404, "model"),
+    "lone surrogate in prompt": (dict(content=b'{"model": "tiny-gpt2", "prompt": "a\\ud800b", "echo": true}'), 400,
+                                 "prompt"),
+    "unknown stream option": (dict(json={"model": MODEL, "prompt": "a", "stream": True,
+                                         "stream_options": {"nonsense": True}}), 400, "stream_options"),
+    "stream_options without stream": (dict(json={"model": MODEL, "prompt": "a",
+                                                 "stream_options": {"include_usage": True}}), 400, "stream_options"),
     "missing api key": (dict(json={"model": MODEL, "prompt": "a"}, headers={}), 401, None),
     "wrong api key": (dict(json={"model": MODEL, "prompt": "a"}, headers={"Authorization": "Bearer nope"}), 401, None),
     # The key is checked before the body is read: without it, a broken body is still a 401.
@@ -496,6 +522,10 @@ def test_rate_limit_answers_429_with_retry_after(one_seq_engine):
         assert statuses == [200, 200] and r.status_code == 429
         assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "rate_limit_exceeded"
         assert httpx.get(base + "/health").status_code == 200
+        # No --api-key: the Authorization header is unchecked, so a new one is not a new client.
+        other = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1},
+                           headers={"Authorization": "Bearer somebody-else"})
+        assert other.status_code == 429
 
 
 def test_full_queue_answers_503_with_retry_after(one_seq_engine):
@@ -524,6 +554,9 @@ def test_full_queue_answers_503_with_retry_after(one_seq_engine):
         assert statuses == [200, 200]
         _wait_metric(base, "nanoserve_kv_blocks_used", 0)
         assert server.num_admitted == server.core.num_dequeued == 3     # the queue is empty again
+        # More prompts in one request than the queue can ever hold: a 400, since retrying can't help.
+        too_many = _post(base, prompt=["a", "b", "c"], max_tokens=1)
+        assert too_many.status_code == 400 and "--max-queue" in too_many.json()["error"]["message"]
 
 
 def test_request_timeout_aborts_with_a_clear_error(one_seq_engine):

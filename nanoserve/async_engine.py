@@ -5,7 +5,7 @@ the asyncio event loop. It lives in ONE background thread that owns it:
 
     handler (event loop) --add/abort--> commands (queue.SimpleQueue) --> engine thread
     engine thread: apply commands between steps; step() while work exists; block when idle
-    engine thread --outputs--> loop.call_soon_threadsafe --> each request's asyncio.Queue
+    engine thread --outputs--> loop.call_soon_threadsafe --> each request's OutputSink (latest snapshot)
 
 Concurrent requests are just more sequences in the same engine, so the scheduler batches them
 step by step (continuous batching) with no extra code here. The thread also keeps the serving
@@ -84,11 +84,35 @@ class Metrics:
             return "\n".join(lines + self.ttft.render() + self.tpot.render()) + "\n"
 
 
+class OutputSink:
+    """One HTTP request's mailbox, on the event loop (the engine thread posts into it with
+    call_soon_threadsafe). RequestOutputs are cumulative snapshots, so a newer one replaces an
+    unread older one of the same request id: a client that reads slowly, or not at all, holds
+    one snapshot per prompt here instead of one per step. Anything else (the verdict, an
+    error) queues as is. Used only on the loop's thread, so it needs no lock."""
+
+    def __init__(self) -> None:
+        self.items: dict[Any, Any] = {}    # key -> item, oldest first
+        self.arrived = asyncio.Event()
+
+    def put_nowait(self, item: Any) -> None:
+        key = item.request_id if isinstance(item, RequestOutput) else object()
+        self.items.pop(key, None)          # a replaced snapshot goes to the back, after its predecessors
+        self.items[key] = item
+        self.arrived.set()
+
+    async def get(self) -> Any:
+        while not self.items:
+            self.arrived.clear()
+            await self.arrived.wait()
+        return self.items.pop(next(iter(self.items)))
+
+
 @dataclass(slots=True)
 class _Tracked:
     """What the engine thread remembers about one engine request it serves."""
     loop: asyncio.AbstractEventLoop
-    sink: asyncio.Queue            # the HTTP handler's queue for this request's outputs
+    sink: OutputSink               # where the HTTP handler reads this request's outputs
     arrival: float                 # time.perf_counter() when the HTTP request arrived
     last: float | None = None      # when its previous output came; None: no token yet
     num_tokens: int = 0            # output tokens already counted in the metrics
@@ -109,7 +133,7 @@ class EngineThread:
         self.ready = threading.Event()           # set after warm-up: GET /health says 200
         self.thread = threading.Thread(target=self._run, name="nanoserve-engine", daemon=True)
 
-    def add(self, batch: list[tuple[str, list[int]]], params: SamplingParams, sink: asyncio.Queue,
+    def add(self, batch: list[tuple[str, list[int]]], params: SamplingParams, sink: OutputSink,
             arrival: float) -> None:
         """Queue prompts as (request id, token ids). `sink` first gets the verdict, None
         (accepted) or what add_request raised (ValueError/TypeError: the client's mistake),
@@ -215,7 +239,7 @@ class EngineThread:
                 num_preemptions_total=sched.num_preemptions)
 
     @staticmethod
-    def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
-        # asyncio.Queue is not thread-safe: the loop's own thread does the puts, one wake-up per step.
+    def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[OutputSink, Any]]) -> None:
+        # A sink is not thread-safe: the loop's own thread does the puts, one wake-up per step.
         with contextlib.suppress(RuntimeError):       # the loop is closed: nobody is listening
             loop.call_soon_threadsafe(lambda: [sink.put_nowait(item) for sink, item in items])

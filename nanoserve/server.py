@@ -6,7 +6,7 @@ the asyncio event loop. It lives in ONE background thread that owns it:
 
     handler (event loop) --add/abort--> commands (queue.SimpleQueue) --> engine thread
     engine thread: apply commands between steps; step() while work exists; block when idle
-    engine thread --outputs--> loop.call_soon_threadsafe --> each request's asyncio.Queue
+    engine thread --outputs--> loop.call_soon_threadsafe --> each request's OutputSink (latest snapshot)
 
 Concurrent HTTP requests are just more sequences in the same engine, so the scheduler batches
 them step by step (continuous batching) with no extra code here. Around that core: admission
@@ -43,7 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .async_engine import EngineThread
+from .async_engine import EngineThread, OutputSink
 from .config import EngineConfig
 from .engine import LLMEngine
 from .protocol import (APIError, CompletionRequest, Responses, field_named_in, http_error, internal_error,
@@ -220,7 +220,7 @@ class Server:
 
         cid = f"cmpl-{uuid.uuid4().hex}"
         rids = [f"{cid}-{i}" for i in range(len(ids))]
-        sink: asyncio.Queue = asyncio.Queue()
+        sink = OutputSink()
         self.num_admitted += len(rids)
         self.core.add(list(zip(rids, ids)), params, sink, arrival)
         if (error := await sink.get()) is not None:     # the engine's verdict on the prompts
@@ -248,7 +248,7 @@ class Server:
         return JSONResponse(collect.result())
 
     # ---- engine outputs -> responses ---------------------------------------------------
-    async def _results(self, rids: list[str], sink: asyncio.Queue,
+    async def _results(self, rids: list[str], sink: OutputSink,
                        arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yield (prompt index, output) as the engine makes progress, until all are finished.
         Leaving early (timeout, disconnect, error) aborts the rest, so their KV blocks free up."""

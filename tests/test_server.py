@@ -33,6 +33,8 @@ import openai     # noqa: E402
 import uvicorn    # noqa: E402
 
 from nanoserve import EngineConfig, LLMEngine, SamplingParams   # noqa: E402
+from nanoserve.async_engine import OutputSink                    # noqa: E402
+from nanoserve.sequence import CompletionOutput, RequestOutput   # noqa: E402
 from nanoserve.server import add_serve_args, build_app          # noqa: E402
 
 KEY = "sk-test-key"
@@ -312,6 +314,23 @@ def test_logprob_tokens_holding_part_of_a_character_are_shown_as_bytes(server, t
     as_bytes = [bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode() for t in tokens]
     assert b"".join(as_bytes) == prompt.encode()
     assert any(t.startswith("bytes:") for t in tokens) and not any("\ufffd" in t for t in tokens)
+
+
+def test_output_sink_keeps_only_the_latest_snapshot_per_request():
+    """A slow reader finds one (the newest) snapshot per request id, in arrival order of the
+    newest; the verdict and errors are never merged away."""
+    def snap(rid: str, num_tokens: int) -> RequestOutput:
+        return RequestOutput(rid, None, [1], None, [CompletionOutput(0, "", [7] * num_tokens, None, None)], False)
+
+    async def run() -> list:
+        sink = OutputSink()
+        for item in [None, snap("a", 1), snap("b", 1), snap("a", 2), snap("a", 3), RuntimeError("x")]:
+            sink.put_nowait(item)
+        return [await sink.get() for _ in range(len(sink.items))]
+
+    got = asyncio.run(run())
+    assert got[0] is None and isinstance(got[3], RuntimeError) and len(got) == 4
+    assert [(o.request_id, len(o.outputs[0].token_ids)) for o in got[1:3]] == [("b", 1), ("a", 3)]
 
 
 # ---- load and cancellation ---------------------------------------------------------------

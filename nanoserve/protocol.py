@@ -100,9 +100,9 @@ class CompletionRequest(BaseModel):
                 raise APIError(400, f"{name}={getattr(self, name)!r} is not supported by nanoserve; leave it unset",
                                param=name)
         bias = self.logit_bias or {}
-        if not all(k.isdigit() for k in bias):
+        if bad := [k for k in bias if not (k.isascii() and k.isdigit())]:      # "²".isdigit() is True
             raise APIError(400, f"logit_bias keys must be token ids written as strings, like \"50256\"; got "
-                           f"{[k for k in bias if not k.isdigit()][:5]}", param="logit_bias")
+                           f"{bad[:5]}", param="logit_bias")
         try:
             return SamplingParams(
                 n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,

@@ -456,6 +456,8 @@ BAD_REQUESTS = {
                              "presence_penalty"),
     "logit_bias key not an id": (dict(json={"model": MODEL, "prompt": "a", "logit_bias": {"x": 1}}), 400,
                                  "logit_bias"),
+    "logit_bias key a superscript": (dict(json={"model": MODEL, "prompt": "a", "logit_bias": {"²": 1}}), 400,
+                                     "logit_bias"),
     "logit_bias id beyond vocab": (dict(json={"model": MODEL, "prompt": "a", "logit_bias": {"99999": 1}}), 400,
                                    "logit_bias"),
     "logit_bias over 100": (dict(json={"model": MODEL, "prompt": "a", "logit_bias": {"5": 500}}), 400,

@@ -536,8 +536,8 @@ def test_health_is_503_until_warm_up_is_done(tiny_ckpt):
 
 
 def test_rate_limit_answers_429_with_retry_after(one_seq_engine):
-    """A client over its token bucket (burst 2, then 0.2/s) gets 429 with Retry-After; others are unaffected."""
-    with _in_process(one_seq_engine, rate_limit=0.2, rate_limit_burst=2) as (base, _):
+    """A client over its token bucket (burst 2, then 0.05/s) gets 429 with Retry-After; others are unaffected."""
+    with _in_process(one_seq_engine, rate_limit=0.05, rate_limit_burst=2) as (base, _):
         statuses = [_post(base, prompt="a", max_tokens=1).status_code for _ in range(2)]
         r = _post(base, prompt="a", max_tokens=1)
         assert statuses == [200, 200] and r.status_code == 429

@@ -116,6 +116,7 @@ class _Tracked:
     arrival: float                 # time.perf_counter() when the HTTP request arrived
     last: float | None = None      # when its previous output came; None: no token yet
     num_tokens: int = 0            # output tokens already counted in the metrics
+    hide_output: bool = False      # the client sees no generated tokens (echo-only scoring): count none
 
 
 class EngineThread:
@@ -134,11 +135,12 @@ class EngineThread:
         self.thread = threading.Thread(target=self._run, name="nanoserve-engine", daemon=True)
 
     def add(self, batch: list[tuple[str, list[int]]], params: SamplingParams, sink: OutputSink,
-            arrival: float) -> None:
+            arrival: float, hide_output: bool = False) -> None:
         """Queue prompts as (request id, token ids). `sink` first gets the verdict, None
         (accepted) or what add_request raised (ValueError/TypeError: the client's mistake),
-        then RequestOutputs, or an exception if the engine fails."""
-        self.commands.put(("add", batch, params, asyncio.get_running_loop(), sink, arrival))
+        then RequestOutputs, or an exception if the engine fails. With `hide_output` the
+        metrics count no generated tokens (the client is shown none)."""
+        self.commands.put(("add", batch, params, asyncio.get_running_loop(), sink, arrival, hide_output))
 
     def abort(self, request_ids: set[str] | None) -> None:
         """Abort these requests (None: all of them); their KV blocks return to the pool."""
@@ -174,7 +176,7 @@ class EngineThread:
                     self._abort(None, e)
             self._update_gauges()
 
-    def _add(self, batch, params, loop, sink, arrival) -> None:
+    def _add(self, batch, params, loop, sink, arrival, hide_output) -> None:
         # All prompts of one HTTP request get in, or none do (as in LLM.generate).
         try:
             for rid, ids in batch:
@@ -186,7 +188,7 @@ class EngineThread:
             if not isinstance(e, (ValueError, TypeError)):
                 log.exception("add_request failed")
             return self._post(loop, [(sink, e)])
-        self.tracked.update((rid, _Tracked(loop, sink, arrival)) for rid, _ in batch)
+        self.tracked.update((rid, _Tracked(loop, sink, arrival, hide_output=hide_output)) for rid, _ in batch)
         self._post(loop, [(sink, None)])
 
     def _abort(self, request_ids: set[str] | None, error: Exception | None = None) -> None:
@@ -224,7 +226,8 @@ class EngineThread:
         v, num = self.metrics.values, sum(len(c.token_ids) for c in out.outputs)
         if t.num_tokens == 0 and num:
             v["prompt_tokens_total"] += len(out.prompt_token_ids)
-        v["generation_tokens_total"] += num - t.num_tokens
+        if not t.hide_output:
+            v["generation_tokens_total"] += num - t.num_tokens
         t.num_tokens = num
         for c in out.outputs if out.finished else []:
             self.metrics.finished[c.finish_reason] = self.metrics.finished.get(c.finish_reason, 0) + 1

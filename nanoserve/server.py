@@ -222,7 +222,7 @@ class Server:
         rids = [f"{cid}-{i}" for i in range(len(ids))]
         sink = OutputSink()
         self.num_admitted += len(rids)
-        self.core.add(list(zip(rids, ids)), params, sink, arrival)
+        self.core.add(list(zip(rids, ids)), params, sink, arrival, hide_output=req.is_echo_only)
         if (error := await sink.get()) is not None:     # the engine's verdict on the prompts
             if not isinstance(error, (ValueError, TypeError)):
                 raise APIError(500, f"the engine failed: {error!r}", type="server_error")

@@ -270,6 +270,7 @@ def test_echo_with_max_tokens_zero_scores_the_prompt_only(server, tiny_llm, stre
     """echo=True, max_tokens=0 (how evaluation harnesses ask for loglikelihoods): each choice is
     its prompt with the prompt's logprobs, nothing generated, completion_tokens 0."""
     ref = _offline(tiny_llm, PROMPTS[:2], max_tokens=1, temperature=0.0, logprobs=2, prompt_logprobs=2)
+    before = _metrics(server)
     resp = _client(server).completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=0, echo=True, logprobs=2,
                                               temperature=0, stream=stream,
                                               **({"stream_options": {"include_usage": True}} if stream else {}))
@@ -287,6 +288,9 @@ def test_echo_with_max_tokens_zero_scores_the_prompt_only(server, tiny_llm, stre
         want = [d[t] for t, d in zip(r.prompt_token_ids[1:], r.prompt_logprobs[1:])]
         assert lps[i][1:] == pytest.approx(want, abs=1e-4)
     assert usage.completion_tokens == 0 and usage.prompt_tokens == sum(len(r.prompt_token_ids) for r in ref)
+    after = _metrics(server)                  # the metrics agree with usage: nothing generated
+    assert after["nanoserve_generation_tokens_total"] == before["nanoserve_generation_tokens_total"]
+    assert after["nanoserve_prompt_tokens_total"] - before["nanoserve_prompt_tokens_total"] == usage.prompt_tokens
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -70,9 +70,8 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None       # {"50256": -100}: token ids as strings, as OpenAI sends
-    # OpenAI options we do not implement: accepted only at their neutral values.
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=20)   # candidates per prompt; the n best are returned
+    suffix: str | None = None                        # not for GPT-2: accepted only empty
     # vLLM's extensions, passed straight to SamplingParams.
     top_k: int = -1
     min_p: float = 0.0
@@ -80,6 +79,11 @@ class CompletionRequest(BaseModel):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+
+    @property
+    def num_candidates(self) -> int:
+        """Completions the engine runs per prompt: best_of of them when it asks for more than n."""
+        return max(self.n, self.best_of or 1)
 
     @property
     def is_echo_only(self) -> bool:
@@ -95,19 +99,24 @@ class CompletionRequest(BaseModel):
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens=0 generates nothing; it is allowed only with echo=true, to score "
                            "the prompt", param="max_tokens")
-        for name, neutral in [("best_of", (None, self.n)), ("suffix", (None, ""))]:
-            if getattr(self, name) not in neutral:
-                raise APIError(400, f"{name}={getattr(self, name)!r} is not supported by nanoserve; leave it unset",
-                               param=name)
+        if self.suffix:
+            raise APIError(400, "suffix is not supported: GPT-2 has no fill-in-the-middle mode", param="suffix")
+        if self.best_of is not None and self.best_of < self.n:
+            raise APIError(400, f"best_of={self.best_of} must be >= n={self.n}", param="best_of")
+        if self.num_candidates > self.n and self.stream:
+            raise APIError(400, f"best_of={self.best_of} > n cannot be streamed: the best are known only at the "
+                           "end", param="best_of")
         bias = self.logit_bias or {}
         if bad := [k for k in bias if not (k.isascii() and k.isdigit())]:      # "²".isdigit() is True
             raise APIError(400, f"logit_bias keys must be token ids written as strings, like \"50256\"; got "
                            f"{bad[:5]}", param="logit_bias")
         try:
             return SamplingParams(
-                n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                n=self.num_candidates, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                 seed=self.seed, max_tokens=max(1, max_tokens), min_tokens=self.min_tokens, stop=self.stop,
-                stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=self.logprobs,
+                stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                # ranking best_of candidates needs each one's logprob (logprobs=0: the sampled token's)
+                logprobs=0 if self.logprobs is None and self.num_candidates > self.n else self.logprobs,
                 # echo + logprobs scores the prompt too, as OpenAI's API does
                 prompt_logprobs=self.logprobs if self.echo else None, repetition_penalty=self.repetition_penalty,
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -195,13 +204,23 @@ class Responses:
 
     @staticmethod
     def _shown(req: CompletionRequest, out: RequestOutput) -> RequestOutput:
-        """What the client sees of `out`: all of it, or for an echo-only request no generated
-        tokens (the engine's one token is dropped from text, logprobs and usage)."""
-        if not req.is_echo_only:
-            return out
-        hide = lambda c: dataclasses.replace(c, text="", token_ids=[], logprobs=None if c.logprobs is None else [],
-                                             finish_reason=c.finish_reason and "length")
-        return dataclasses.replace(out, outputs=[hide(c) for c in out.outputs])
+        """What the client sees of `out`: all of it, except
+        - echo-only: no generated tokens (the engine's one token leaves text, logprobs, usage);
+        - best_of > n: the n candidates with the highest logprob per token (OpenAI's "best"),
+          renumbered 0..n-1, without the logprobs the ranking needed unless they were asked for."""
+        if req.is_echo_only:
+            hide = lambda c: dataclasses.replace(c, text="", token_ids=[], logprobs=None if c.logprobs is None else [],
+                                                 finish_reason=c.finish_reason and "length")
+            return dataclasses.replace(out, outputs=[hide(c) for c in out.outputs])
+        if req.num_candidates > req.n and out.finished:
+            per_token = lambda c: c.cumulative_logprob / max(1, len(c.token_ids))
+            best = sorted(out.outputs, key=per_token, reverse=True)[:req.n]
+            asked = req.logprobs is not None
+            return dataclasses.replace(out, outputs=[
+                dataclasses.replace(c, index=i, logprobs=c.logprobs if asked else None,
+                                    cumulative_logprob=c.cumulative_logprob if asked else None)
+                for i, c in enumerate(best)])
+        return out
 
     def _echo(self, req: CompletionRequest, text: str | None, out: RequestOutput) -> tuple[str, list, list]:
         """What a choice starts with: with echo, the prompt's text, token ids and logprobs."""

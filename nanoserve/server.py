@@ -17,8 +17,8 @@ request timeouts, abort on client disconnect, and graceful shutdown on SIGTERM.
 The engine thread and the metrics live in async_engine.py, which knows nothing of HTTP; the
 OpenAI wire format (request body, error objects, JSON and SSE responses) lives in protocol.py.
 
-Left out: /v1/chat/completions (GPT-2 has no chat template); best_of and suffix (a 400 says so;
-nothing is silently ignored); TLS (use a proxy).
+Left out: /v1/chat/completions (GPT-2 has no chat template); suffix (a 400 says so; nothing is
+silently ignored); TLS (use a proxy).
 
 References: vLLM `entrypoints/openai/api_server.py` and `AsyncLLMEngine`, OpenAI's completions
 API reference, the Prometheus text exposition format.

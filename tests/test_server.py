@@ -222,6 +222,18 @@ def test_penalties_and_logit_bias_match_the_offline_engine(server, tiny_llm):
     assert resp.choices[0].text == ref.outputs[0].text != plain.outputs[0].text
 
 
+def test_best_of_returns_the_n_candidates_with_the_best_logprob_per_token(server, tiny_llm):
+    """best_of=4, n=2: the engine samples 4 candidates (the same 4 as LLM.generate with n=4 and
+    the seed) and the 2 with the highest mean token logprob come back, best first."""
+    resp = _client(server).completions.create(model=MODEL, prompt=PROMPTS[0], n=2, best_of=4, seed=7,
+                                              temperature=1.0, max_tokens=8)
+    cands = _offline(tiny_llm, PROMPTS[0], n=4, seed=7, temperature=1.0, max_tokens=8, logprobs=0)[0].outputs
+    ranked = sorted(cands, key=lambda c: c.cumulative_logprob / len(c.token_ids), reverse=True)
+    assert len({c.text for c in cands}) == 4, "the candidates should differ"
+    assert [c.text for c in resp.choices] == [c.text for c in ranked[:2]]
+    assert [c.index for c in resp.choices] == [0, 1] and all(c.logprobs is None for c in resp.choices)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_cuts_the_text_like_the_offline_engine(server, tiny_llm, stream):
     """A stop string spanning tokens ends the text before it, streamed or not."""
@@ -455,7 +467,9 @@ BAD_REQUESTS = {
     "empty prompt": (dict(json={"model": MODEL, "prompt": ""}), 400, "prompt"),
     "empty prompt list": (dict(json={"model": MODEL, "prompt": []}), 400, "prompt"),
     "unknown option": (dict(json={"model": MODEL, "prompt": "a", "temprature": 0}), 400, "temprature"),
-    "unsupported option": (dict(json={"model": MODEL, "prompt": "a", "best_of": 3}), 400, "best_of"),
+    "unsupported option": (dict(json={"model": MODEL, "prompt": "a", "suffix": "b"}), 400, "suffix"),
+    "best_of below n": (dict(json={"model": MODEL, "prompt": "a", "n": 3, "best_of": 2}), 400, "best_of"),
+    "best_of streamed": (dict(json={"model": MODEL, "prompt": "a", "best_of": 3, "stream": True}), 400, "best_of"),
     "penalty out of range": (dict(json={"model": MODEL, "prompt": "a", "presence_penalty": 2.5}), 400,
                              "presence_penalty"),
     "logit_bias key not an id": (dict(json={"model": MODEL, "prompt": "a", "logit_bias": {"x": 1}}), 400,

@@ -25,6 +25,7 @@ _ENGINE_HELP = {
     "max_num_batched_tokens": "tokens per step, at most; default: 2048 on CPU, 8192 on CUDA",
     "seed": "seed of the sampler for requests without their own seed",
     "enable_kv_cache": "off: recompute every token's K/V at every step (for comparison)",
+    "enable_prefix_caching": "reuse the KV blocks of prompts that start with the same tokens",
     "enforce_eager": "no CUDA graphs", "compile_cpu_attention": "torch.compile the CPU decode attention "
     "(fused gather + softmax; ~10 s compile on first use; needs a C++ compiler)", "use_triton": "Triton attention kernels on CUDA (default: when installed)",
     "quiet": "no progress bars or info logs",

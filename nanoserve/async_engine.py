@@ -57,6 +57,7 @@ _METRICS = {   # name (after "nanoserve_") -> (type, help)
     "prompt_tokens_total": ("counter", "Prompt tokens prefilled."),
     "generation_tokens_total": ("counter", "Output tokens generated."),
     "num_preemptions_total": ("counter", "Sequences preempted (their KV is recomputed later)."),
+    "prefix_cache_hit_tokens_total": ("counter", "Tokens whose KV came from the prefix cache, not a prefill."),
 }
 
 
@@ -239,7 +240,7 @@ class EngineThread:
                 num_requests_running=len({s.request_id for s in sched.running}),
                 num_requests_waiting=len({s.request_id for s in sched.waiting}),
                 kv_blocks_used=self.engine.num_blocks - free, kv_blocks_free=free,
-                num_preemptions_total=sched.num_preemptions)
+                num_preemptions_total=sched.num_preemptions, prefix_cache_hit_tokens_total=sched.num_cached_tokens)
 
     @staticmethod
     def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[OutputSink, Any]]) -> None:

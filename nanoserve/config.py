@@ -138,6 +138,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # tokens in one step, at most; None: 2048 on CPU, 8192 on CUDA
     seed: int = 0                       # seeds the sampler for requests without their own seed
     enable_kv_cache: bool = True        # False: recompute every token's K/V at every step (for comparison)
+    enable_prefix_caching: bool = True  # reuse the K/V blocks of prompts that start the same way
     enforce_eager: bool = False         # True: no CUDA graphs
     use_triton: bool | None = None      # None: Triton kernels on CUDA when triton imports
     compile_cpu_attention: bool = False # CPU: torch.compile the decode attention (needs a C++ compiler)

@@ -60,7 +60,8 @@ class LLMEngine:
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.dtype, self.device)
         self.allocator = BlockAllocator(self.num_blocks)
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
-                                   self.max_num_batched_tokens, config.enable_kv_cache)
+                                   self.max_num_batched_tokens, config.enable_kv_cache,
+                                   config.enable_prefix_caching)
         self.sampler = Sampler(mc.vocab_size, mc.eos_token_id, self.device, config.seed)
         self.runner = ModelRunner(self.model, mc, config, self.kv_cache, self.sampler, self.device)
         if not config.quiet:
@@ -208,7 +209,7 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         now = time.perf_counter()
         for seq, n in sched.scheduled:
-            seq.num_computed_tokens += n
+            self.scheduler.computed(seq, n)       # and shares the blocks that filled up
             req = self.requests[seq.request_id]
             if seq.seq_id in result.prompt_logprobs:
                 seq.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])

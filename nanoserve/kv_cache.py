@@ -25,7 +25,7 @@ References: vLLM `BlockSpaceManager` / `KVCacheManager`, nano-vllm `block_manage
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import OrderedDict
 
 import torch
 
@@ -102,16 +102,32 @@ def _profile_free_gpu_memory(model: torch.nn.Module, config: EngineConfig, dtype
 
 
 class BlockAllocator:
-    """Free list of block ids. allocate() and free() are O(1) per block."""
+    """Hands out block ids, counts the sequences holding each, and remembers full blocks by
+    their contents (prefix caching). allocate(), free() and a cache lookup are O(1) per block.
+
+    Prefix caching: once all BS tokens of a block are computed, the scheduler registers the
+    block under a hash of those tokens and of every token before them (the previous block's
+    hash). A later sequence whose tokens start the same way takes those blocks and skips
+    computing them: a shared system prompt is prefilled once. A full block is never written
+    again, so sharing it is safe; the reference count says when nobody holds it. A block
+    nobody holds is free, but keeps its contents and its hash until allocate() hands it out
+    again, least recently freed first, so recently used prefixes survive longest.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.free_ids: deque[int] = deque(range(num_blocks))
-        self.is_used = [False] * num_blocks    # guards against double free / leaks in tests
+        self.ref_counts = [0] * num_blocks                 # sequences holding each block
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
+        self.cached: dict[int, int] = {}                   # content hash -> block id
+        self.hash_of: dict[int, int] = {}                  # block id -> content hash
 
     @property
     def num_free(self) -> int:
         return len(self.free_ids)
+
+    @property
+    def is_used(self) -> list[bool]:
+        return [n > 0 for n in self.ref_counts]
 
     def can_allocate(self, n: int) -> bool:
         return n <= len(self.free_ids)
@@ -119,13 +135,40 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self.free_ids):
             raise RuntimeError(f"asked for {n} KV blocks but only {len(self.free_ids)} are free")
-        ids = [self.free_ids.popleft() for _ in range(n)]
-        for i in ids:
-            self.is_used[i] = True
+        ids = []
+        for _ in range(n):
+            i, _ = self.free_ids.popitem(last=False)
+            if (h := self.hash_of.pop(i, None)) is not None:
+                del self.cached[h]                         # its contents are about to change
+            self.ref_counts[i] = 1
+            ids.append(i)
         return ids
 
     def free(self, ids: list[int]) -> None:
-        for i in ids:
-            assert self.is_used[i], f"block {i} freed twice"
-            self.is_used[i] = False
-            self.free_ids.append(i)
+        # Last block first: a cached prefix is only found from its start, so the tail of a
+        # sequence should be the first to go.
+        for i in reversed(ids):
+            assert self.ref_counts[i] > 0, f"block {i} freed twice"
+            self.ref_counts[i] -= 1
+            if self.ref_counts[i] == 0:
+                self.free_ids[i] = None
+
+    def take_cached(self, hashes: list[int]) -> list[int]:
+        """Take (hold) the blocks registered under `hashes[0]`, `hashes[1]`, ... up to the
+        first one not cached; return their ids. They count as allocated until freed."""
+        ids = []
+        for h in hashes:
+            i = self.cached.get(h)
+            if i is None:
+                break
+            if self.ref_counts[i] == 0:
+                del self.free_ids[i]
+            self.ref_counts[i] += 1
+            ids.append(i)
+        return ids
+
+    def register(self, block_id: int, h: int) -> None:
+        """Remember that `block_id` holds the full block hashed `h` (first holder wins)."""
+        if h not in self.cached and block_id not in self.hash_of:
+            self.cached[h] = block_id
+            self.hash_of[block_id] = h

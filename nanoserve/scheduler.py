@@ -13,11 +13,18 @@ new ones join, and nobody waits for the slowest request of a "batch". Each step:
      is split: its first chunk runs now, the rest in later steps (chunked prefill), so a long
      prompt never stalls everyone else's decode.
 
+Prefix caching: a sequence admitted without blocks first takes the cached blocks that hold
+its leading tokens (`_take_cached_prefix`) and starts computing after them; blocks that fill
+up are registered for others (`computed`). A block's hash covers its tokens and, through the
+previous block's hash, every token before them, so equal hashes mean equal prefixes (up to a
+64-bit hash collision).
+
 The scheduler is plain Python over Sequence objects and a BlockAllocator: it is tested without
 a model. The "no KV cache" mode (for comparison) is one line here: every running sequence
 drops its cache before each step and recomputes all its tokens.
 
-References: vLLM v1 `Scheduler.schedule`, nano-vllm `scheduler.py`, Sarathi-Serve (chunked prefill).
+References: vLLM v1 `Scheduler.schedule` and `KVCacheManager` (prefix caching), nano-vllm
+`scheduler.py`, Sarathi-Serve (chunked prefill).
 """
 from __future__ import annotations
 
@@ -49,12 +56,16 @@ def _order(seq: Sequence) -> tuple[int, int]:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, enable_kv_cache: bool = True) -> None:
+                 max_num_batched_tokens: int, enable_kv_cache: bool = True,
+                 enable_prefix_caching: bool = False) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_kv_cache = enable_kv_cache
+        # Without a KV cache nothing stays computed, so there is nothing to share.
+        self.enable_prefix_caching = enable_prefix_caching and enable_kv_cache
+        self.num_cached_tokens = 0          # prompt tokens taken from the prefix cache, in all
         self.waiting: list[Sequence] = []   # sorted by (priority, arrival)
         self.running: list[Sequence] = []   # sorted by (priority, arrival)
         self.num_preemptions = 0
@@ -82,7 +93,39 @@ class Scheduler:
         self._freed.append(seq.seq_id)
         self.allocator.free(seq.block_table)
         seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_cached_blocks = 0
+
+    # ---- prefix caching -------------------------------------------------------------------
+    def _hash_blocks(self, seq: Sequence, num_blocks: int) -> None:
+        """Extend seq.block_hashes to its first `num_blocks` full blocks of tokens."""
+        BS, tokens = self.block_size, None
+        for j in range(len(seq.block_hashes), num_blocks):
+            tokens = tokens or seq.token_ids
+            prev = seq.block_hashes[-1] if j else None
+            seq.block_hashes.append(hash((prev, tuple(tokens[j * BS:(j + 1) * BS]))))
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """Start a sequence that holds no blocks on the cached blocks of its leading tokens.
+        At least one token stays uncached: its logits are what the step is for. Requests for
+        prompt logprobs compute every prompt token, so they take nothing."""
+        if seq.block_table or seq.params.prompt_logprobs is not None:
+            return
+        num_full = (seq.num_tokens - 1) // self.block_size
+        self._hash_blocks(seq, num_full)
+        seq.block_table = self.allocator.take_cached(seq.block_hashes[:num_full])
+        seq.num_cached_blocks = len(seq.block_table)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+
+    def computed(self, seq: Sequence, num_tokens: int) -> None:
+        """`num_tokens` more of `seq`'s tokens have their K/V in the cache now. Blocks that
+        became full are registered, so later sequences can share them."""
+        seq.num_computed_tokens += num_tokens
+        num_full = seq.num_computed_tokens // self.block_size
+        if self.enable_prefix_caching and num_full > seq.num_cached_blocks:
+            self._hash_blocks(seq, num_full)
+            for j in range(seq.num_cached_blocks, num_full):
+                self.allocator.register(seq.block_table[j], seq.block_hashes[j])
+            seq.num_cached_blocks = num_full
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -136,9 +179,14 @@ class Scheduler:
         while (self.waiting and not out.preempted and budget > 0
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
+            if self.enable_prefix_caching:
+                self._take_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow(seq, seq.num_computed_tokens + n):
+                if seq.block_table:             # give the cached blocks back; retry next step
+                    self._free(seq)
                 break   # first come, first served: nobody overtakes the head of the queue
+            self.num_cached_tokens += seq.num_cached_blocks * self.block_size
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_order)

@@ -49,6 +49,32 @@ def test_tiny_pool_queues_chunks_and_preempts_but_outputs_are_unchanged(tiny_ckp
     _assert_pool_free(small)
 
 
+def test_prefix_caching_changes_no_token_or_logprob(tiny_ckpt):
+    """Prompts that share a 50-token start, run twice (the second time their full blocks come
+    from the prefix cache), with and without a tiny pool that forces preemption: tokens equal
+    an engine without prefix caching, logprobs agree, and every block comes back."""
+    rng = random.Random(5)
+    shared = [rng.randrange(50000) for _ in range(50)]
+    prompts = [shared + [rng.randrange(50000) for _ in range(rng.randrange(0, 9))] for _ in range(8)]
+    prompts += [shared, shared[:17]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+    plain = LLM(str(tiny_ckpt), device="cpu", quiet=True, enable_prefix_caching=False)
+    ref = plain.generate(prompts, params, use_tqdm=False)
+    assert plain.engine.scheduler.num_cached_tokens == 0
+    for kw in [{}, dict(block_size=4, num_blocks=22, max_num_batched_tokens=64, max_num_seqs=4)]:
+        llm = LLM(str(tiny_ckpt), device="cpu", quiet=True, **kw)
+        for _ in range(2):
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            for o, r in zip(outs, ref):
+                assert o.outputs[0].token_ids == r.outputs[0].token_ids
+                for got, want in zip(o.outputs[0].logprobs, r.outputs[0].logprobs):
+                    assert got.keys() == want.keys()
+                    assert list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
+        assert llm.engine.scheduler.num_cached_tokens >= 8 * 48, "the second run should hit the cache"
+        _assert_pool_free(llm)
+    assert llm.engine.scheduler.num_preemptions > 0, "the small pool should preempt"
+
+
 def test_no_kv_cache_mode_gives_the_same_tokens(tiny_ckpt, tiny_llm):
     """Full recomputation every step (enable_kv_cache=False) is the same function, slower."""
     prompts = _prompts(3, seed=2, hi=20)

@@ -9,21 +9,23 @@ _ids = iter(range(10_000))
 
 
 def _make_scheduler(num_blocks: int = 16, block_size: int = 4, max_num_seqs: int = 8,
-                    budget: int = 32) -> Scheduler:
-    return Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, budget)
+                    budget: int = 32, prefix_caching: bool = False) -> Scheduler:
+    return Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, budget,
+                     enable_prefix_caching=prefix_caching)
 
 
-def _seq(prompt_len: int, priority: int = 0) -> Sequence:
+def _seq(prompt_len: int, priority: int = 0, prompt: list[int] | None = None,
+         params: SamplingParams | None = None) -> Sequence:
     i = next(_ids)
-    return Sequence(seq_id=i, request_id=str(i), index=0, prompt_token_ids=[1] * prompt_len,
-                    params=SamplingParams(max_tokens=8), priority=priority, arrival=i)
+    return Sequence(seq_id=i, request_id=str(i), index=0, prompt_token_ids=prompt or [1] * prompt_len,
+                    params=params or SamplingParams(max_tokens=8), priority=priority, arrival=i)
 
 
 def _run_step(sched: Scheduler) -> dict[int, int]:
     """Schedule, then pretend the model ran: advance counters, append a token when sampled."""
     out = sched.schedule()
     for seq, n in out.scheduled:
-        seq.num_computed_tokens += n
+        sched.computed(seq, n)
         if seq.num_computed_tokens == seq.num_tokens:
             seq.output_token_ids.append(0)
     return {seq.seq_id: n for seq, n in out.scheduled}
@@ -104,3 +106,61 @@ def test_head_of_queue_blocks_later_requests_when_it_does_not_fit():
     s.add(big); s.add(small)
     step = _run_step(s)
     assert big.seq_id not in step and small.seq_id not in step
+
+
+# ---- prefix caching ---------------------------------------------------------------------------
+def test_a_second_prompt_with_the_same_start_shares_its_full_blocks():
+    """Prompt B = A's first 9 tokens + 3 others, block size 4: B takes A's first two blocks
+    (8 tokens) and computes from token 8; the third block differs, so it is B's own."""
+    s = _make_scheduler(prefix_caching=True)
+    a = _seq(0, prompt=list(range(100, 112)))
+    s.add(a)
+    _run_step(s)                                   # A's prompt is computed: 3 full blocks registered
+    b = _seq(0, prompt=list(range(100, 109)) + [7, 7, 7])
+    s.add(b)
+    assert _run_step(s)[b.seq_id] == 12 - 8
+    assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
+    assert s.allocator.ref_counts[a.block_table[0]] == 2 and s.num_cached_tokens == 8
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    """The step must produce logits for the last prompt token, so a prompt of exactly two
+    cached blocks takes only the first and recomputes the second."""
+    s = _make_scheduler(prefix_caching=True)
+    a = _seq(0, prompt=list(range(8)))
+    s.add(a)
+    _run_step(s)
+    b = _seq(0, prompt=list(range(8)))
+    s.add(b)
+    assert _run_step(s)[b.seq_id] == 4 and b.block_table[0] == a.block_table[0]
+
+
+def test_freed_cached_blocks_stay_cached_until_reused_tail_first():
+    """A finished sequence's blocks are free (the pool counts them) but keep their contents.
+    Allocation takes the least recently freed first, and a sequence frees its tail first, so
+    the start of a prefix (the part others can match) is forgotten last."""
+    s = _make_scheduler(num_blocks=3, prefix_caching=True)
+    a = _seq(0, prompt=list(range(9)))             # 2 full blocks + 1 partial: the whole pool
+    s.add(a)
+    _run_step(s)
+    head, tail, partial = a.block_table
+    s.finish(a, "stop")
+    assert s.allocator.num_free == 3 and len(s.allocator.cached) == 2
+    assert s.allocator.allocate(1) == [partial] and len(s.allocator.cached) == 2   # held no hash
+    assert s.allocator.allocate(1) == [tail] and list(s.allocator.cached.values()) == [head]
+    s.allocator.free([partial, tail])
+    b = _seq(0, prompt=list(range(9)))
+    s.add(b)
+    assert _run_step(s)[b.seq_id] == 9 - 4 and b.block_table[0] == head
+
+
+def test_requests_for_prompt_logprobs_compute_every_prompt_token():
+    """Prompt logprobs need the logits at every prompt position, so such a request takes no
+    cached blocks (but its own full blocks are still shared with others)."""
+    s = _make_scheduler(prefix_caching=True)
+    a = _seq(0, prompt=list(range(12)))
+    s.add(a)
+    _run_step(s)
+    b = _seq(0, prompt=list(range(12)), params=SamplingParams(max_tokens=2, prompt_logprobs=1))
+    s.add(b)
+    assert _run_step(s)[b.seq_id] == 12 and not set(b.block_table) & set(a.block_table)

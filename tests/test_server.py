@@ -332,6 +332,17 @@ def test_logprob_tokens_holding_part_of_a_character_are_shown_as_bytes(server, t
     assert any(t.startswith("bytes:") for t in tokens) and not any("\ufffd" in t for t in tokens)
 
 
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(server):
+    """The second request with the same 40-token prompt takes its full KV blocks from the
+    prefix cache (visible in /metrics) and gets the same greedy text."""
+    prompt = " ".join(f"w{i}" for i in range(20))          # 40 tokens: two full 16-token blocks
+    before = _metrics(server)["nanoserve_prefix_cache_hit_tokens_total"]
+    texts = [_post(server, prompt=prompt, max_tokens=6, temperature=0).json()["choices"][0]["text"]
+             for _ in range(2)]
+    after = _metrics(server)["nanoserve_prefix_cache_hit_tokens_total"]
+    assert texts[0] == texts[1] and after - before >= 32
+
+
 def test_output_sink_keeps_only_the_latest_snapshot_per_request():
     """A slow reader finds one (the newest) snapshot per request id, in arrival order of the
     newest; the verdict and errors are never merged away."""

@@ -57,7 +57,8 @@ _METRICS = {   # name (after "nanoserve_") -> (type, help)
     "prompt_tokens_total": ("counter", "Prompt tokens prefilled."),
     "generation_tokens_total": ("counter", "Output tokens generated."),
     "num_preemptions_total": ("counter", "Sequences preempted (their KV is recomputed later)."),
-    "prefix_cache_hit_tokens_total": ("counter", "Tokens whose KV came from the prefix cache, not a prefill."),
+    "prefix_cache_hit_tokens_total": ("counter", "Tokens whose KV came from the prefix cache instead of being "
+                                      "computed (prompts, and recomputation after a preemption)."),
 }
 
 

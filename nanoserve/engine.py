@@ -194,6 +194,7 @@ class LLMEngine:
         with finished_only, only for those that finished: cheaper when nobody streams)."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            self.runner.release_rows(sched.freed_seq_ids)   # sequences aborted since the last step
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler could not schedule any sequence; the KV pool is too small")
             return []

@@ -118,8 +118,8 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks                 # sequences holding each block
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
-        self.cached: dict[int, int] = {}                   # content hash -> block id
-        self.hash_of: dict[int, int] = {}                  # block id -> content hash
+        self.cached: dict[bytes, int] = {}                 # content hash -> block id
+        self.hash_of: dict[int, bytes] = {}                # block id -> content hash
 
     @property
     def num_free(self) -> int:
@@ -153,7 +153,7 @@ class BlockAllocator:
             if self.ref_counts[i] == 0:
                 self.free_ids[i] = None
 
-    def take_cached(self, hashes: list[int]) -> list[int]:
+    def take_cached(self, hashes: list[bytes]) -> list[int]:
         """Take (hold) the blocks registered under `hashes[0]`, `hashes[1]`, ... up to the
         first one not cached; return their ids. They count as allocated until freed."""
         ids = []
@@ -167,7 +167,7 @@ class BlockAllocator:
             ids.append(i)
         return ids
 
-    def register(self, block_id: int, h: int) -> None:
+    def register(self, block_id: int, h: bytes) -> None:
         """Remember that `block_id` holds the full block hashed `h` (first holder wins)."""
         if h not in self.cached and block_id not in self.hash_of:
             self.cached[h] = block_id

@@ -82,13 +82,17 @@ class ModelRunner:
         self.row_len = [0] * rows                 # block ids already written in each row
         self.free_rows = list(range(rows))
 
-    def _block_table_rows(self, sched: SchedulerOutput) -> tuple[list[int], int]:
-        """Bring bt_host up to date for this step's sequences; return their rows and the
-        longest block table among them (MB of this step)."""
-        for sid in sched.freed_seq_ids:           # finished or preempted: their blocks are gone
+    def release_rows(self, seq_ids: list[int]) -> None:
+        """Sequences that finished or were preempted lost their blocks: free their rows."""
+        for sid in seq_ids:
             row = self.row_of.pop(sid, None)
             if row is not None:
                 self.free_rows.append(row)
+
+    def _block_table_rows(self, sched: SchedulerOutput) -> tuple[list[int], int]:
+        """Bring bt_host up to date for this step's sequences; return their rows and the
+        longest block table among them (MB of this step)."""
+        self.release_rows(sched.freed_seq_ids)
         rows, MB = [], 0
         for seq, _ in sched.scheduled:
             row = self.row_of.get(seq.seq_id)

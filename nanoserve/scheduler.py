@@ -15,9 +15,9 @@ new ones join, and nobody waits for the slowest request of a "batch". Each step:
 
 Prefix caching: a sequence admitted without blocks first takes the cached blocks that hold
 its leading tokens (`_take_cached_prefix`) and starts computing after them; blocks that fill
-up are registered for others (`computed`). A block's hash covers its tokens and, through the
-previous block's hash, every token before them, so equal hashes mean equal prefixes (up to a
-64-bit hash collision).
+up are registered for others (`computed`). A block's hash (SHA-256) covers its tokens and,
+through the previous block's hash, every token before them, so equal hashes mean equal
+prefixes.
 
 The scheduler is plain Python over Sequence objects and a BlockAllocator: it is tested without
 a model. The "no KV cache" mode (for comparison) is one line here: every running sequence
@@ -28,7 +28,9 @@ References: vLLM v1 `Scheduler.schedule` and `KVCacheManager` (prefix caching), 
 """
 from __future__ import annotations
 
+import array
 import bisect
+import hashlib
 from dataclasses import dataclass, field
 
 from .kv_cache import BlockAllocator
@@ -65,7 +67,7 @@ class Scheduler:
         self.enable_kv_cache = enable_kv_cache
         # Without a KV cache nothing stays computed, so there is nothing to share.
         self.enable_prefix_caching = enable_prefix_caching and enable_kv_cache
-        self.num_cached_tokens = 0          # prompt tokens taken from the prefix cache, in all
+        self.num_cached_tokens = 0          # tokens taken from the prefix cache instead of computed
         self.waiting: list[Sequence] = []   # sorted by (priority, arrival)
         self.running: list[Sequence] = []   # sorted by (priority, arrival)
         self.num_preemptions = 0
@@ -97,18 +99,21 @@ class Scheduler:
 
     # ---- prefix caching -------------------------------------------------------------------
     def _hash_blocks(self, seq: Sequence, num_blocks: int) -> None:
-        """Extend seq.block_hashes to its first `num_blocks` full blocks of tokens."""
+        """Extend seq.block_hashes to its first `num_blocks` full blocks of tokens. SHA-256, not
+        hash(): a prompt crafted to collide with another client's would read that client's K/V."""
         BS, tokens = self.block_size, None
         for j in range(len(seq.block_hashes), num_blocks):
             tokens = tokens or seq.token_ids
-            prev = seq.block_hashes[-1] if j else None
-            seq.block_hashes.append(hash((prev, tuple(tokens[j * BS:(j + 1) * BS]))))
+            prev = seq.block_hashes[-1] if j else b""
+            seq.block_hashes.append(hashlib.sha256(prev + array.array("q", tokens[j * BS:(j + 1) * BS]).tobytes())
+                                    .digest())
 
     def _take_cached_prefix(self, seq: Sequence) -> None:
         """Start a sequence that holds no blocks on the cached blocks of its leading tokens.
-        At least one token stays uncached: its logits are what the step is for. Requests for
-        prompt logprobs compute every prompt token, so they take nothing."""
-        if seq.block_table or seq.params.prompt_logprobs is not None:
+        At least one token stays uncached: its logits are what the step is for. A sequence
+        that still owes prompt logprobs needs every prompt position's logits: it takes nothing."""
+        if seq.block_table or (seq.prompt_logprobs is not None
+                               and len(seq.prompt_logprobs) < seq.num_prompt_tokens):
             return
         num_full = (seq.num_tokens - 1) // self.block_size
         self._hash_blocks(seq, num_full)

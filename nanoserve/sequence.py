@@ -117,7 +117,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0         # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)   # KV block ids, in token order
-    block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash of each full block of tokens
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hash of each full block of tokens
     num_cached_blocks: int = 0           # leading blocks of block_table that the prefix cache knows
     finish_reason: str | None = None     # "stop" | "length" | "abort"
     text: str = ""                       # detokenized output (stop strings cut off)

@@ -71,6 +71,14 @@ def test_prefix_caching_changes_no_token_or_logprob(tiny_ckpt):
                     assert got.keys() == want.keys()
                     assert list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
         assert llm.engine.scheduler.num_cached_tokens >= 8 * 48, "the second run should hit the cache"
+        # With the prefix warm in the cache, prompt logprobs (n=2: only the first reports them)
+        # are still computed at every position.
+        scored = SamplingParams(n=2, temperature=0, max_tokens=2, prompt_logprobs=1)
+        got, want = (e.generate(prompts[:2], scored, use_tqdm=False) for e in (llm, plain))
+        for g, w in zip(got, want):
+            assert len(g.prompt_logprobs) == len(w.prompt_logprobs) == len(g.prompt_token_ids)
+            for a, b in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:]):
+                assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)
         _assert_pool_free(llm)
     assert llm.engine.scheduler.num_preemptions > 0, "the small pool should preempt"
 
@@ -194,6 +202,20 @@ def test_a_failing_step_leaves_the_engine_clean(tiny_llm, monkeypatch):
     _assert_pool_free(tiny_llm)
     monkeypatch.setattr(eng.runner, "execute", real)
     assert tiny_llm.generate([[1, 2, 3]], GREEDY)[0].finished
+
+
+def test_idle_steps_release_finished_sequences_block_table_rows(tiny_ckpt):
+    """step() on an engine with nothing to do (say, after the last request was aborted) still
+    hands the runner the sequences that finished, so their block-table rows come back."""
+    llm = LLM(str(tiny_ckpt), device="cpu", quiet=True, max_num_seqs=2)
+    for _ in range(6):                         # more rounds than the runner has rows (3)
+        llm.engine.add_request(None, [1, 2, 3], GREEDY)
+        llm.engine.step()
+        llm.engine.abort_request(next(iter(llm.engine.requests)))
+        assert llm.engine.step() == []
+    assert llm.generate([[1, 2, 3]], GREEDY)[0].finished
+    assert llm.engine.step() == []             # rows are handed back at the next step
+    assert len(llm.engine.runner.free_rows) == 3 and not llm.engine.runner.row_of
 
 
 def test_generated_request_ids_skip_ids_the_caller_took(tiny_llm):

@@ -155,12 +155,13 @@ def test_freed_cached_blocks_stay_cached_until_reused_tail_first():
 
 
 def test_requests_for_prompt_logprobs_compute_every_prompt_token():
-    """Prompt logprobs need the logits at every prompt position, so such a request takes no
-    cached blocks (but its own full blocks are still shared with others)."""
+    """Prompt logprobs need the logits at every prompt position, so a sequence that still
+    owes them takes no cached blocks (its own full blocks are still shared with others)."""
     s = _make_scheduler(prefix_caching=True)
     a = _seq(0, prompt=list(range(12)))
     s.add(a)
     _run_step(s)
     b = _seq(0, prompt=list(range(12)), params=SamplingParams(max_tokens=2, prompt_logprobs=1))
+    b.prompt_logprobs = [None]                     # as the engine sets it: nothing reported yet
     s.add(b)
     assert _run_step(s)[b.seq_id] == 12 and not set(b.block_table) & set(a.block_table)

@@ -128,7 +128,9 @@ def _print_table(rows: list[dict]) -> None:
 def bench_cpu(args: argparse.Namespace, ckpt: Path) -> list[dict]:
     from .engine import LLM
     q = args.quick
-    llm = LLM(str(ckpt), device="cpu", dtype="float32", quiet=True, compile_cpu_attention=args.compile)
+    # Prompts repeat across workloads and HF has no prefix cache: prefill every token on both sides.
+    llm = LLM(str(ckpt), device="cpu", dtype="float32", quiet=True, compile_cpu_attention=args.compile,
+              enable_prefix_caching=False)
     nocache = LLM(str(ckpt), device="cpu", dtype="float32", quiet=True, enable_kv_cache=False)
     hf = hf_model(ckpt, "cpu", torch.float32) if args.compare_hf else None
     # Warm-up, also compiling the decode attention for one and for several sequences (torch

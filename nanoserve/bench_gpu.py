@@ -99,8 +99,10 @@ def profile_decode(llm, prompts: list[list[int]], num_steps: int = 30) -> dict:
 
 def _new_llm(args, ckpt: Path, **kw):
     from .engine import LLM
+    # The workloads repeat prompts across warm-up and timed runs, and HF has no prefix cache:
+    # measure without ours, so that every prompt token is prefilled on both sides.
     return LLM(str(ckpt), device="cuda", dtype=args.dtype or "float16", enforce_eager=args.enforce_eager,
-               quiet=False, **kw)
+               quiet=False, enable_prefix_caching=False, **kw)
 
 
 def bench_throughput(args, ckpt: Path) -> list[dict]:

@@ -118,22 +118,24 @@ def _metrics(base: str) -> dict[str, float]:
             for line in text.splitlines() if line and not line.startswith("#")}
 
 
-def _wait_metric(base: str, name: str, want: float, timeout: float = 10.0) -> None:
+def _wait_until(base: str, ok, expected: str, timeout: float) -> dict[str, float]:
+    """Poll /metrics until ok(metrics) holds; return those metrics."""
     deadline = time.monotonic() + timeout
-    while _metrics(base).get(name) != want:
-        assert time.monotonic() < deadline, f"{name} = {_metrics(base).get(name)}, expected {want}"
+    while not ok(m := _metrics(base)):
+        assert time.monotonic() < deadline, f"expected {expected}; metrics: {m}"
         time.sleep(0.05)
+    return m
+
+
+def _wait_metric(base: str, name: str, want: float, timeout: float = 10.0) -> None:
+    _wait_until(base, lambda m: m.get(name) == want, f"{name} = {want}", timeout)
 
 
 def _wait_aborted(base: str, at_least: int, timeout: float = 20.0) -> dict[str, float]:
     """Wait until `at_least` completions were aborted and no KV block is in use. Both at once:
     the pool can be empty for a moment between two completions of a request still running."""
-    deadline = time.monotonic() + timeout
-    while (m := _metrics(base)).get(ABORTED, 0) < at_least or m["nanoserve_kv_blocks_used"] != 0:
-        assert time.monotonic() < deadline, f"aborted {m.get(ABORTED, 0)} (expected >= {at_least}), " \
-                                            f"KV blocks used {m['nanoserve_kv_blocks_used']}"
-        time.sleep(0.05)
-    return m
+    return _wait_until(base, lambda m: m.get(ABORTED, 0) >= at_least and m["nanoserve_kv_blocks_used"] == 0,
+                       f"aborted >= {at_least} and no KV block used", timeout)
 
 
 def _events(lines: list[str]) -> list[dict]:

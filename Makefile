@@ -4,6 +4,7 @@
 #   make weights MODEL=gpt2                 download a checkpoint from the hub into weights/
 #   make bench                              CPU benchmark against Hugging Face
 #   make serve                              OpenAI-compatible HTTP server on 127.0.0.1:8000
+#   make lessons                            run every lesson in examples/ (figures to docs/lessons/)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -23,7 +24,7 @@ TEMPERATURE ?= 0.0
 PORT       ?= 8000
 EXTRAS     ?= dev
 
-.PHONY: run test weights bench serve clean venv gpu-check
+.PHONY: run test weights bench serve lessons clean venv gpu-check
 
 $(VENV)/.installed-%: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +49,10 @@ bench: $(VENV)/.installed-dev
 
 serve: $(VENV)/.installed-serve
 	$(PY) -m nanoserve serve --model "$(MODEL)" --port $(PORT)
+
+# Each lesson is a plain script; they run in order and stop at the first that fails its checks.
+lessons: $(VENV)/.installed-dev
+	@for f in examples/[0-9][0-9]_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

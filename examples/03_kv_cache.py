@@ -1,0 +1,122 @@
+"""Lesson 3: the KV cache. Generating with it versus recomputing the whole sequence every step.
+Read beside it: nanoserve/kv_cache.py (the pool) and scheduler.py (`enable_kv_cache=False`).
+Try: a longer NUM_NEW_TOKENS, or dtype="bfloat16" and watch the KV bytes per token halve.
+"""
+# %% [markdown]
+# To pick token n+1, attention needs the keys and values of all n tokens before it. Without a
+# cache, every step pushes the whole sequence through the model again: step k costs k tokens,
+# and n tokens cost 1 + 2 + ... + n = O(n^2) work. With a cache, each token's K/V is computed
+# once and kept: every step after the prompt pushes one token, and n tokens cost O(n).
+
+# %%
+import time
+from itertools import accumulate
+
+import torch
+
+from lesson_utils import MODEL_DIR, check, pyplot, save_figure
+from nanoserve import LLM, SamplingParams
+from nanoserve.config import PRESETS, GPT2Config
+from nanoserve.kv_cache import bytes_per_block
+
+PROMPT = "import os\nimport sys\n\n\ndef main():\n"
+NUM_NEW_TOKENS = 192
+params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+
+
+def generate_step_by_step(llm: LLM) -> tuple[list[int], list[float], list[int]]:
+    """Run PROMPT to completion one engine step at a time.
+
+    Returns the generated token ids, the wall time of each step (ms) and the number of tokens
+    each step pushed through the model (read off the model's input with a forward hook)."""
+    engine = llm.engine
+    tokens_in = []
+    hook = engine.model.register_forward_pre_hook(lambda module, args: tokens_in.append(args[0].numel()))
+    engine.add_request("lesson3", PROMPT, params)
+    step_ms, out = [], None
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        out = engine.step()[0]
+        step_ms.append(1e3 * (time.perf_counter() - t0))
+    hook.remove()
+    return out.outputs[0].token_ids, step_ms, tokens_in
+
+
+# %% [markdown]
+# Two engines over the same weights; the second forgets every K/V after each step. One short
+# warm-up run each, so that the first timed step is not paying for memory allocation.
+
+# %%
+cached = LLM(str(MODEL_DIR), device="cpu", quiet=True, num_blocks=32, enable_prefix_caching=False)
+recompute = LLM(str(MODEL_DIR), device="cpu", quiet=True, num_blocks=32, enable_kv_cache=False)
+for llm in (cached, recompute):
+    llm.generate(PROMPT, SamplingParams(max_tokens=8))
+cached_ids, cached_ms, cached_tokens_in = generate_step_by_step(cached)
+recompute_ids, recompute_ms, recompute_tokens_in = generate_step_by_step(recompute)
+num_prompt_tokens = cached_tokens_in[0]
+print(f"prompt {num_prompt_tokens} tokens, {NUM_NEW_TOKENS} new tokens, {len(cached_ms)} steps each")
+print(f"text: {cached.tokenizer.decode(cached_ids[:40])!r}...")
+check("the cache changes the speed, not the tokens", cached_ids == recompute_ids)
+
+# %% [markdown]
+# **Where the work goes**: tokens pushed through the model per step. With the cache: the
+# prompt, then 1 per step. Without: the prompt, then the whole sequence so far, every step.
+
+# %%
+for step in (0, 1, 2, NUM_NEW_TOKENS // 2, NUM_NEW_TOKENS - 1):
+    print(f"  step {step:>3}: cached {cached_tokens_in[step]:>3} tokens, recompute {recompute_tokens_in[step]:>3} tokens")
+total_cached, total_recompute = sum(cached_tokens_in), sum(recompute_tokens_in)
+print(f"total tokens processed: cached {total_cached:,}, recompute {total_recompute:,} "
+      f"({total_recompute / total_cached:.0f}x the work)")
+P, G = num_prompt_tokens, NUM_NEW_TOKENS
+check("cached: the prompt once, then one token per step", cached_tokens_in == [P] + [1] * (G - 1))
+check("recompute: step k pushes all P + k tokens", recompute_tokens_in == [P + k for k in range(G)])
+
+# %% [markdown]
+# **Time per token** as the sequence grows. Both engines pay the same fixed cost per step
+# (the output head, 50,257 x 256, and the sampler: most of a cached step for a model this
+# small); recomputing adds work that grows with the sequence. Timings on a shared CPU are
+# noisy, so we compare medians over windows of steps, and only by a safe factor.
+
+# %%
+window = 32
+early_recompute_ms = sorted(recompute_ms[1:1 + window])[window // 2]    # step 0 is the prefill
+late_recompute_ms = sorted(recompute_ms[-window:])[window // 2]
+late_cached_ms = sorted(cached_ms[-window:])[window // 2]
+print(f"median ms per token, last {window} steps: cached {late_cached_ms:.1f}, recompute {late_recompute_ms:.1f}; "
+      f"recompute's first {window}: {early_recompute_ms:.1f}")
+print(f"total: cached {sum(cached_ms) / 1e3:.2f} s, recompute {sum(recompute_ms) / 1e3:.2f} s")
+check("recomputing gets slower as the sequence grows", late_recompute_ms > 1.5 * early_recompute_ms)
+check("at the end, recomputing is slower than reading the cache", late_recompute_ms > 1.5 * late_cached_ms)
+
+# %% [markdown]
+# **What the cache costs**: memory. Each token keeps a K and a V vector of C numbers in each
+# of L layers: 2 x L x C x (bytes per number).
+
+# %%
+mc = cached.engine.model_config
+kv_bytes_per_token = 2 * mc.n_layer * mc.n_embd * cached.engine.kv_cache.element_size()
+print(f"this model (L={mc.n_layer}, C={mc.n_embd}, float32): {kv_bytes_per_token:,} bytes = "
+      f"{kv_bytes_per_token / 1024:.0f} KiB per token; {P + G} tokens hold {(P + G) * kv_bytes_per_token / 2**20:.2f} MiB")
+check("2 x L x C x dtype size is what the engine's pool spends per token",
+      kv_bytes_per_token == bytes_per_block(mc, 1, cached.engine.kv_cache.dtype)
+      == cached.engine.kv_cache.nbytes // (cached.engine.num_blocks * cached.engine.config.block_size))
+gpt2 = GPT2Config(**{k: PRESETS["gpt2"][k] for k in ("n_layer", "n_head", "n_embd")})
+print(f"GPT-2 124M in float16: {bytes_per_block(gpt2, 1, torch.float16) / 1024:.0f} KiB per token, "
+      f"{bytes_per_block(gpt2, 1, torch.float16) * gpt2.n_ctx / 2**20:.0f} MiB for one full {gpt2.n_ctx}-token context")
+
+# %%
+plt = pyplot()
+if plt is not None:
+    positions = [P + k for k in range(G)]                      # length of the sequence at each step
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(positions[1:], recompute_ms[1:], label="recompute (no cache)", lw=1)
+    ax1.plot(positions[1:], cached_ms[1:], label="KV cache", lw=1)
+    ax1.set(title="Time per generated token", xlabel="sequence length (tokens)", ylabel="ms per token")
+    ax2.plot(range(1, G + 1), list(accumulate(recompute_tokens_in)), label=f"recompute: O(n^2), {total_recompute:,} in all")
+    ax2.plot(range(1, G + 1), list(accumulate(cached_tokens_in)), label=f"KV cache: O(n), {total_cached:,} in all")
+    ax2.set(title="Cumulative work", xlabel="tokens generated", ylabel="tokens pushed through the model")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    save_figure(fig, "03_kv_cache.png")

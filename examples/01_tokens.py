@@ -37,14 +37,8 @@ print(f"vocab:  {vocab_path}\nmerges: {merges_path}")
 # %%
 def bytes_to_unicode() -> dict[int, str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, moved = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + moved)   # unprintable byte: the next free code point from 256
-            moved += 1
-    return table
+    moved = [b for b in range(256) if b not in printable]   # each gets the next code point from 256
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(moved)}
 
 
 byte_to_char = bytes_to_unicode()

@@ -11,6 +11,7 @@ Try: a longer NUM_NEW_TOKENS, or dtype="bfloat16" and watch the KV bytes per tok
 # %%
 import time
 from itertools import accumulate
+from statistics import median
 
 import torch
 
@@ -20,41 +21,44 @@ from nanoserve.config import PRESETS, GPT2Config
 from nanoserve.kv_cache import bytes_per_block
 
 PROMPT = "import os\nimport sys\n\n\ndef main():\n"
-NUM_NEW_TOKENS = 192
+NUM_NEW_TOKENS = 160
 params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
 
 
-def generate_step_by_step(llm: LLM) -> tuple[list[int], list[float], list[int]]:
-    """Run PROMPT to completion one engine step at a time.
-
-    Returns the generated token ids, the wall time of each step (ms) and the number of tokens
-    each step pushed through the model (read off the model's input with a forward hook)."""
-    engine = llm.engine
-    tokens_in = []
-    hook = engine.model.register_forward_pre_hook(lambda module, args: tokens_in.append(args[0].numel()))
-    engine.add_request("lesson3", PROMPT, params)
-    step_ms, out = [], None
-    while engine.has_unfinished_requests():
-        t0 = time.perf_counter()
-        out = engine.step()[0]
-        step_ms.append(1e3 * (time.perf_counter() - t0))
-    hook.remove()
-    return out.outputs[0].token_ids, step_ms, tokens_in
+def generate_side_by_side(llms: list[LLM]) -> list[tuple[list[int], list[float], list[int]]]:
+    """Run PROMPT to completion on each engine, one step of each in turn, so that a busy
+    machine slows both alike. Per engine: the generated ids, the wall time of each step (ms),
+    and the tokens each step pushed through the model (seen by a hook on the model's input)."""
+    engines = [llm.engine for llm in llms]
+    step_ms, tokens_in, outputs = [[] for _ in engines], [[] for _ in engines], [[] for _ in engines]
+    hooks = [e.model.register_forward_pre_hook(lambda module, args, i=i: tokens_in[i].append(args[0].numel()))
+             for i, e in enumerate(engines)]
+    for e in engines:
+        e.add_request("lesson3", PROMPT, params)
+    while any(e.has_unfinished_requests() for e in engines):
+        for i, e in enumerate(engines):
+            t0 = time.perf_counter()
+            outputs[i] += e.step()
+            step_ms[i].append(1e3 * (time.perf_counter() - t0))
+    for h in hooks:
+        h.remove()
+    return [(out[-1].outputs[0].token_ids, ms, n) for out, ms, n in zip(outputs, step_ms, tokens_in)]
 
 
 # %% [markdown]
-# Two engines over the same weights; the second forgets every K/V after each step. One short
-# warm-up run each, so that the first timed step is not paying for memory allocation.
+# Two engines over the same weights; the second forgets every K/V after each step. Each pool
+# holds 64 blocks x 16 tokens = n_ctx. One short warm-up run each, so that the first timed
+# step does not pay for memory allocation.
 
 # %%
-cached = LLM(str(MODEL_DIR), device="cpu", quiet=True, num_blocks=32, enable_prefix_caching=False)
-recompute = LLM(str(MODEL_DIR), device="cpu", quiet=True, num_blocks=32, enable_kv_cache=False)
+cached = LLM(str(MODEL_DIR), device="cpu", quiet=True, num_blocks=64, enable_prefix_caching=False)
+recompute = LLM(str(MODEL_DIR), device="cpu", quiet=True, num_blocks=64, enable_kv_cache=False)
 for llm in (cached, recompute):
     llm.generate(PROMPT, SamplingParams(max_tokens=8))
-cached_ids, cached_ms, cached_tokens_in = generate_step_by_step(cached)
-recompute_ids, recompute_ms, recompute_tokens_in = generate_step_by_step(recompute)
-num_prompt_tokens = cached_tokens_in[0]
-print(f"prompt {num_prompt_tokens} tokens, {NUM_NEW_TOKENS} new tokens, {len(cached_ms)} steps each")
+((cached_ids, cached_ms, cached_tokens_in),
+ (recompute_ids, recompute_ms, recompute_tokens_in)) = generate_side_by_side([cached, recompute])
+P, G = len(cached.tokenizer.encode(PROMPT)), NUM_NEW_TOKENS
+print(f"prompt {P} tokens, {NUM_NEW_TOKENS} new tokens, {len(cached_ms)} steps each")
 print(f"text: {cached.tokenizer.decode(cached_ids[:40])!r}...")
 check("the cache changes the speed, not the tokens", cached_ids == recompute_ids)
 
@@ -68,7 +72,6 @@ for step in (0, 1, 2, NUM_NEW_TOKENS // 2, NUM_NEW_TOKENS - 1):
 total_cached, total_recompute = sum(cached_tokens_in), sum(recompute_tokens_in)
 print(f"total tokens processed: cached {total_cached:,}, recompute {total_recompute:,} "
       f"({total_recompute / total_cached:.0f}x the work)")
-P, G = num_prompt_tokens, NUM_NEW_TOKENS
 check("cached: the prompt once, then one token per step", cached_tokens_in == [P] + [1] * (G - 1))
 check("recompute: step k pushes all P + k tokens", recompute_tokens_in == [P + k for k in range(G)])
 
@@ -80,14 +83,16 @@ check("recompute: step k pushes all P + k tokens", recompute_tokens_in == [P + k
 
 # %%
 window = 32
-early_recompute_ms = sorted(recompute_ms[1:1 + window])[window // 2]    # step 0 is the prefill
-late_recompute_ms = sorted(recompute_ms[-window:])[window // 2]
-late_cached_ms = sorted(cached_ms[-window:])[window // 2]
-print(f"median ms per token, last {window} steps: cached {late_cached_ms:.1f}, recompute {late_recompute_ms:.1f}; "
-      f"recompute's first {window}: {early_recompute_ms:.1f}")
+slowdown = [r / c for r, c in zip(recompute_ms, cached_ms)]   # same step, same load
+early_slowdown = median(slowdown[1:1 + window])               # step 0 is the prefill
+late_slowdown = median(slowdown[-window:])
+late_cached_ms = median(cached_ms[-window:])
+late_recompute_ms = median(recompute_ms[-window:])
+print(f"median ms per token, last {window} steps: cached {late_cached_ms:.1f}, recompute {late_recompute_ms:.1f}")
+print(f"recompute / cached time per step: {early_slowdown:.2f}x early, {late_slowdown:.2f}x late")
 print(f"total: cached {sum(cached_ms) / 1e3:.2f} s, recompute {sum(recompute_ms) / 1e3:.2f} s")
-check("recomputing gets slower as the sequence grows", late_recompute_ms > 1.5 * early_recompute_ms)
-check("at the end, recomputing is slower than reading the cache", late_recompute_ms > 1.5 * late_cached_ms)
+check("at the end, recomputing is slower than reading the cache", late_slowdown > 1.5)
+check("and its cost grows with the sequence", late_slowdown > 1.3 * early_slowdown)
 
 # %% [markdown]
 # **What the cache costs**: memory. Each token keeps a K and a V vector of C numbers in each
@@ -96,7 +101,7 @@ check("at the end, recomputing is slower than reading the cache", late_recompute
 # %%
 mc = cached.engine.model_config
 kv_bytes_per_token = 2 * mc.n_layer * mc.n_embd * cached.engine.kv_cache.element_size()
-print(f"this model (L={mc.n_layer}, C={mc.n_embd}, float32): {kv_bytes_per_token:,} bytes = "
+print(f"this model (L={mc.n_layer}, C={mc.n_embd}, {cached.engine.kv_cache.dtype}): {kv_bytes_per_token:,} bytes = "
       f"{kv_bytes_per_token / 1024:.0f} KiB per token; {P + G} tokens hold {(P + G) * kv_bytes_per_token / 2**20:.2f} MiB")
 check("2 x L x C x dtype size is what the engine's pool spends per token",
       kv_bytes_per_token == bytes_per_block(mc, 1, cached.engine.kv_cache.dtype)
@@ -106,12 +111,18 @@ print(f"GPT-2 124M in float16: {bytes_per_block(gpt2, 1, torch.float16) / 1024:.
       f"{bytes_per_block(gpt2, 1, torch.float16) * gpt2.n_ctx / 2**20:.0f} MiB for one full {gpt2.n_ctx}-token context")
 
 # %%
+def rolling_median(xs: list[float], k: int = 9) -> list[float]:
+    """The median of k neighbouring steps: keeps the trend, drops a busy machine's spikes."""
+    return [median(xs[max(0, i - k // 2):i + k // 2 + 1]) for i in range(len(xs))]
+
+
 plt = pyplot()
 if plt is not None:
     positions = [P + k for k in range(G)]                      # length of the sequence at each step
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(positions[1:], recompute_ms[1:], label="recompute (no cache)", lw=1)
-    ax1.plot(positions[1:], cached_ms[1:], label="KV cache", lw=1)
+    for ms, label, color in [(recompute_ms, "recompute (no cache)", "C0"), (cached_ms, "KV cache", "C1")]:
+        ax1.plot(positions[1:], ms[1:], ".", color=color, ms=2, alpha=0.4)       # every step
+        ax1.plot(positions[1:], rolling_median(ms[1:]), color=color, label=f"{label}, median of 9")
     ax1.set(title="Time per generated token", xlabel="sequence length (tokens)", ylabel="ms per token")
     ax2.plot(range(1, G + 1), list(accumulate(recompute_tokens_in)), label=f"recompute: O(n^2), {total_recompute:,} in all")
     ax2.plot(range(1, G + 1), list(accumulate(cached_tokens_in)), label=f"KV cache: O(n), {total_cached:,} in all")

@@ -57,6 +57,6 @@ def test_kv_cache_lesson_recompute_does_quadratic_work_for_the_same_tokens(run_l
     assert g["cached_ids"] == g["recompute_ids"] and len(g["cached_ids"]) == G
     assert g["total_cached"] == P + G - 1
     assert g["total_recompute"] == G * P + G * (G - 1) // 2
-    assert g["late_recompute_ms"] > g["late_cached_ms"]
+    assert g["late_slowdown"] > 1      # paired per step, so a busy machine slows both alike
     assert g["kv_bytes_per_token"] == 2 * 3 * 256 * 4     # L=3, C=256, float32
     assert (tmp_path / "03_kv_cache.png").is_file()

@@ -47,8 +47,8 @@ print(f"{len(set(byte_to_char.values()))} distinct characters for 256 bytes; "
 
 # %% [markdown]
 # **Pre-tokenization.** The regex splits off contractions ('s 't 're 've 'm 'll 'd), words with
-# their leading space, numbers, runs of punctuation, and whitespace (a run of spaces gives all
-# but its last to the next word: `\s+(?!\S)`). It is the same pattern nanoserve gives tiktoken.
+# their leading space, numbers, runs of punctuation, and whitespace (a run of spaces keeps its
+# last space for the word after it: `\s+(?!\S)`). It is the pattern nanoserve gives tiktoken.
 
 # %%
 PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

@@ -21,7 +21,7 @@ from nanoserve.weights import load_state_dict
 
 torch.manual_seed(0)
 cfg = GPT2Config.from_json(MODEL_DIR / "config.json")
-print(cfg)
+print(f"n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} n_ctx={cfg.n_ctx} vocab_size={cfg.vocab_size}")
 
 # %% [markdown]
 # **The checkpoint** is a safetensors file: a JSON header (name, dtype, shape, offset of each

@@ -68,7 +68,8 @@ check("the cache changes the speed, not the tokens", cached_ids == recompute_ids
 
 # %%
 for step in (0, 1, 2, NUM_NEW_TOKENS // 2, NUM_NEW_TOKENS - 1):
-    print(f"  step {step:>3}: cached {cached_tokens_in[step]:>3} tokens, recompute {recompute_tokens_in[step]:>3} tokens")
+    print(f"  step {step:>3}: cached {cached_tokens_in[step]:>3} tokens, "
+          f"recompute {recompute_tokens_in[step]:>3} tokens")
 total_cached, total_recompute = sum(cached_tokens_in), sum(recompute_tokens_in)
 print(f"total tokens processed: cached {total_cached:,}, recompute {total_recompute:,} "
       f"({total_recompute / total_cached:.0f}x the work)")
@@ -99,13 +100,14 @@ check("and its cost grows with the sequence", late_slowdown > 1.3 * early_slowdo
 # of L layers: 2 x L x C x (bytes per number).
 
 # %%
-mc = cached.engine.model_config
-kv_bytes_per_token = 2 * mc.n_layer * mc.n_embd * cached.engine.kv_cache.element_size()
-print(f"this model (L={mc.n_layer}, C={mc.n_embd}, {cached.engine.kv_cache.dtype}): {kv_bytes_per_token:,} bytes = "
-      f"{kv_bytes_per_token / 1024:.0f} KiB per token; {P + G} tokens hold {(P + G) * kv_bytes_per_token / 2**20:.2f} MiB")
+engine, mc = cached.engine, cached.engine.model_config
+kv_bytes_per_token = 2 * mc.n_layer * mc.n_embd * engine.kv_cache.element_size()
+print(f"this model (L={mc.n_layer}, C={mc.n_embd}, {engine.kv_cache.dtype}): {kv_bytes_per_token:,} bytes = "
+      f"{kv_bytes_per_token / 1024:.0f} KiB per token; {P + G} tokens hold "
+      f"{(P + G) * kv_bytes_per_token / 2**20:.2f} MiB")
 check("2 x L x C x dtype size is what the engine's pool spends per token",
-      kv_bytes_per_token == bytes_per_block(mc, 1, cached.engine.kv_cache.dtype)
-      == cached.engine.kv_cache.nbytes // (cached.engine.num_blocks * cached.engine.config.block_size))
+      kv_bytes_per_token == bytes_per_block(mc, 1, engine.kv_cache.dtype)
+      == engine.kv_cache.nbytes // (engine.num_blocks * engine.config.block_size))
 gpt2 = GPT2Config(**{k: PRESETS["gpt2"][k] for k in ("n_layer", "n_head", "n_embd")})
 print(f"GPT-2 124M in float16: {bytes_per_block(gpt2, 1, torch.float16) / 1024:.0f} KiB per token, "
       f"{bytes_per_block(gpt2, 1, torch.float16) * gpt2.n_ctx / 2**20:.0f} MiB for one full {gpt2.n_ctx}-token context")
@@ -123,9 +125,10 @@ if plt is not None:
     for ms, label, color in [(recompute_ms, "recompute (no cache)", "C0"), (cached_ms, "KV cache", "C1")]:
         ax1.plot(positions[1:], ms[1:], ".", color=color, ms=2, alpha=0.4)       # every step
         ax1.plot(positions[1:], rolling_median(ms[1:]), color=color, label=f"{label}, median of 9")
+    ax1.set_ylim(0, 1.5 * max(rolling_median(recompute_ms[1:])))   # a busy machine's spikes go off the top
     ax1.set(title="Time per generated token", xlabel="sequence length (tokens)", ylabel="ms per token")
-    ax2.plot(range(1, G + 1), list(accumulate(recompute_tokens_in)), label=f"recompute: O(n^2), {total_recompute:,} in all")
-    ax2.plot(range(1, G + 1), list(accumulate(cached_tokens_in)), label=f"KV cache: O(n), {total_cached:,} in all")
+    for tokens_in, label in [(recompute_tokens_in, "recompute: O(n^2)"), (cached_tokens_in, "KV cache: O(n)")]:
+        ax2.plot(range(1, G + 1), list(accumulate(tokens_in)), label=f"{label}, {sum(tokens_in):,} in all")
     ax2.set(title="Cumulative work", xlabel="tokens generated", ylabel="tokens pushed through the model")
     for ax in (ax1, ax2):
         ax.legend()

@@ -24,3 +24,18 @@ def run_lesson(tmp_path, monkeypatch):
         (path,) = EXAMPLES.glob(f"{name}.py")
         return runpy.run_path(str(path), run_name="__main__")
     return run
+
+
+def test_paging_lesson_holds_under_one_block_of_waste_per_sequence_and_no_shared_slots(run_lesson, tmp_path):
+    """Lesson 4: paged, each sequence wastes less than one block; no two sequences share a
+    slot; a contiguous cache reserving prompt + max_tokens wastes more, n_ctx more still."""
+    g = run_lesson("04_paging")
+    BS = g["BLOCK_SIZE"]
+    assert len(g["seqs"]) == len(g["PROMPT_LENS"])          # all still running at the snapshot
+    for seq_id, used, paged, contiguous, n_ctx in g["rows"]:
+        assert used <= paged < used + BS <= contiguous + BS
+    owned = [set(v) for v in g["slots"].values()]
+    assert sum(map(len, owned)) == len(set().union(*owned))
+    assert g["written"] == set().union(*owned)
+    assert g["waste"]["paged"] < g["waste"]["prompt+max"] < g["waste"]["n_ctx"]
+    assert (tmp_path / "04_paging.png").stat().st_size > 0

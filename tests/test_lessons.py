@@ -8,6 +8,7 @@ script's global variables.
 from __future__ import annotations
 
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def run_lesson(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOSERVE_FIGURES", str(tmp_path))
     monkeypatch.syspath_prepend(str(EXAMPLES))        # for `from lesson_utils import ...`
+    # lesson_utils reads NANOSERVE_FIGURES when imported: import it afresh for this tmp_path.
+    monkeypatch.delitem(sys.modules, "lesson_utils", raising=False)
 
     def run(name: str) -> dict:
         (path,) = EXAMPLES.glob(f"{name}.py")
@@ -39,3 +42,17 @@ def test_paging_lesson_holds_under_one_block_of_waste_per_sequence_and_no_shared
     assert g["written"] == set().union(*owned)
     assert g["waste"]["paged"] < g["waste"]["prompt+max"] < g["waste"]["n_ctx"]
     assert (tmp_path / "04_paging.png").stat().st_size > 0
+
+
+def test_batching_lesson_timeline_shows_preemption_chunking_and_a_prefix_hit_with_unchanged_tokens(run_lesson, tmp_path):
+    """Lesson 5: on a 12-block pool with a 24-token budget, the recorded timeline holds a
+    preemption, the 60-token prompt runs in several chunks within the budget, D takes A's
+    cached blocks, and every request's greedy tokens equal its tokens run alone."""
+    g = run_lesson("05_continuous_batching")
+    kinds = [kind for row in g["timeline"] for kind, _ in row.values()]
+    assert "preempted" in kinds and "recompute" in kinds
+    assert g["engine"].scheduler.num_preemptions == kinds.count("preempted")
+    assert len(g["chunks_of_a"]) >= 2 and sum(g["chunks_of_a"]) == 60 and max(g["chunks_of_a"]) <= g["BUDGET"]
+    assert any(name == "D" and n >= g["BLOCK_SIZE"] for (name, _), n in g["hits"].items())
+    assert g["batched"] == g["alone"] and all(len(t) > 0 for t in g["batched"].values())
+    assert (tmp_path / "05_continuous_batching.png").stat().st_size > 0

@@ -56,3 +56,24 @@ def test_batching_lesson_timeline_shows_preemption_chunking_and_a_prefix_hit_wit
     assert any(name == "D" and n >= g["BLOCK_SIZE"] for (name, _), n in g["hits"].items())
     assert g["batched"] == g["alone"] and all(len(t) > 0 for t in g["batched"].values())
     assert (tmp_path / "05_continuous_batching.png").stat().st_size > 0
+
+
+def test_sampling_lesson_draws_follow_each_filtered_distribution_and_seeds_are_batch_invariant(run_lesson, tmp_path):
+    """Lesson 6: the real Sampler's draw frequencies match the lesson's filtered distribution
+    for every setting (within 5 standard errors, never outside its support); top-k keeps k
+    tokens and top-p/min-p fewer than all; a seeded request's tokens are the same alone and
+    batched, while the shared generator's change with the batch."""
+    g = run_lesson("06_sampling")
+    K, N = g["K"], g["N_DRAWS"]
+    for name, q in g["expected"].items():
+        f = g["observed"][name]
+        assert abs(q.sum().item() - 1) < 1e-5 and abs(f.sum().item() - 1) < 1e-6
+        assert ((f - q).abs() <= 5 * (q * (1 - q) / N).sqrt() + 1 / N).all(), name
+        assert (f[q == 0] == 0).all(), name
+    kept = {name: int((q > 0).sum()) for name, q in g["expected"].items()}
+    assert kept["top_k=5"] == 5 and kept["the model (T=1)"] == K
+    assert 1 < kept["top_p=0.8"] < K and 1 < kept["min_p=0.1"] < K
+    assert g["expected"]["temperature=0.5"][0] > g["expected"]["the model (T=1)"][0] > g["expected"]["temperature=1.5"][0]
+    assert g["same_seed"]["alone"] == g["same_seed"]["batched"] and len(g["same_seed"]["alone"]) == 12
+    assert g["shared"]["alone"] != g["shared"]["batched"]
+    assert (tmp_path / "06_sampling.png").stat().st_size > 0

@@ -62,7 +62,7 @@ print(f"{len(timeline)} steps, {engine.scheduler.num_preemptions} preemptions, "
       f"{engine.scheduler.num_cached_tokens} prompt tokens taken from the prefix cache")
 
 # %% [markdown]
-# The timeline as text: P prefill chunk, * prefill after a prefix-cache hit, d decode,
+# The timeline as text: P prefill chunk, * admitted on cached blocks (a prefix hit), d decode,
 # R recompute, X preempted (its blocks freed), . waiting; blank: not arrived or finished.
 
 # %%
@@ -80,7 +80,8 @@ print(f"A's prompt ({len(seq_of['A'].prompt_token_ids)} tokens) ran in prefill c
 check("a small pool forces at least one preemption", any(k == "preempted" for r in timeline for k, _ in r.values()))
 check("chunked prefill splits the long prompt into chunks within the budget",
       len(chunks_of_a) >= 2 and max(chunks_of_a) <= BUDGET)
-check("D starts on A's cached blocks (a prefix-cache hit)", any(n >= BLOCK_SIZE for (name, _), n in hits.items() if name == "D"))
+check("D starts on A's cached blocks (a prefix-cache hit)",
+      any(n >= BLOCK_SIZE for (name, _), n in hits.items() if name == "D"))
 check("no step runs more tokens than the budget", all(sum(n for _, n in r.values()) <= BUDGET for r in timeline))
 
 # %% [markdown]
@@ -114,10 +115,11 @@ if (plt := pyplot()) is not None:
                 ax1.text(t, i, r[name][1], ha="center", va="center", fontsize=7, color="white")
     for name, t in hits:
         ax1.plot(t - 0.3, names.index(name) - 0.3, "*", color="gold", markersize=10, markeredgecolor="black")
-    ax1.set(title=f"continuous batching on a {NUM_BLOCKS}-block pool: who runs at each step (numbers: tokens)", ylabel="request",
-            yticks=range(len(names)), yticklabels=names)
+    ax1.set(title=f"continuous batching on a {NUM_BLOCKS}-block pool: who runs at each step (numbers: tokens)",
+            ylabel="request", yticks=range(len(names)), yticklabels=names)
     ax1.legend(handles=[Patch(color=c, label=k) for k, c in zip(kinds, colours)]
-               + [plt.Line2D([], [], marker="*", color="gold", markeredgecolor="black", ls="", label="prefix-cache hit")],
+               + [plt.Line2D([], [], marker="*", color="gold", markeredgecolor="black", ls="",
+                             label="prefix-cache hit")],
                loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax2.bar(range(len(timeline)), [sum(n for _, n in r.values()) for r in timeline], color="#555555")
     ax2.axhline(BUDGET, color="red", linestyle="--", label=f"budget ({BUDGET} tokens)")

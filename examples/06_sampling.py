@@ -84,7 +84,8 @@ for name, p in SETTINGS.items():
 tolerance = {name: 5 * (q * (1 - q) / N_DRAWS).sqrt() + 1 / N_DRAWS for name, q in expected.items()}
 check(f"frequencies of {N_DRAWS} draws match each filtered distribution within 5 standard errors",
       all(((observed[n] - expected[n]).abs() <= tolerance[n]).all() for n in SETTINGS))
-check("no draw lands on a token that a filter removed", all((observed[n][expected[n] == 0] == 0).all() for n in SETTINGS))
+check("no draw lands on a token that a filter removed",
+      all((observed[n][expected[n] == 0] == 0).all() for n in SETTINGS))
 
 # %% [markdown]
 # Seeds. A request with a seed gets its own torch.Generator (engine.add_request), so its
@@ -93,14 +94,18 @@ check("no draw lands on a token that a filter removed", all((observed[n][expecte
 # at once: which numbers a request gets depends on who else is in the batch.
 
 # %%
+seeded = SamplingParams(temperature=1.0, max_tokens=12, seed=1234)
+unseeded = SamplingParams(temperature=1.0, max_tokens=12)
+NEIGHBOURS = ["class Stack:\n", "for i in range(", "def main(argv):\n    "]     # unseeded requests
+
+
 def tokens_of(prompt: str, p: SamplingParams, neighbours: list[str]) -> list[int]:
-    engine.sampler.generator.manual_seed(0)      # as a fresh LLM(seed=0) would start
-    outs = llm.generate([prompt, *neighbours], [p] + [SamplingParams(temperature=1.0, max_tokens=12)] * len(neighbours),
-                        use_tqdm=False)
+    """`prompt`'s output tokens when it runs first in a batch with `neighbours`."""
+    engine.sampler.generator.manual_seed(0)      # the shared generator, as a fresh LLM(seed=0) starts it
+    outs = llm.generate([prompt, *neighbours], [p] + [unseeded] * len(neighbours), use_tqdm=False)
     return outs[0].outputs[0].token_ids
 
-NEIGHBOURS = ["class Stack:\n", "for i in range(", "def main(argv):\n    "]
-seeded, unseeded = SamplingParams(temperature=1.0, max_tokens=12, seed=1234), SamplingParams(temperature=1.0, max_tokens=12)
+
 same_seed = {"alone": tokens_of("def ", seeded, []), "batched": tokens_of("def ", seeded, NEIGHBOURS)}
 shared = {"alone": tokens_of("def ", unseeded, []), "batched": tokens_of("def ", unseeded, NEIGHBOURS)}
 for label, runs in [("seed=1234", same_seed), ("shared generator", shared)]:
@@ -116,11 +121,11 @@ check("with the shared generator, batch neighbours change a request's tokens", s
 # %%
 if (plt := pyplot()) is not None:
     labels = [repr(llm.tokenizer.decode([t])) for t in kept[:20].tolist()]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True, sharey=True)
+    fig, axes = plt.subplots(2, 4, figsize=(16, 8), sharex=True, sharey=True, layout="constrained")
     for ax, name in zip(axes.flat, SETTINGS):
         ax.bar(range(20), expected[name][:20].tolist(), color="#1f77b4", label="filtered distribution")
         ax.plot(range(20), observed[name][:20].tolist(), "k.", label=f"frequency in {N_DRAWS} draws")
-        ax.set_title(f"{name}: {int((expected[name] > 0).sum())} of {K} tokens kept", fontsize=10)
+        ax.set_title(f"{name}\n{int((expected[name] > 0).sum())} of {K} tokens kept", fontsize=10)
     for ax in axes[1]:
         ax.set_xticks(range(20), labels, rotation=90, fontsize=8)
     fig.supxlabel(f"the model's 20 most likely next tokens after {PROMPT!r}, most likely first")

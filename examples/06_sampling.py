@@ -17,7 +17,15 @@ from nanoserve.sequence import Sequence
 llm = LLM(str(MODEL_DIR), device="cpu", quiet=True, num_blocks=64)
 engine, PROMPT = llm.engine, "import os\nimport"
 caught, real_sampler = [], engine.runner.sampler
-engine.runner.sampler = lambda logits, seqs: caught.append(logits[0].float().clone()) or real_sampler(logits, seqs)
+
+
+def catch(logits: torch.Tensor, seqs: list[Sequence]):
+    """Stands in for the runner's sampler for one call: keep the (S, V) logits, then sample."""
+    caught.append(logits[0].float().clone())                          # (V,)
+    return real_sampler(logits, seqs)
+
+
+engine.runner.sampler = catch
 reported = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=1, logprobs=5))[0].outputs[0].logprobs[0]
 engine.runner.sampler = real_sampler
 logits = caught[0]                                                     # (V,)
@@ -35,7 +43,7 @@ K, N_DRAWS = 1024, 2000
 row, kept = logits.topk(K)                                             # (K,) sorted, (K,) GPT-2 ids
 rank = {t: i for i, t in enumerate(kept.tolist())}
 print(f"kept {K} of {logits.numel()} tokens, holding {logits.softmax(-1)[kept].sum():.2%} of the probability")
-prompt_ranks = [rank[t] for t in llm.tokenizer.encode(PROMPT) if t in rank]
+prompt_ranks = [rank[t] for t in llm.tokenizer.encode(PROMPT) if t in rank]   # for the repetition penalty
 OUTPUT_SO_FAR = [0, 1, 1]     # stand-in: pretend the output already held token 0 once and token 1 twice
 SETTINGS = {"the model (T=1)": SamplingParams(), "temperature=0.5": SamplingParams(temperature=0.5),
             "temperature=1.5": SamplingParams(temperature=1.5), "top_k=5": SamplingParams(top_k=5),

@@ -60,3 +60,51 @@ def test_kv_cache_lesson_recompute_does_quadratic_work_for_the_same_tokens(run_l
     assert g["late_slowdown"] > 1      # paired per step, so a busy machine slows both alike
     assert g["kv_bytes_per_token"] == 2 * 3 * 256 * 4     # L=3, C=256, float32
     assert (tmp_path / "03_kv_cache.png").is_file()
+def test_paging_lesson_holds_under_one_block_of_waste_per_sequence_and_no_shared_slots(run_lesson, tmp_path):
+    """Lesson 4: paged, each sequence wastes less than one block; no two sequences share a
+    slot; a contiguous cache reserving prompt + max_tokens wastes more, n_ctx more still."""
+    g = run_lesson("04_paging")
+    BS = g["BLOCK_SIZE"]
+    assert len(g["seqs"]) == len(g["PROMPT_LENS"])          # all still running at the snapshot
+    for seq_id, used, paged, contiguous, n_ctx in g["rows"]:
+        assert used <= paged < used + BS <= contiguous + BS
+    owned = [set(v) for v in g["slots"].values()]
+    assert sum(map(len, owned)) == len(set().union(*owned))
+    assert g["written"] == set().union(*owned)
+    assert g["waste"]["paged"] < g["waste"]["prompt+max"] < g["waste"]["n_ctx"]
+    assert (tmp_path / "04_paging.png").stat().st_size > 0
+
+
+def test_batching_lesson_timeline_shows_preemption_chunking_and_a_prefix_hit_with_unchanged_tokens(run_lesson, tmp_path):
+    """Lesson 5: on a 12-block pool with a 24-token budget, the recorded timeline holds a
+    preemption, the 60-token prompt runs in several chunks within the budget, D takes A's
+    cached blocks, and every request's greedy tokens equal its tokens run alone."""
+    g = run_lesson("05_continuous_batching")
+    kinds = [kind for row in g["timeline"] for kind, _ in row.values()]
+    assert "preempted" in kinds and "recompute" in kinds
+    assert g["engine"].scheduler.num_preemptions == kinds.count("preempted")
+    assert len(g["chunks_of_a"]) >= 2 and sum(g["chunks_of_a"]) == 60 and max(g["chunks_of_a"]) <= g["BUDGET"]
+    assert any(name == "D" and n >= g["BLOCK_SIZE"] for (name, _), n in g["hits"].items())
+    assert g["batched"] == g["alone"] and all(len(t) > 0 for t in g["batched"].values())
+    assert (tmp_path / "05_continuous_batching.png").stat().st_size > 0
+
+
+def test_sampling_lesson_draws_follow_each_filtered_distribution_and_seeds_are_batch_invariant(run_lesson, tmp_path):
+    """Lesson 6: the real Sampler's draw frequencies match the lesson's filtered distribution
+    for every setting (within 5 standard errors, never outside its support); top-k keeps k
+    tokens and top-p/min-p fewer than all; a seeded request's tokens are the same alone and
+    batched, while the shared generator's change with the batch."""
+    g = run_lesson("06_sampling")
+    K, N = g["K"], g["N_DRAWS"]
+    for name, q in g["expected"].items():
+        f = g["observed"][name]
+        assert abs(q.sum().item() - 1) < 1e-5 and abs(f.sum().item() - 1) < 1e-6
+        assert ((f - q).abs() <= 5 * (q * (1 - q) / N).sqrt() + 1 / N).all(), name
+        assert (f[q == 0] == 0).all(), name
+    kept = {name: int((q > 0).sum()) for name, q in g["expected"].items()}
+    assert kept["top_k=5"] == 5 and kept["the model (T=1)"] == K
+    assert 1 < kept["top_p=0.8"] < K and 1 < kept["min_p=0.1"] < K
+    assert g["expected"]["temperature=0.5"][0] > g["expected"]["the model (T=1)"][0] > g["expected"]["temperature=1.5"][0]
+    assert g["same_seed"]["alone"] == g["same_seed"]["batched"] and len(g["same_seed"]["alone"]) == 12
+    assert g["shared"]["alone"] != g["shared"]["batched"]
+    assert (tmp_path / "06_sampling.png").stat().st_size > 0

@@ -24,3 +24,17 @@ def run_lesson(tmp_path, monkeypatch):
         (path,) = EXAMPLES.glob(f"{name}.py")
         return runpy.run_path(str(path), run_name="__main__")
     return run
+
+
+def test_prefix_caching_lesson_shares_exactly_the_common_full_blocks(run_lesson):
+    """Lesson 7: blocks of a shared prefix hash equal and later ones differ; a block's hash
+    depends on the tokens before it; with the cache on, the batch takes every full block it
+    shares with the first request from the cache (and no token changes), with it off none."""
+    lesson = run_lesson("07_prefix_caching")
+    n = lesson["num_shared_blocks"]
+    assert n >= 2 and lesson["hashes_a"][:n] == lesson["hashes_b"][:n]
+    assert all(a != b for a, b in zip(lesson["hashes_a"][n:], lesson["hashes_b"][n:]))
+    assert lesson["block_hashes"](lesson["moved"])[1] != lesson["hashes_a"][1]
+    assert lesson["cached_off"] == 0
+    assert lesson["cached_on"] == lesson["expected"] > 0.9 * lesson["num_batch_prompt_tokens"]
+    assert lesson["tokens_on"] == lesson["tokens_off"]

@@ -38,3 +38,21 @@ def test_prefix_caching_lesson_shares_exactly_the_common_full_blocks(run_lesson)
     assert lesson["cached_off"] == 0
     assert lesson["cached_on"] == lesson["expected"] > 0.9 * lesson["num_batch_prompt_tokens"]
     assert lesson["tokens_on"] == lesson["tokens_off"]
+
+
+def test_serving_lesson_matches_generate_frees_a_cancelled_stream_and_shuts_down(run_lesson):
+    """Lesson 8: the server's greedy text equals LLM.generate's and its stream adds up to it; a
+    stream closed midway shows in /metrics as aborted with no KV block left in use; afterwards
+    the server is gone (its thread ended, its port refuses connections). Every wait in the
+    lesson has a deadline, so this test cannot hang."""
+    for module in ("fastapi", "uvicorn", "httpx", "openai"):
+        pytest.importorskip(module, reason="pip install -e '.[lessons]' to run the serving lesson")
+    import httpx
+    lesson = run_lesson("08_serving")
+    assert lesson["server_text"] == lesson["offline_text"] == lesson["streamed_text"] != ""
+    metric, after = lesson["metric"], lesson["after_cancel"]
+    assert lesson["blocks_while_streaming"] > 0
+    assert metric(after, "finish", "abort") == 1 and metric(after, "blocks", "used") == 0
+    assert not lesson["server_thread"].is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(lesson["base"] + "/health", timeout=5)

@@ -88,8 +88,8 @@ def cancel_midway(client: openai.OpenAI, model_id: str, base: str) -> tuple[floa
     while metric(m := metrics(base), "finish", "abort") < 1 or metric(m, "blocks", "used") > 0:
         assert time.monotonic() < deadline, f"no abort in /metrics after 20 s: {m}"
         time.sleep(0.05)
-    print(f"cancelled after 5 chunks ({''.join(first_chunks)!r}): KV blocks in use {blocks_in_use:.0f} while streaming, "
-          f"{metric(m, 'blocks', 'used'):.0f} after the abort")
+    print(f"cancelled after 5 chunks ({''.join(first_chunks)!r}): KV blocks in use "
+          f"{blocks_in_use:.0f} while streaming, {metric(m, 'blocks', 'used'):.0f} after the abort")
     return blocks_in_use, m
 
 

@@ -56,3 +56,16 @@ def test_serving_lesson_matches_generate_frees_a_cancelled_stream_and_shuts_down
     assert not lesson["server_thread"].is_alive()
     with pytest.raises(httpx.ConnectError):
         httpx.get(lesson["base"] + "/health", timeout=5)
+
+
+def test_benchmarking_lesson_measures_latency_throughput_and_a_profile(run_lesson):
+    """Lesson 9: one request's TTFT comes before its finish; 8 requests in one call make more
+    output tokens/s than one; the profile of decode steps has operator rows; the GPU table of
+    BENCHMARKS.md parses into rows; the throughput figure is written."""
+    lesson = run_lesson("09_benchmarking")
+    one, batch = lesson["results"][1], lesson["results"][8]
+    assert 0 < one["ttft"] <= one["total"] <= one["wall"]
+    assert batch["tok_per_s"] > one["tok_per_s"]
+    assert len(lesson["profile_rows"]) > 0
+    assert lesson["gpu_rows"] and all(row.get("nanoserve") for row in lesson["gpu_rows"])
+    assert lesson["figure_path"].is_file()

@@ -121,7 +121,7 @@ check("the cancelled stream held KV blocks, and /metrics shows it aborted with e
 # The server is the same engine behind HTTP: greedy text equals LLM.generate's.
 
 # %%
-llm = LLM(str(MODEL_DIR), device="cpu", quiet=True)
+llm = LLM(str(MODEL_DIR), device="cpu", quiet=True, num_blocks=256)
 offline_text = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0].text
 print(f"LLM.generate: {offline_text!r}")
 check("the server's greedy completion equals LLM.generate's", server_text == offline_text)

@@ -70,10 +70,15 @@ def metric(values: dict[str, float], *words: str) -> float:
 def completion_and_stream(client: openai.OpenAI) -> tuple[str, str, str]:
     model_id = client.models.list().data[0].id
     resp = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=24, temperature=0)
-    print(f"model {model_id!r}; completion: {resp.choices[0].text!r}\n  usage: {resp.usage}")
-    chunks = [c.choices[0].text for c in client.completions.create(
-        model=model_id, prompt=PROMPT, max_tokens=24, temperature=0, stream=True)]
-    print(f"streamed in {len(chunks)} chunks: {' | '.join(map(repr, chunks))}")
+    print(f"model {model_id!r}; completion: {resp.choices[0].text!r}\n  usage: {resp.usage.prompt_tokens} prompt "
+          f"+ {resp.usage.completion_tokens} completion tokens")
+    print("streamed, one chunk at a time as they arrive:")
+    chunks = []
+    stream = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=24, temperature=0, stream=True)
+    for chunk in stream:
+        chunks.append(chunk.choices[0].text)
+        print(f"  {chunks[-1]!r}", end="", flush=True)
+    print(f"\n  ({len(chunks)} chunks)")
     return model_id, resp.choices[0].text, "".join(chunks)
 
 

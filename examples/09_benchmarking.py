@@ -29,6 +29,8 @@ print(f"{MODEL_DIR.name}, torch on {torch.get_num_threads()} CPU thread(s); "
 # finish. TTFT (time to first token) = first - arrival: queueing plus prefill. TPOT (time per
 # output token) = (finish - first) / (tokens - 1): the decode steps. Throughput = all output
 # tokens / wall time of the call. We measure each concurrency twice and keep the faster run.
+# Benchmark a quiet machine: on a busy 2-core box, torch's two OpenMP threads wait for each
+# other and every number here can swing 5-10x (OMP_NUM_THREADS=1 is steadier there).
 
 
 # %%
@@ -77,7 +79,8 @@ if plt:
     ax2.set(title="Per-request latency", xlabel="requests in one generate() call", ylabel="ms",
             xscale="log", xticks=CONCURRENCY, xticklabels=CONCURRENCY)
     ax2.legend()
-    fig.suptitle(f"{MODEL_DIR.name}, CPU, {PROMPT_LEN} -> {MAX_TOKENS} tokens per request")
+    fig.suptitle(f"{MODEL_DIR.name}, CPU ({torch.get_num_threads()} thread(s)), {PROMPT_LEN} -> {MAX_TOKENS} "
+                 "tokens per request", y=1.03)
     figure_path = save_figure(fig, "09_benchmarking.png")
 
 # %% [markdown]

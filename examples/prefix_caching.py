@@ -7,6 +7,7 @@ system prompt, few-shot examples, a document with several questions) need its K/
 same requests run with enable_prefix_caching off and on, in this order, twice; the tokens must
 match. With the cache, only the first requests (admitted in the same step, before any block
 is computed) prefill the prefix; the others take its blocks and prefill just their own tail.
+For how it works, step by step on the embedded model, see the lesson examples/07_prefix_caching.py.
 """
 import random
 import sys

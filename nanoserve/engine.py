@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Any
 
+from . import cpu_attention
 from .attention import paged_attention
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
 from .kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_per_block
@@ -80,12 +81,14 @@ class LLMEngine:
 
     # ---- set-up helpers -------------------------------------------------------------------
     def _use_kernels(self) -> None:
-        """Triton kernels on CUDA when available; the PyTorch reference otherwise."""
-        if self.device.type == "cpu" and self.config.compile_cpu_attention:
-            from .attention import compiled_cpu_attention
-            self.model.attn_fn = compiled_cpu_attention()
+        """Swap a fast path into the model in place of attention.py's reference: the tuned
+        decode attention on a CPU (cpu_attention.py), Triton kernels on CUDA when available."""
+        if self.device.type == "cpu":
+            fast = cpu_attention.compiled_attention() if self.config.compile_cpu_attention else None
+            self.model.attn_fn = fast or cpu_attention.decode_attention
+            return
         want = self.config.use_triton
-        if self.device.type != "cuda" or want is False:
+        if want is False:
             return
         from . import kernels
         if not kernels.HAS_TRITON:

@@ -79,7 +79,8 @@ class Sampler:
         return res
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        # Both loops run only over rows that use the feature, which is rare on the hot path.
+        # One Python pass over the rows; a row does tensor work only for the features it uses,
+        # and most requests use none of them.
         for row, s in enumerate(seqs):
             p = s.params
             if len(s.output_token_ids) < p.min_tokens:

@@ -76,7 +76,7 @@ class LLMEngine:
 
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
-        self._arrivals = itertools.count()
+        self._arrival_order = itertools.count()
         self._request_ids = itertools.count()
 
     # ---- set-up helpers -------------------------------------------------------------------
@@ -158,10 +158,10 @@ class LLMEngine:
         # Everything is validated above, so from here on nothing can fail half-way: a rejected
         # request never leaves sequences or blocks behind.
         seqs = []
-        arrival = next(self._arrivals)
+        arrival_order = next(self._arrival_order)
         for i in range(params.n):
             seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, index=i,
-                           prompt_token_ids=ids, params=params, priority=priority, arrival=arrival)
+                           prompt_token_ids=ids, params=params, priority=priority, arrival_order=arrival_order)
             seq.detok = IncrementalDetokenizer(self.tokenizer)
             seq.logprobs = [] if params.logprobs is not None else None
             # Only the first completion reports prompt logprobs (they are the same for all n).

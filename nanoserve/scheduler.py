@@ -53,7 +53,7 @@ class SchedulerOutput:
 
 
 def _order(seq: Sequence) -> tuple[int, int]:
-    return (seq.priority, seq.arrival)
+    return (seq.priority, seq.arrival_order)
 
 
 class Scheduler:
@@ -68,8 +68,8 @@ class Scheduler:
         # Without a KV cache nothing stays computed, so there is nothing to share.
         self.enable_prefix_caching = enable_prefix_caching and enable_kv_cache
         self.num_cached_tokens = 0          # tokens taken from the prefix cache instead of computed
-        self.waiting: list[Sequence] = []   # sorted by (priority, arrival)
-        self.running: list[Sequence] = []   # sorted by (priority, arrival)
+        self.waiting: list[Sequence] = []   # sorted by (priority, arrival_order)
+        self.running: list[Sequence] = []   # sorted by (priority, arrival_order)
         self.num_preemptions = 0
         self._freed: list[int] = []         # seq ids whose blocks were freed, for the runner
 
@@ -135,7 +135,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._free(seq)
-        self.add(seq)     # back to the waiting queue; its old arrival puts it near the front
+        self.add(seq)     # back to the waiting queue; its old arrival_order puts it near the front
         self.num_preemptions += 1
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:

@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import cdiv
+
 
 @dataclass
 class SamplingParams:
@@ -112,7 +114,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int = 0                    # lower runs first (vLLM's convention)
-    arrival: int = 0                     # admission order tiebreak (first come, first served)
+    arrival_order: int = 0               # a counter, not a time: ties in priority go first come, first served
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0         # tokens whose K/V are in the cache
@@ -146,7 +148,7 @@ class Sequence:
 
     def num_blocks_needed(self, num_tokens: int, block_size: int) -> int:
         """Extra blocks to hold `num_tokens` tokens in total."""
-        return max(0, -(-num_tokens // block_size) - len(self.block_table))
+        return max(0, cdiv(num_tokens, block_size) - len(self.block_table))
 
 
 @dataclass(slots=True)

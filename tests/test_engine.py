@@ -18,7 +18,7 @@ def _prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 60) -> list[list[int]
 def _assert_pool_free(llm: LLM) -> None:
     eng = llm.engine
     assert eng.allocator.num_free == eng.num_blocks, "KV blocks leaked"
-    assert not any(eng.allocator.is_used)
+    assert eng.allocator.num_used == 0
     assert not eng.scheduler.waiting and not eng.scheduler.running and not eng.requests
 
 

@@ -18,7 +18,7 @@ def _seq(prompt_len: int, priority: int = 0, prompt: list[int] | None = None,
          params: SamplingParams | None = None) -> Sequence:
     i = next(_ids)
     return Sequence(seq_id=i, request_id=str(i), index=0, prompt_token_ids=prompt or [1] * prompt_len,
-                    params=params or SamplingParams(max_tokens=8), priority=priority, arrival=i)
+                    params=params or SamplingParams(max_tokens=8), priority=priority, arrival_order=i)
 
 
 def _run_step(sched: Scheduler) -> dict[int, int]:

@@ -32,9 +32,27 @@ import array
 import bisect
 import hashlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .kv_cache import BlockAllocator
 from .sequence import Sequence, SequenceStatus
+
+
+class ScheduledSeq(NamedTuple):
+    """One sequence's share of a step, as the scheduler decided it (see StepRecord)."""
+    seq_id: int
+    request_id: str
+    num_computed_tokens: int   # tokens whose K/V were in the cache before this step
+    num_new_tokens: int        # tokens computed in this step
+    phase: str                 # "prefill" (a prompt, a chunk of one, or a recompute) or "decode"
+    num_cached_tokens: int     # tokens taken from the prefix cache when admitted this step; else 0
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A plain copy of one step's decision, for watching the scheduler (LLMEngine.last_step)."""
+    scheduled: list[ScheduledSeq]    # in the order the step runs them
+    preempted_seq_ids: list[int]     # sent back to the waiting queue, their blocks freed
 
 
 @dataclass
@@ -43,17 +61,28 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     freed_seq_ids: list[int] = field(default_factory=list)   # lost their blocks since the last step
     num_tokens: int = 0                                       # tokens scheduled, summed
+    num_computed_before: list[int] = field(default_factory=list)      # per scheduled sequence
     num_cached_tokens: dict[int, int] = field(default_factory=dict)   # seq_id -> prefix-cache tokens
                                                                       # taken when admitted this step
 
     def add(self, seq: Sequence, num_tokens: int) -> None:
         """Schedule `num_tokens` of `seq` in this step (and charge them to the step's budget)."""
         self.scheduled.append((seq, num_tokens))
+        self.num_computed_before.append(seq.num_computed_tokens)   # sequences change once it runs
         self.num_tokens += num_tokens
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    def record(self) -> StepRecord:
+        """This decision as plain values, from what was captured at schedule time."""
+        rows = []
+        for (seq, n), c in zip(self.scheduled, self.num_computed_before):
+            phase = "decode" if n == 1 and c >= seq.num_prompt_tokens else "prefill"
+            rows.append(ScheduledSeq(seq.seq_id, seq.request_id, c, n, phase,
+                                     self.num_cached_tokens.get(seq.seq_id, 0)))
+        return StepRecord(rows, [seq.seq_id for seq in self.preempted])
 
 
 def _order(seq: Sequence) -> tuple[int, int]:

@@ -4,8 +4,9 @@ drives); LLM is the offline convenience wrapper with vLLM's `generate`.
 One `LLMEngine.step()`:
     scheduler.schedule()  -> which sequences, how many tokens each
     runner.execute()      -> model forward on the paged cache + sampling (one host sync)
-    _update()             -> append tokens, detokenize, check stop conditions, free blocks
+    _update()             -> append tokens, check stop conditions (outputs.py), free blocks
 and returns a RequestOutput for every request that made progress, so callers can stream.
+`last_step` shows what the scheduler decided in the latest step.
 
 References: vLLM `LLMEngine` / `LLM`, nano-vllm `llm_engine.py`.
 """
@@ -21,9 +22,9 @@ from .attention import paged_attention
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
 from .kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_per_block
 from .model import GPT2
+from .outputs import OutputProcessor
 from .runner import ModelRunner, StepResult
 from .sampler import Sampler
-from .outputs import OutputProcessor
 from .scheduler import Scheduler, SchedulerOutput, StepRecord
 from .sequence import Request, RequestOutput, SamplingParams, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer

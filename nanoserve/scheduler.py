@@ -174,8 +174,6 @@ class Scheduler:
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give `seq` enough blocks for `num_tokens` tokens in total; False if the pool is short."""
         need = seq.num_blocks_needed(num_tokens, self.block_size)
-        if need == 0:                   # the usual decode: its last block has room
-            return True
         if not self.allocator.can_allocate(need):
             return False
         seq.block_table.extend(self.allocator.allocate(need))
@@ -215,7 +213,9 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             assert n > 0, f"running sequence {seq.seq_id} has nothing to compute"
-            if not self._grow_or_preempt(seq, seq.num_computed_tokens + n, out):
+            # The usual decode fits in its last block; the check here saves a call per sequence.
+            needs_blocks = seq.num_computed_tokens + n > len(seq.block_table) * self.block_size
+            if needs_blocks and not self._grow_or_preempt(seq, seq.num_computed_tokens + n, out):
                 return          # `seq` preempted itself: everyone after it is gone too
             out.add(seq, n)
             i += 1

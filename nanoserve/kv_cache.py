@@ -10,7 +10,7 @@ finished or preempted sequence returns its blocks at once.
 The pool is one tensor, indexed (L, 2, NB, BS, H, D): per layer, K and V, each block holding
 BS tokens of H heads of D dims. In memory each block is stored head-major, (H, BS, D): one
 head's BS keys are then one contiguous (BS, D) matrix, so attention over a block is a plain
-matrix product on the CPU and one contiguous read on the GPU. Code indexes the logical shape
+matrix product on the CPU (cpu_attention.py) and one contiguous read on the GPU (kernels.py). Code indexes the logical shape
 and never needs to know; the strides carry the layout. The allocator is plain Python: it
 knows block ids, not tensors.
 

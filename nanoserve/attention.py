@@ -10,9 +10,10 @@ A step mixes sequences freely: a decode token (1 query), a prefill chunk (many q
 keys include earlier chunks), a whole prompt. Query token j of a sequence sits at absolute
 position context_len - query_len + j, and may see keys at positions <= its own (causal).
 
-This file is the CPU path and the oracle the Triton kernels in kernels.py are tested against.
-It is written for clarity and for CPU speed at small batch: K/V of all sequences in the step
-are gathered into one padded (S, T) tensor so one SDPA call serves the whole batch.
+This file is the reference, written for clarity: K/V of all sequences in the step are gathered
+into one padded (S, T) layout and one SDPA call serves the whole batch, prefill and decode alike.
+The fast paths are tested against it: kernels.py (Triton, GPU) and cpu_attention.py (decode
+steps on a CPU); the engine swaps them into the model (GPT2.attn_fn).
 
 N = tokens in this step (all sequences, flattened)   S = sequences in batch
 H = n_head  D = head_dim  NB = KV blocks in pool   BS = tokens per block   MB = max blocks per sequence
@@ -27,6 +28,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .config import cdiv
 
 
 @dataclass
@@ -80,10 +83,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         sequence's end) get zeros.
     """
     N, H, D = q.shape
-    S = meta.num_seqs
-    if meta.is_decode and N == S:
-        return _decode_attention(q, k_cache, v_cache, meta, scale)
-    BS = k_cache.shape[1]
+    S, BS = meta.num_seqs, k_cache.shape[1]
     dev = q.device
     qsl = meta.query_start_loc.long()                          # (S+1,)
     q_lens = qsl[1:] - qsl[:-1]                                # (S,)
@@ -91,7 +91,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Q, T = meta.max_query_len, meta.max_context_len
 
     # Gather each sequence's K/V through its block table into a padded (S, T) layout.
-    num_blocks = (T + BS - 1) // BS
+    num_blocks = cdiv(T, BS)
     blocks = meta.block_tables[:, :num_blocks].long()          # (S, nb)
     k = k_cache[blocks].reshape(S, num_blocks * BS, H, D)[:, :T]   # (S, T, H, D)
     v = v_cache[blocks].reshape(S, num_blocks * BS, H, D)[:, :T]   # (S, T, H, D)
@@ -118,66 +118,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     result = torch.zeros_like(q)                                     # (N, H, D)
     result[q_idx[q_valid]] = out[q_valid]
     return result
-
-
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The common case, one query per sequence, done block by block: (S, H, D) -> (S, H, D).
-
-    With head-major blocks each (block, head) is a contiguous (BS, D) matrix, so the scores and
-    the weighted sum are batched matrix-vector products straight on the gathered blocks; this
-    avoids re-laying out K/V for SDPA, which on a CPU cost more than the attention itself."""
-    BS = k_cache.shape[1]
-    blocks = _used_blocks(meta, BS)                            # (S, nb)
-    nb = blocks.shape[1]
-    kh, vh = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (NB, H, BS, D) head-major
-    S, H, D = q.shape
-    k, v = kh[blocks], vh[blocks]                              # (S, nb, H, BS, D) each
-    scores = torch.matmul(k, q[:, None, :, :, None])[..., 0]   # (S, nb, H, BS)
-    scores = scores.transpose(1, 2).reshape(S, H, nb * BS) * scale   # (S, H, T)
-    t = torch.arange(nb * BS, device=q.device)                 # (T,)
-    beyond = t[None, :] >= meta.context_lens[:, None]          # (S, T) keys not yet written
-    probs = scores.masked_fill(beyond[:, None, :], float("-inf")).softmax(dim=-1)   # (S, H, T)
-    probs = probs.view(S, H, nb, BS).transpose(1, 2)[..., None, :]   # (S, nb, H, 1, BS)
-    return torch.matmul(probs, v)[..., 0, :].sum(dim=1)        # (S, H, D)
-
-
-def _used_blocks(meta: AttentionMetadata, BS: int) -> torch.Tensor:
-    """The block-table columns that hold any of this step's context: (S, MB) -> (S, nb)."""
-    return meta.block_tables[:, :(meta.max_context_len + BS - 1) // BS].long()
-
-
-def _decode_fused(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, blocks: torch.Tensor,
-                  context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """The same computation written elementwise, for torch.compile to fuse (see below).
-
-    q (S, H, D), kh/vh (NB, H, BS, D) head-major pool, blocks (S, nb) -> (S, H, D)."""
-    nb, BS = blocks.shape[1], kh.shape[2]
-    scores = (kh[blocks] * q[:, None, :, None, :]).sum(-1) * scale      # (S, nb, H, BS)
-    t = torch.arange(nb * BS, device=q.device).view(nb, BS)            # (nb, BS) key positions
-    scores = scores.masked_fill(t[None, :, None, :] >= context_lens[:, None, None, None], float("-inf"))
-    # Softmax over all of a sequence's keys, which span two axes here (nb, BS).
-    probs = torch.exp(scores - scores.amax(dim=(1, 3), keepdim=True))   # (S, nb, H, BS)
-    out = (probs[..., None] * vh[blocks]).sum(dim=(1, 3))               # (S, H, D)
-    return out / probs.sum(dim=(1, 3))[..., None]
-
-
-# On a CPU the gathers cost more than the arithmetic: eager PyTorch copies every gathered
-# block before using it. torch.compile turns _decode_fused into one C++ loop nest that reads
-# each cached K/V once (measured 1.8 ms vs 6 ms eager for 32 sequences of 128 tokens, one layer,
-# 2 cores). It needs a C++ compiler and ~10 s the first time, so it is opt-in:
-# EngineConfig.compile_cpu_attention makes the engine use this instead of paged_attention.
-def compiled_cpu_attention() -> AttentionFn:
-    fused = torch.compile(_decode_fused, dynamic=True)
-
-    def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        if not (meta.is_decode and q.shape[0] == meta.num_seqs):
-            return paged_attention(q, k_cache, v_cache, meta, scale)   # prefill: the reference
-        blocks = _used_blocks(meta, k_cache.shape[1])                   # (S, nb)
-        return fused(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), blocks,
-                     meta.context_lens.long(), scale)                   # (S, H, D)
-    return attention
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -124,6 +124,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: how many blocks of b hold a items (a tokens in blocks of BS, ...)."""
+    return -(-a // b)
+
+
+def to_device(values: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (or CPU tensor) as a tensor on `device`. To a GPU the copy goes through
+    pinned memory, so it is asynchronous: the host goes on preparing the step meanwhile."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything LLM(...) accepts besides the model. Names and defaults follow vLLM."""

@@ -4,8 +4,9 @@ drives); LLM is the offline convenience wrapper with vLLM's `generate`.
 One `LLMEngine.step()`:
     scheduler.schedule()  -> which sequences, how many tokens each
     runner.execute()      -> model forward on the paged cache + sampling (one host sync)
-    _update()             -> append tokens, detokenize, check stop conditions, free blocks
+    _update()             -> append tokens, check stop conditions (outputs.py), free blocks
 and returns a RequestOutput for every request that made progress, so callers can stream.
+`last_step` shows what the scheduler decided in the latest step.
 
 References: vLLM `LLMEngine` / `LLM`, nano-vllm `llm_engine.py`.
 """
@@ -16,14 +17,16 @@ import logging
 import time
 from typing import Any
 
+from . import cpu_attention
 from .attention import paged_attention
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
 from .kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_per_block
 from .model import GPT2
+from .outputs import OutputProcessor
 from .runner import ModelRunner, StepResult
 from .sampler import Sampler
-from .scheduler import Scheduler
-from .sequence import CompletionOutput, Request, RequestMetrics, RequestOutput, SamplingParams, Sequence
+from .scheduler import Scheduler, SchedulerOutput, StepRecord
+from .sequence import Request, RequestOutput, SamplingParams, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .weights import load_state_dict, resolve_model
 
@@ -73,19 +76,23 @@ class LLMEngine:
         if self.device.type == "cuda" and not config.enforce_eager and self.model.attn_fn is not paged_attention:
             self.runner.capture_cuda_graphs()
 
+        self.outputs = OutputProcessor(self.tokenizer, mc.eos_token_id, mc.n_ctx)
         self.requests: dict[str, Request] = {}
+        self._last_sched: SchedulerOutput | None = None     # see last_step
         self._seq_ids = itertools.count()
-        self._arrivals = itertools.count()
+        self._arrival_order = itertools.count()
         self._request_ids = itertools.count()
 
     # ---- set-up helpers -------------------------------------------------------------------
     def _use_kernels(self) -> None:
-        """Triton kernels on CUDA when available; the PyTorch reference otherwise."""
-        if self.device.type == "cpu" and self.config.compile_cpu_attention:
-            from .attention import compiled_cpu_attention
-            self.model.attn_fn = compiled_cpu_attention()
+        """Swap a fast path into the model in place of attention.py's reference: the tuned
+        decode attention on a CPU (cpu_attention.py), Triton kernels on CUDA when available."""
+        if self.device.type == "cpu":
+            fast = cpu_attention.compiled_attention() if self.config.compile_cpu_attention else None
+            self.model.attn_fn = fast or cpu_attention.decode_attention
+            return
         want = self.config.use_triton
-        if self.device.type != "cuda" or want is False:
+        if want is False:
             return
         from . import kernels
         if not kernels.HAS_TRITON:
@@ -117,48 +124,19 @@ class LLMEngine:
 
     def add_request(self, request_id: str | None, prompt: PromptType,
                     params: SamplingParams | None = None, priority: int = 0) -> str:
-        """Queue a request. Raises ValueError/TypeError (and changes nothing) if it is invalid."""
+        """Queue a request; returns its id. Raises ValueError/TypeError (and changes nothing)
+        if it is invalid."""
         params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        if not isinstance(priority, int):
-            raise TypeError(f"priority must be an int, got {priority!r}")
-        if request_id is None:      # the next free number: a caller may have taken "0" already
-            while (request_id := str(next(self._request_ids))) in self.requests:
-                pass
-        request_id = str(request_id)
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        request_id = self._check_request(request_id, params, priority)
         text, ids = self._prompt_ids(prompt)
-        if not ids:
-            raise ValueError("prompt is empty; give at least one token")
-        n_ctx = self.model_config.n_ctx
-        if len(ids) + params.max_tokens > n_ctx:
-            raise ValueError(f"prompt is {len(ids)} tokens and max_tokens is {params.max_tokens}: "
-                             f"{len(ids) + params.max_tokens} > n_ctx={n_ctx}; shorten the prompt or lower max_tokens")
-        capacity = self.num_blocks * self.config.block_size
-        if len(ids) + params.max_tokens > capacity:
-            raise ValueError(f"prompt + max_tokens = {len(ids) + params.max_tokens} tokens exceeds the whole KV pool "
-                             f"({capacity} tokens); raise num_blocks or lower max_tokens")
-        if not self.config.enable_kv_cache and len(ids) + params.max_tokens - 1 > self.max_num_batched_tokens:
-            raise ValueError(f"without a KV cache every step recomputes the whole sequence, and prompt + max_tokens "
-                             f"- 1 = {len(ids) + params.max_tokens - 1} tokens exceeds max_num_batched_tokens="
-                             f"{self.max_num_batched_tokens}; raise it or lower max_tokens")
-        V = self.model_config.vocab_size
-        for name, token_ids in [("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias))]:
-            if bad := [t for t in token_ids if not 0 <= t < V]:
-                raise ValueError(f"{name} has token ids {bad[:5]} outside the vocabulary [0, {V})")
-        for name in ("logprobs", "prompt_logprobs"):
-            if (k := getattr(params, name)) is not None and k > V:
-                raise ValueError(f"{name}={k} asks for more tokens than the vocabulary has ({V})")
-
+        self._check_fits(len(ids), params)
         # Everything is validated above, so from here on nothing can fail half-way: a rejected
         # request never leaves sequences or blocks behind.
+        arrival_order = next(self._arrival_order)
         seqs = []
-        arrival = next(self._arrivals)
         for i in range(params.n):
-            seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, index=i,
-                           prompt_token_ids=ids, params=params, priority=priority, arrival=arrival)
+            seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, index=i, prompt_token_ids=ids,
+                           params=params, priority=priority, arrival_order=arrival_order)
             seq.detok = IncrementalDetokenizer(self.tokenizer)
             seq.logprobs = [] if params.logprobs is not None else None
             # Only the first completion reports prompt logprobs (they are the same for all n).
@@ -171,6 +149,39 @@ class LLMEngine:
             self.scheduler.add(seq)
         return request_id
 
+    def _check_request(self, request_id: str | None, params: SamplingParams, priority: int) -> str:
+        """Check the arguments' types and the params against the vocabulary; return the
+        request id to use (a fresh one for None)."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        params.check_vocab(self.model_config.vocab_size)
+        if request_id is None:      # the next free number: a caller may have taken "0" already
+            while (request_id := str(next(self._request_ids))) in self.requests:
+                pass
+        request_id = str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        return request_id
+
+    def _check_fits(self, num_prompt: int, params: SamplingParams) -> None:
+        """The prompt plus max_tokens must fit n_ctx, the KV pool, and (without a KV cache) one step."""
+        if num_prompt == 0:
+            raise ValueError("prompt is empty; give at least one token")
+        total, n_ctx = num_prompt + params.max_tokens, self.model_config.n_ctx
+        if total > n_ctx:
+            raise ValueError(f"prompt is {num_prompt} tokens and max_tokens is {params.max_tokens}: "
+                             f"{total} > n_ctx={n_ctx}; shorten the prompt or lower max_tokens")
+        capacity = self.num_blocks * self.config.block_size
+        if total > capacity:
+            raise ValueError(f"prompt + max_tokens = {total} tokens exceeds the whole KV pool "
+                             f"({capacity} tokens); raise num_blocks or lower max_tokens")
+        if not self.config.enable_kv_cache and total - 1 > self.max_num_batched_tokens:
+            raise ValueError(f"without a KV cache every step recomputes the whole sequence, and prompt + max_tokens "
+                             f"- 1 = {total - 1} tokens exceeds max_num_batched_tokens="
+                             f"{self.max_num_batched_tokens}; raise it or lower max_tokens")
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; its blocks go back to the pool. Unknown ids are ignored."""
         req = self.requests.pop(str(request_id), None)
@@ -180,7 +191,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
         req.finished_time = time.perf_counter()
-        return self._output(req)
+        return self.outputs.output(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -192,7 +203,7 @@ class LLMEngine:
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one step. Returns a RequestOutput for every request that made progress (or,
         with finished_only, only for those that finished: cheaper when nobody streams)."""
-        sched = self.scheduler.schedule()
+        sched = self._last_sched = self.scheduler.schedule()
         if sched.is_empty:
             self.runner.release_rows(sched.freed_seq_ids)   # sequences aborted since the last step
             if self.scheduler.has_unfinished():
@@ -201,7 +212,19 @@ class LLMEngine:
         result = self.runner.execute(sched)
         return self._update(sched, result, finished_only)
 
-    def _update(self, sched, result: StepResult, finished_only: bool = False) -> list[RequestOutput]:
+    @property
+    def last_step(self) -> StepRecord | None:
+        """What the scheduler decided for the latest step (None before the first), as plain
+        values captured when it decided, so the record stays true after the step has run:
+        `scheduled` holds, per sequence in run order, its seq_id and request_id, the tokens
+        already computed before the step, the tokens computed in it, "prefill" or "decode",
+        and the tokens its admission in this step took from the prefix cache;
+        `preempted_seq_ids` the sequences sent back to wait. Built when read, so watching
+        costs the engine nothing per step."""
+        return self._last_sched.record() if self._last_sched is not None else None
+
+    def _update(self, sched: SchedulerOutput, result: StepResult,
+                finished_only: bool = False) -> list[RequestOutput]:
         """Apply one step's results to the sequences, in the scheduler's order.
 
         Every scheduled sequence advances its cache counter by the tokens it ran. Only those
@@ -218,78 +241,19 @@ class LLMEngine:
                 continue                       # a prefill chunk that did not reach the end yet
             touched[req.request_id] = req
             req.first_token_time = req.first_token_time or now
-            self._append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
+            reason = self.outputs.append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
+            if reason is not None:
+                self.scheduler.finish(seq, reason)    # frees its blocks
         outputs = []
         for req in touched.values():
             done = req.seqs[-1].is_finished and req.is_finished   # cheap test first: n is usually 1
             if done:
                 req.finished_time = now
             if done or not finished_only:
-                outputs.append(self._output(req))
+                outputs.append(self.outputs.output(req))
             if done:
                 del self.requests[req.request_id]
         return outputs
-
-    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
-        """Add a sampled token and check the stop conditions, in vLLM's order: EOS, stop token
-        ids, stop strings (text is cut before the match), then length. Finishing frees blocks."""
-        p = seq.params
-        seq.output_token_ids.append(token)
-        if logprobs is not None:
-            seq.logprobs.append(logprobs)
-            seq.cumulative_logprob += logprobs[token]
-        eos = self.model_config.eos_token_id
-        num_out = len(seq.output_token_ids)
-        if token == eos and not p.ignore_eos and num_out >= p.min_tokens:
-            return self.scheduler.finish(seq, "stop")
-        if token in p.stop_token_ids and num_out >= p.min_tokens:
-            return self.scheduler.finish(seq, "stop")
-        if p.stop:
-            # Stop strings need the text now; otherwise it is made when someone asks (_output).
-            old = len(seq.text)
-            self._detokenize(seq)
-            if num_out >= p.min_tokens:
-                # Search only where a new match can be: the new text plus a stop string's length.
-                start = max(0, old - max(len(s) for s in p.stop) + 1)
-                hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
-                if hits:
-                    seq.text = seq.text[:min(hits)]
-                    return self.scheduler.finish(seq, "stop")
-        if num_out >= p.max_tokens or len(seq.prompt_token_ids) + num_out >= self.model_config.n_ctx:
-            self.scheduler.finish(seq, "length")
-            if p.stop:   # the text is current already, so _output won't flush a held-back partial character
-                seq.text += seq.detok.flush()
-
-    def _detokenize(self, seq: Sequence) -> None:
-        """Bring seq.text up to date with its output tokens (special tokens are not text)."""
-        eos, out = self.model_config.eos_token_id, seq.output_token_ids
-        if seq.num_detok == len(out):
-            return
-        if seq.num_detok == 0 and seq.is_finished:
-            # Nobody streamed this sequence: one bulk decode (in Rust) beats a push per token.
-            seq.text = self.tokenizer.decode([t for t in out if t != eos])
-        else:
-            for t in out[seq.num_detok:]:
-                if t != eos:
-                    seq.detok.push(t)
-            if seq.is_finished:
-                seq.detok.flush()
-            seq.text = seq.detok.text
-        seq.num_detok = len(out)
-
-    def _output(self, req: Request) -> RequestOutput:
-        """A snapshot for the caller: lists are copied, since the sequences keep growing."""
-        for s in req.seqs:
-            self._detokenize(s)      # a no-op once text is current (a stop-string cut included)
-        comps = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.output_token_ids),
-                                  cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-                                  logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                                  finish_reason=s.finish_reason) for s in req.seqs]
-        first = req.seqs[0]
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
-                             outputs=comps, finished=req.is_finished,
-                             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time))
 
 
 class LLM:

@@ -114,7 +114,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     s = tl.program_id(0)
     h = tl.program_id(1)
     q_row = tl.load(query_start_loc_ptr + s)
-    has_query = tl.load(query_start_loc_ptr + s + 1) > q_row   # False for an empty filler sequence
+    # A "filler" sequence has no query this step (query_start_loc[s+1] == query_start_loc[s]):
+    # a caller may list one to keep a batch's shape, and it must write no output row.
+    has_query = tl.load(query_start_loc_ptr + s + 1) > q_row
     ctx = tl.load(context_lens_ptr + s)
     d = tl.arange(0, BLOCK_D)                                  # (BD,) the padded lanes are masked off
     d_mask = d < D
@@ -151,7 +153,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)     # (BD,)
         m_i = m_new
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)                    # ctx == 0 (filler) gives zeros, not NaN
+    out = acc / tl.where(l_i > 0, l_i, 1.0)                    # ctx == 0 gives zeros, not NaN
     tl.store(out_ptr + q_row * stride_on + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
              mask=d_mask & has_query)
     first_pad = tl.load(query_start_loc_ptr + num_seqs)
@@ -297,7 +299,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             # 32x32 tiles on 8 warps they stay below the limit instead of spilling to local memory.
             BLOCK_M, BLOCK_N, num_warps, precision = 32, 32, 8, "ieee"
         else:
-            # fp16/bf16 (serving): wgmma tensor-core dots. This is ~150 registers with D = 64.
+            # fp16/bf16 (serving): wgmma tensor-core dots that multiply the fp16/bf16 inputs
+            # exactly and accumulate in fp32. input_precision only changes how fp32 inputs
+            # are rounded, so here it is moot; we pass Triton's default ("tf32") unchanged.
+            # This is ~150 registers with D = 64.
             BLOCK_M, BLOCK_N, num_warps, precision = 64, (64 if BLOCK_D <= 64 else 32), 4, "tf32"
         grid = (S, H, triton.cdiv(meta.max_query_len, BLOCK_M))
         _prefill_kernel[grid](*args, D=D, BS=BS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,

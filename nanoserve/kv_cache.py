@@ -10,7 +10,7 @@ finished or preempted sequence returns its blocks at once.
 The pool is one tensor, indexed (L, 2, NB, BS, H, D): per layer, K and V, each block holding
 BS tokens of H heads of D dims. In memory each block is stored head-major, (H, BS, D): one
 head's BS keys are then one contiguous (BS, D) matrix, so attention over a block is a plain
-matrix product on the CPU and one contiguous read on the GPU. Code indexes the logical shape
+matrix product on the CPU (cpu_attention.py) and one contiguous read on the GPU (kernels.py). Code indexes the logical shape
 and never needs to know; the strides carry the layout. The allocator is plain Python: it
 knows block ids, not tensors.
 
@@ -30,7 +30,7 @@ from collections import OrderedDict
 import torch
 
 from .attention import AttentionMetadata
-from .config import EngineConfig, GPT2Config
+from .config import EngineConfig, GPT2Config, cdiv
 
 
 def bytes_per_block(cfg: GPT2Config, block_size: int, dtype: torch.dtype) -> int:
@@ -59,7 +59,7 @@ def auto_num_blocks(model: torch.nn.Module, config: EngineConfig, dtype: torch.d
     else:
         budget = _profile_free_gpu_memory(model, config, dtype, device, max_num_batched_tokens)
     num_blocks = budget // per_block
-    need = -(-mc.n_ctx // config.block_size)
+    need = cdiv(mc.n_ctx, config.block_size)
     if num_blocks < need:
         raise RuntimeError(f"the KV pool would hold {num_blocks} blocks of {config.block_size} tokens, less than "
                            f"one {mc.n_ctx}-token sequence ({need} blocks); raise gpu_memory_utilization or "
@@ -77,8 +77,8 @@ def _profile_free_gpu_memory(model: torch.nn.Module, config: EngineConfig, dtype
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     seq_len = min(n_tok, mc.n_ctx)
-    S = -(-n_tok // seq_len)                            # full-length sequences fill the budget
-    MB = -(-seq_len // BS)
+    S = cdiv(n_tok, seq_len)                          # full-length sequences fill the budget
+    MB = cdiv(seq_len, BS)
     pool = allocate_kv_cache(mc, S * MB, BS, dtype, device)
     lens = [seq_len] * (S - 1) + [n_tok - seq_len * (S - 1)]
     meta = AttentionMetadata(
@@ -126,8 +126,9 @@ class BlockAllocator:
         return len(self.free_ids)
 
     @property
-    def is_used(self) -> list[bool]:
-        return [n > 0 for n in self.ref_counts]
+    def num_used(self) -> int:
+        """Blocks that some sequence holds, counted from the reference counts."""
+        return sum(n > 0 for n in self.ref_counts)
 
     def can_allocate(self, n: int) -> bool:
         return n <= len(self.free_ids)

@@ -102,8 +102,8 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.lm_head: nn.Parameter | None = None              # (V, C) only for untied fine-tunes
-        # The attention implementation is swappable: the PyTorch reference here, Triton
-        # kernels on the GPU (the runner sets these).
+        # The attention implementation is swappable: the PyTorch reference here; the engine
+        # swaps in a fast path (LLMEngine._use_kernels: Triton on a GPU, cpu_attention.py on a CPU).
         self.attn_fn: AttentionFn = attention.paged_attention
         self.write_fn: WriteKVFn = attention.write_kv
 

@@ -20,13 +20,14 @@ References: vLLM `gpu_model_runner.py`, nano-vllm `model_runner.py`, gpt-fast (C
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from .attention import AttentionMetadata
-from .config import EngineConfig, GPT2Config
+from .config import EngineConfig, GPT2Config, cdiv, to_device
 from .model import GPT2
 from .sampler import Sampler
 from .scheduler import SchedulerOutput
@@ -43,23 +44,15 @@ class StepResult:
 
 @dataclass
 class StepInputs:
+    """The step as the model reads it, plus which rows of its output need logits."""
     input_ids: torch.Tensor     # (N,) int64
     positions: torch.Tensor     # (N,) int64
     meta: AttentionMetadata
-    sample_rows: list[int]      # row of hidden state to sample from, per sampling sequence
-    sample_seqs: list[Sequence]
-    prompt_rows: list[int]      # rows whose logits give prompt logprobs
-    prompt_targets: list[int]   # the prompt token each such row predicts
-    prompt_owner: list[Sequence]
-
-
-def _tensor_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # Through pinned memory the copy is asynchronous: the host goes on preparing the step.
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
-def _to(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return _tensor_to(torch.tensor(values, dtype=dtype), device)
+    sample_rows: list[int] = field(default_factory=list)      # row to sample from, per sampling sequence
+    sample_seqs: list[Sequence] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)      # rows whose logits give prompt logprobs
+    prompt_targets: list[int] = field(default_factory=list)   # the prompt token each such row predicts
+    prompt_owner: list[Sequence] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -69,7 +62,7 @@ class ModelRunner:
         self.kv_cache = kv_cache                        # (L, 2, NB, BS, H, D)
         self.sampler, self.device = sampler, device
         self.block_size = cfg.block_size
-        self.max_blocks_per_seq = -(-model_cfg.n_ctx // cfg.block_size)   # MB
+        self.max_blocks_per_seq = cdiv(model_cfg.n_ctx, cfg.block_size)   # MB
         self.num_steps = 0                                                  # steps executed
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}                   # batch size -> graph
         self.graph_bufs: dict[str, torch.Tensor] = {}
@@ -109,18 +102,36 @@ class ModelRunner:
 
     # ---- Sequences -> tensors -----------------------------------------------------------
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        """Flatten the scheduler's decision into the model's inputs, in three parts: the tokens
+        (ids, positions, cache slots), the attention metadata, and the rows that need logits."""
+        input_ids, positions, slots = self._flatten_tokens(sched)
+        q_lens = [n for _, n in sched.scheduled]                            # (S,) tokens this step
+        qsl = [0, *itertools.accumulate(q_lens)]                           # (S+1,) query_start_loc
+        ctx_lens = [seq.num_computed_tokens + n for seq, n in sched.scheduled]   # (S,) after the write
+        rows, MB = self._block_table_rows(sched)
+        block_tables = self.bt_host[:, :MB].index_select(0, torch.tensor(rows))   # (S, MB)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=to_device(slots, torch.int64, dev),                # (N,)
+            block_tables=to_device(block_tables, torch.int32, dev),         # (S, MB)
+            context_lens=to_device(ctx_lens, torch.int32, dev),             # (S,)
+            query_start_loc=to_device(qsl, torch.int32, dev),               # (S+1,)
+            max_query_len=max(q_lens), max_context_len=max(ctx_lens))
+        inp = StepInputs(to_device(input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta)
+        self._select_logit_rows(sched, qsl, inp)
+        return inp
+
+    def _flatten_tokens(self, sched: SchedulerOutput) -> tuple[list[int], list[int], list[int]]:
+        """(input_ids, positions, slots), each (N,): every scheduled sequence's next n tokens,
+        back to back. Position p of a sequence lives in cache slot block_table[p // BS] * BS + p % BS."""
         BS = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        qsl, ctx_lens, q_lens = [0], [], []
-        sample_rows, sample_seqs = [], []
-        prompt_rows, prompt_targets, prompt_owner = [], [], []
         for seq, n in sched.scheduled:
-            c = seq.num_computed_tokens
-            bt = seq.block_table
+            c, bt = seq.num_computed_tokens, seq.block_table
             if n == 1:                                   # decode: avoid copying the token list
-                P = len(seq.prompt_token_ids)
+                P = seq.num_prompt_tokens
                 input_ids.append(seq.prompt_token_ids[c] if c < P else seq.output_token_ids[c - P])
                 positions.append(c)
                 slots.append(bt[c // BS] * BS + c % BS)
@@ -128,34 +139,25 @@ class ModelRunner:
                 input_ids += seq.token_ids[c:c + n]
                 positions += range(c, c + n)
                 slots += [bt[p // BS] * BS + p % BS for p in range(c, c + n)]
-            row0 = qsl[-1]
-            qsl.append(row0 + n)
-            ctx_lens.append(c + n)
-            q_lens.append(n)
+        return input_ids, positions, slots
+
+    def _select_logit_rows(self, sched: SchedulerOutput, qsl: list[int], inp: StepInputs) -> None:
+        """Fill inp's row lists. A sequence samples from its last row once all its tokens are
+        computed (a prompt, or the chunk that ends it); prompt_logprobs need more rows."""
+        for (seq, n), row0 in zip(sched.scheduled, qsl):
+            c = seq.num_computed_tokens
             if c + n == seq.num_tokens:                  # prompt (or recompute) done: sample
-                sample_rows.append(row0 + n - 1)
-                sample_seqs.append(seq)
+                inp.sample_rows.append(row0 + n - 1)
+                inp.sample_seqs.append(seq)
             if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is not None:
                 # Row at position p predicts prompt token p+1. Skip rows already reported
                 # (a preempted sequence recomputes them) and the last prompt position, whose
                 # prediction is the first *generated* token.
                 first = max(c, len(seq.prompt_logprobs) - 1)
                 for p in range(first, min(c + n, seq.num_prompt_tokens - 1)):
-                    prompt_rows.append(row0 + p - c)
-                    prompt_targets.append(seq.prompt_token_ids[p + 1])
-                    prompt_owner.append(seq)
-        rows, MB = self._block_table_rows(sched)
-        block_tables = self.bt_host[:, :MB].index_select(0, torch.tensor(rows))   # (S, MB)
-
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=_to(slots, torch.int64, dev),                 # (N,)
-            block_tables=_tensor_to(block_tables, dev),                # (S, MB)
-            context_lens=_to(ctx_lens, torch.int32, dev),              # (S,)
-            query_start_loc=_to(qsl, torch.int32, dev),                # (S+1,)
-            max_query_len=max(q_lens), max_context_len=max(ctx_lens))
-        return StepInputs(_to(input_ids, torch.int64, dev), _to(positions, torch.int64, dev), meta,
-                          sample_rows, sample_seqs, prompt_rows, prompt_targets, prompt_owner)
+                    inp.prompt_rows.append(row0 + p - c)
+                    inp.prompt_targets.append(seq.prompt_token_ids[p + 1])
+                    inp.prompt_owner.append(seq)
 
     # ---- run ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import to_device
 from .sequence import Sequence
 
 
@@ -32,10 +33,6 @@ class SamplerOutput:
     token_ids: torch.Tensor                  # (S,) int64, on device
     logprobs: torch.Tensor | None = None     # (S, K+1) fp32: sampled token first, then top-K
     logprob_ids: torch.Tensor | None = None  # (S, K+1) int64 matching token ids
-
-
-def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 class Sampler:
@@ -79,7 +76,8 @@ class Sampler:
         return res
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        # Both loops run only over rows that use the feature, which is rare on the hot path.
+        # One Python pass over the rows; a row does tensor work only for the features it uses,
+        # and most requests use none of them.
         for row, s in enumerate(seqs):
             p = s.params
             if len(s.output_token_ids) < p.min_tokens:
@@ -101,9 +99,9 @@ class Sampler:
         S, V = logits.shape
         dev = logits.device
         params = [s.params for s in seqs]
-        greedy = _column([p.is_greedy for p in params], torch.bool, dev)              # (S,)
-        temp = _column([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                       torch.float32, dev)                                           # (S,)
+        greedy = to_device([p.is_greedy for p in params], torch.bool, dev)            # (S,)
+        temp = to_device([p.temperature if p.temperature > 0 else 1.0 for p in params],
+                         torch.float32, dev)                                         # (S,)
         logits = logits / temp[:, None]                                              # (S, V)
 
         top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
@@ -114,17 +112,17 @@ class Sampler:
             keep = torch.ones_like(sorted_logits, dtype=torch.bool)                  # (S, V)
             rank = torch.arange(V, device=dev)                                       # (V,)
             if use_top_k:
-                keep &= rank[None, :] < _column(top_k, torch.int64, dev)[:, None]
+                keep &= rank[None, :] < to_device(top_k, torch.int64, dev)[:, None]
             if use_top_p:
                 probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(-1)  # (S, V)
                 mass_before = probs.cumsum(-1) - probs                               # (S, V)
-                keep &= mass_before < _column([p.top_p for p in params], torch.float32, dev)[:, None]
+                keep &= mass_before < to_device([p.top_p for p in params], torch.float32, dev)[:, None]
             keep[:, 0] = True                                                        # never empty
             mask = torch.empty_like(keep).scatter_(1, order, keep)                   # back to vocab order
             logits = logits.masked_fill(~mask, float("-inf"))
         probs = logits.softmax(dim=-1)                                               # (S, V)
         if any(p.min_p > 0 for p in params):
-            min_p = _column([p.min_p for p in params], torch.float32, dev)           # (S,)
+            min_p = to_device([p.min_p for p in params], torch.float32, dev)         # (S,)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
 
         # Exponential race. Unseeded rows: one call on the shared generator; seeded rows: their own.

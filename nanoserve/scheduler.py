@@ -32,9 +32,27 @@ import array
 import bisect
 import hashlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .kv_cache import BlockAllocator
 from .sequence import Sequence, SequenceStatus
+
+
+class ScheduledSeq(NamedTuple):
+    """One sequence's share of a step, as the scheduler decided it (see StepRecord)."""
+    seq_id: int
+    request_id: str
+    num_computed_tokens: int   # tokens whose K/V were in the cache before this step
+    num_new_tokens: int        # tokens computed in this step
+    phase: str                 # "prefill" (a prompt, a chunk of one, or a recompute) or "decode"
+    num_cached_tokens: int     # tokens taken from the prefix cache when admitted this step; else 0
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A plain copy of one step's decision, for watching the scheduler (LLMEngine.last_step)."""
+    scheduled: list[ScheduledSeq]    # in the order the step runs them
+    preempted_seq_ids: list[int]     # sent back to the waiting queue, their blocks freed
 
 
 @dataclass
@@ -42,18 +60,33 @@ class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
     preempted: list[Sequence] = field(default_factory=list)
     freed_seq_ids: list[int] = field(default_factory=list)   # lost their blocks since the last step
+    num_tokens: int = 0                                       # tokens scheduled, summed
+    num_computed_before: list[int] = field(default_factory=list)      # per scheduled sequence
+    num_cached_tokens: dict[int, int] = field(default_factory=dict)   # seq_id -> prefix-cache tokens
+                                                                      # taken when admitted this step
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        """Schedule `num_tokens` of `seq` in this step (and charge them to the step's budget)."""
+        self.scheduled.append((seq, num_tokens))
+        self.num_computed_before.append(seq.num_computed_tokens)   # sequences change once it runs
+        self.num_tokens += num_tokens
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    def record(self) -> StepRecord:
+        """This decision as plain values, from what was captured at schedule time."""
+        rows = []
+        for (seq, n), c in zip(self.scheduled, self.num_computed_before):
+            phase = "decode" if n == 1 and c >= seq.num_prompt_tokens else "prefill"
+            rows.append(ScheduledSeq(seq.seq_id, seq.request_id, c, n, phase,
+                                     self.num_cached_tokens.get(seq.seq_id, 0)))
+        return StepRecord(rows, [seq.seq_id for seq in self.preempted])
+
 
 def _order(seq: Sequence) -> tuple[int, int]:
-    return (seq.priority, seq.arrival)
+    return (seq.priority, seq.arrival_order)
 
 
 class Scheduler:
@@ -68,8 +101,8 @@ class Scheduler:
         # Without a KV cache nothing stays computed, so there is nothing to share.
         self.enable_prefix_caching = enable_prefix_caching and enable_kv_cache
         self.num_cached_tokens = 0          # tokens taken from the prefix cache instead of computed
-        self.waiting: list[Sequence] = []   # sorted by (priority, arrival)
-        self.running: list[Sequence] = []   # sorted by (priority, arrival)
+        self.waiting: list[Sequence] = []   # sorted by (priority, arrival_order)
+        self.running: list[Sequence] = []   # sorted by (priority, arrival_order)
         self.num_preemptions = 0
         self._freed: list[int] = []         # seq ids whose blocks were freed, for the runner
 
@@ -135,7 +168,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._free(seq)
-        self.add(seq)     # back to the waiting queue; its old arrival puts it near the front
+        self.add(seq)     # back to the waiting queue; its old arrival_order puts it near the front
         self.num_preemptions += 1
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
@@ -146,43 +179,52 @@ class Scheduler:
         seq.block_table.extend(self.allocator.allocate(need))
         return True
 
+    def _grow_or_preempt(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Grow a running `seq` to `num_tokens` tokens, preempting the youngest running
+        sequences until the blocks fit. False if `seq` itself had to go."""
+        while not self._grow(seq, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
     # ---- the policy -------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-
+        """Decide the next step: running sequences first, then (if nobody was preempted)
+        waiting ones, within max_num_batched_tokens tokens and max_num_seqs sequences."""
         if not self.enable_kv_cache:
             # Comparison mode: forget every cached K/V, so each step recomputes whole sequences.
             for seq in self.running:
                 self._free(seq)
+        out = SchedulerOutput()
+        self._schedule_running(out)
+        if not out.preempted:           # a full pool admits nobody new
+            self._schedule_waiting(out)
+        out.freed_seq_ids, self._freed = self._freed, []
+        return out
 
-        # 1. Running sequences, in order; preempt from the back when blocks run out.
+    def _schedule_running(self, out: SchedulerOutput) -> None:
+        """Each running sequence, in order, gets its next tokens: 1 for a decode, the rest of
+        its prompt (up to the budget) for a prefill; preempt from the back when blocks run out."""
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and (budget := self.max_num_batched_tokens - out.num_tokens) > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             assert n > 0, f"running sequence {seq.seq_id} has nothing to compute"
-            if seq.num_computed_tokens + n <= len(seq.block_table) * self.block_size:
-                out.scheduled.append((seq, n))   # the usual decode: its last block has room
-                budget -= n
-                i += 1
-                continue
-            while not self._grow(seq, seq.num_computed_tokens + n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
-                    break
-            else:
-                out.scheduled.append((seq, n))
-                budget -= n
-                i += 1
-                continue
-            break   # `seq` preempted itself: everyone after it is gone too
+            # The usual decode fits in its last block; the check here saves a call per sequence.
+            needs_blocks = seq.num_computed_tokens + n > len(seq.block_table) * self.block_size
+            if needs_blocks and not self._grow_or_preempt(seq, seq.num_computed_tokens + n, out):
+                return          # `seq` preempted itself: everyone after it is gone too
+            out.add(seq, n)
+            i += 1
 
-        # 2. Admit waiting sequences, unless this step already had to preempt.
-        while (self.waiting and not out.preempted and budget > 0
-               and len(self.running) < self.max_num_seqs):
+    def _schedule_waiting(self, out: SchedulerOutput) -> None:
+        """Admit waiting sequences in order while the budget, max_num_seqs and free blocks
+        allow; the last one admitted may get only a first chunk of its prompt."""
+        while (self.waiting and len(self.running) < self.max_num_seqs
+               and (budget := self.max_num_batched_tokens - out.num_tokens) > 0):
             seq = self.waiting[0]
             if self.enable_prefix_caching:
                 self._take_cached_prefix(seq)
@@ -190,12 +232,11 @@ class Scheduler:
             if not self._grow(seq, seq.num_computed_tokens + n):
                 if seq.block_table:             # give the cached blocks back; retry next step
                     self._free(seq)
-                break   # first come, first served: nobody overtakes the head of the queue
-            self.num_cached_tokens += seq.num_cached_blocks * self.block_size
+                return  # first come, first served: nobody overtakes the head of the queue
+            if seq.num_cached_blocks:
+                out.num_cached_tokens[seq.seq_id] = seq.num_cached_blocks * self.block_size
+                self.num_cached_tokens += seq.num_cached_blocks * self.block_size
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_order)
-            out.scheduled.append((seq, n))
-            budget -= n
-        out.freed_seq_ids, self._freed = self._freed, []
-        return out
+            out.add(seq, n)

@@ -6,8 +6,9 @@ Two key layouts exist for the same tensors:
     ..., plus `h.N.attn.bias` causal-mask buffers that we ignore, and no `lm_head.weight`;
   - transformers' `save_pretrained`: the same names under `transformer.`, maybe `lm_head.weight`
     and `attn.masked_bias`.
-Both are float32 with Conv1D weights stored [in, out]; we keep that layout (model.py computes
-x @ W + b), so every tensor maps 1:1 onto a checkpoint name.
+Both are float32 with Conv1D weights stored [in, out]. We return the tensors under the
+checkpoint's names and shapes, 1:1; GPT2.load_weights (model.py) then transposes the Conv1D
+weights once to [out, in] and the model computes x @ W.T + b, nn.Linear's way.
 
 References: Hugging Face `GPT2LMHeadModel`, nanoGPT `from_pretrained` (which transposes instead).
 """

@@ -1,4 +1,5 @@
-"""Paged attention (the PyTorch reference) against dense causal attention."""
+"""Paged attention (the PyTorch reference) against dense causal attention, and the CPU fast
+path (cpu_attention.py) against the reference."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,7 @@ import math
 import pytest
 import torch
 
+from nanoserve import cpu_attention
 from nanoserve.attention import AttentionMetadata, dense_causal_attention, paged_attention, write_kv
 
 
@@ -84,13 +86,27 @@ def test_write_kv_writes_only_its_slots_and_skips_padding():
     assert bool((flat_k[untouched] == 7.0).all()) and bool((vc.view(-1, H, D)[untouched] == 7.0).all())
 
 
-def test_fused_decode_form_equals_the_reference():
-    """_decode_fused (the form torch.compile fuses on CPU) computes the same attention."""
-    from nanoserve import attention as A
-    seqs = [(9, 1), (20, 1), (0, 1), (31, 1)]
+_STEPS = [
+    [(9, 1), (20, 1), (0, 1), (31, 1)],        # decode: the case the fast paths tune
+    [(12, 6), (3, 1), (0, 11), (17, 1)],       # mixed: they hand it to the reference
+]
+
+
+@pytest.mark.parametrize("seqs", _STEPS)
+def test_cpu_decode_attention_equals_the_reference(seqs):
+    """cpu_attention.decode_attention (the CPU engine's default) gives the reference's output,
+    on the engine's head-major layout, for decode steps and for steps it hands back."""
     q, k, v, kc, vc, meta, _ = _paged_step(seqs, 3, 16, 4, NB=64, seed=7, head_major=True)
     write_kv(k, v, kc, vc, meta.slot_mapping)
-    nb = -(-meta.max_context_len // 4)
-    fused = A._decode_fused(q, kc.transpose(1, 2), vc.transpose(1, 2), meta.block_tables[:, :nb].long(),
-                            meta.context_lens.long(), 0.25)
+    torch.testing.assert_close(cpu_attention.decode_attention(q, kc, vc, meta, 0.25),
+                               paged_attention(q, kc, vc, meta, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_decode_form_equals_the_reference():
+    """_decode_fused (the form torch.compile fuses on CPU) computes the reference's attention."""
+    q, k, v, kc, vc, meta, _ = _paged_step(_STEPS[0], 3, 16, 4, NB=64, seed=7, head_major=True)
+    write_kv(k, v, kc, vc, meta.slot_mapping)
+    blocks = cpu_attention._used_blocks(meta, 4)                        # (S, nb)
+    fused = cpu_attention._decode_fused(q, kc.transpose(1, 2), vc.transpose(1, 2), blocks,
+                                        meta.context_lens.long(), 0.25)
     torch.testing.assert_close(fused, paged_attention(q, kc, vc, meta, 0.25), atol=1e-5, rtol=1e-5)

@@ -18,7 +18,7 @@ def _prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 60) -> list[list[int]
 def _assert_pool_free(llm: LLM) -> None:
     eng = llm.engine
     assert eng.allocator.num_free == eng.num_blocks, "KV blocks leaked"
-    assert not any(eng.allocator.is_used)
+    assert eng.allocator.num_used == 0
     assert not eng.scheduler.waiting and not eng.scheduler.running and not eng.requests
 
 
@@ -81,6 +81,24 @@ def test_prefix_caching_changes_no_token_or_logprob(tiny_ckpt):
                 assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)
         _assert_pool_free(llm)
     assert llm.engine.scheduler.num_preemptions > 0, "the small pool should preempt"
+
+
+def test_prefix_cache_never_reuses_a_block_computed_after_other_tokens(tiny_ckpt):
+    """Prompts A = X+Y and C = Z+W run first; B = X+W then finds X (A's first block) in the
+    prefix cache but must not take C's block for W, whose K/V depend on Z: B's tokens and
+    logprobs equal an engine without prefix caching."""
+    rng = random.Random(7)
+    X, Y, Z, W = ([rng.randrange(50000) for _ in range(4)] for _ in range(4))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    llm = LLM(str(tiny_ckpt), device="cpu", quiet=True, block_size=4)
+    llm.generate([X + Y + [5], Z + W + [5]], params, use_tqdm=False)
+    got = llm.generate([X + W + [5]], params, use_tqdm=False)[0].outputs[0]
+    plain = LLM(str(tiny_ckpt), device="cpu", quiet=True, block_size=4, enable_prefix_caching=False)
+    want = plain.generate([X + W + [5]], params, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == want.token_ids
+    assert [d[t] for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(
+        [d[t] for d, t in zip(want.logprobs, want.token_ids)], abs=1e-4)
+    assert llm.engine.scheduler.num_cached_tokens == 4, "B should take X's block and only it"
 
 
 def test_no_kv_cache_mode_gives_the_same_tokens(tiny_ckpt, tiny_llm):
@@ -337,3 +355,52 @@ def test_compiled_cpu_attention_gives_the_same_tokens(tiny_ckpt, tiny_llm):
     out = fast.generate(prompts, GREEDY, use_tqdm=False)
     assert fast.engine.model.attn_fn is not tiny_llm.engine.model.attn_fn
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
+
+
+def test_cpu_engine_runs_the_tuned_decode_attention_by_default(tiny_llm):
+    """On a CPU the engine swaps cpu_attention's decode path in for attention.py's reference."""
+    from nanoserve import cpu_attention
+    assert tiny_llm.engine.model.attn_fn is cpu_attention.decode_attention
+
+
+def test_last_step_records_what_the_scheduler_decided(tiny_ckpt):
+    """last_step holds each step's decision as it was made: a 10-token prompt under an
+    8-token budget runs as prefill chunks 8 and 2, then decodes; the same prompt again takes
+    its 2 full blocks (8 tokens) from the prefix cache at admission."""
+    llm = LLM(str(tiny_ckpt), device="cpu", quiet=True, block_size=4, max_num_batched_tokens=8)
+    eng, prompt = llm.engine, _prompts(1, seed=9, lo=10, hi=10)[0]
+    assert eng.last_step is None
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    rows = []
+    for rid in ("a", "b"):
+        eng.add_request(rid, prompt, params)
+        while eng.has_unfinished_requests():
+            eng.step()
+            (row,) = eng.last_step.scheduled
+            assert eng.last_step.preempted_seq_ids == []
+            rows.append((row.request_id, row.num_computed_tokens, row.num_new_tokens, row.phase,
+                         row.num_cached_tokens))
+    assert rows == [("a", 0, 8, "prefill", 0), ("a", 8, 2, "prefill", 0), ("a", 10, 1, "decode", 0),
+                    ("b", 8, 2, "prefill", 8), ("b", 10, 1, "decode", 0)]
+
+
+def test_last_step_names_preempted_sequences(tiny_ckpt):
+    """With a 4-block pool, two sequences that each grow to 3 blocks cannot both run: some
+    step preempts one, the record lists it (and does not schedule it), and it later comes
+    back as a prefill that starts from what the prefix cache still held of it."""
+    llm = LLM(str(tiny_ckpt), device="cpu", quiet=True, block_size=4, num_blocks=4)
+    eng = llm.engine
+    for rid, prompt in zip("ab", _prompts(2, seed=4, lo=6, hi=6)):
+        eng.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    records = []
+    while eng.has_unfinished_requests():
+        eng.step()
+        records.append(eng.last_step)
+    preempting = [r for r in records if r.preempted_seq_ids]
+    assert preempting, "the small pool should preempt"
+    victim = preempting[0].preempted_seq_ids[0]
+    assert victim not in [row.seq_id for row in preempting[0].scheduled]
+    back = next(row for r in records[records.index(preempting[0]) + 1:] for row in r.scheduled
+                if row.seq_id == victim)
+    assert back.phase == "prefill" and back.num_computed_tokens == back.num_cached_tokens
+    assert back.num_new_tokens > 1

@@ -43,7 +43,8 @@ def test_cuda_graphs_equal_eager_execution(tiny_ckpt):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_prompt_logprobs_within_2e2_of_fp32(tiny_ckpt, cpu_ref, dtype):
+def test_half_precision_prompt_logprobs_stay_near_fp32(tiny_ckpt, cpu_ref, dtype):
+    """fp16 prompt logprobs are within 0.02 (2e-2) of fp32's, bf16's within 0.1."""
     prompt = _prompts(1, seed=2)[0] + [5] * 30
     p = SamplingParams(max_tokens=1, prompt_logprobs=0)
     ref = cpu_ref.generate([prompt], p)[0].prompt_logprobs

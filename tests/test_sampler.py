@@ -1,6 +1,7 @@
 """The sampler's filters and seeds, on hand-made logits."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nanoserve.sampler import Sampler
@@ -55,6 +56,28 @@ def test_min_p_drops_unlikely_tokens():
     probs = logits[0].softmax(-1)
     allowed = set((probs >= 0.2 * probs.max()).nonzero()[:, 0].tolist())
     assert _draws(SamplingParams(temperature=1.0, min_p=0.2), logits=logits) <= allowed
+
+
+def _three_tokens() -> torch.Tensor:
+    """Logits whose softmax is 0.5, 0.3, 0.2 on tokens 0, 1, 2 and ~0 elsewhere."""
+    logits = torch.full((1, V), -1e4)
+    logits[0, :3] = torch.tensor([0.5, 0.3, 0.2]).log()
+    return logits
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.45, {0}), (0.55, {0, 1}), (0.79, {0, 1}), (0.85, {0, 1, 2})])
+def test_top_p_keeps_the_token_that_reaches_top_p_and_drops_the_next(top_p, kept):
+    """Top-p keeps the most likely tokens up to and including the one whose probability
+    carries the running total to top_p. With 0.5, 0.3, 0.2: top_p 0.55 keeps token 1 (0.5
+    before it is short of 0.55) and drops token 2 (0.8 before it is past 0.55)."""
+    assert _draws(SamplingParams(temperature=1.0, top_p=top_p), logits=_three_tokens()) == kept
+
+
+@pytest.mark.parametrize("min_p, kept", [(0.35, {0, 1, 2}), (0.5, {0, 1}), (0.7, {0})])
+def test_min_p_drops_exactly_the_tokens_below_min_p_times_the_top_one(min_p, kept):
+    """Min-p's threshold is relative to the most likely token (0.5 here): min_p 0.5 keeps
+    token 1 (0.3 >= 0.25) and drops token 2 (0.2 < 0.25); 0.35 keeps both (0.175)."""
+    assert _draws(SamplingParams(temperature=1.0, min_p=min_p), logits=_three_tokens()) == kept
 
 
 def test_same_seed_same_tokens_regardless_of_batch_position():

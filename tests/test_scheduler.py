@@ -18,7 +18,7 @@ def _seq(prompt_len: int, priority: int = 0, prompt: list[int] | None = None,
          params: SamplingParams | None = None) -> Sequence:
     i = next(_ids)
     return Sequence(seq_id=i, request_id=str(i), index=0, prompt_token_ids=prompt or [1] * prompt_len,
-                    params=params or SamplingParams(max_tokens=8), priority=priority, arrival=i)
+                    params=params or SamplingParams(max_tokens=8), priority=priority, arrival_order=i)
 
 
 def _run_step(sched: Scheduler) -> dict[int, int]:
@@ -121,6 +121,23 @@ def test_a_second_prompt_with_the_same_start_shares_its_full_blocks():
     assert _run_step(s)[b.seq_id] == 12 - 8
     assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
     assert s.allocator.ref_counts[a.block_table[0]] == 2 and s.num_cached_tokens == 8
+
+
+def test_a_cached_block_is_shared_only_after_the_same_tokens_before_it():
+    """A block's hash covers every token before it. A = X+Y and C = Z+W are cached (block
+    size 4); B = X+W takes A's block for X, but not C's block for W: C's keys for W were
+    computed after Z, so B computes W itself."""
+    X, Y, Z, W = ([k] * 4 for k in (10, 11, 12, 13))
+    s = _make_scheduler(prefix_caching=True)
+    a, c = _seq(0, prompt=X + Y + [1]), _seq(0, prompt=Z + W + [1])
+    s.add(a)
+    s.add(c)
+    _run_step(s)                                   # both prompts computed: their 2 full blocks registered
+    b = _seq(0, prompt=X + W + [1])
+    s.add(b)
+    assert _run_step(s)[b.seq_id] == 9 - 4         # W and the last token are computed, X is not
+    assert b.block_table[0] == a.block_table[0] and b.block_table[1] not in (a.block_table + c.block_table)
+    assert s.num_cached_tokens == 4
 
 
 def test_a_fully_cached_prompt_still_computes_its_last_token():

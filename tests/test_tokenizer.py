@@ -1,6 +1,8 @@
 """GPT-2 BPE through tiktoken, against Hugging Face's GPT2Tokenizer, and streaming detokenization."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from nanoserve.tokenizer import IncrementalDetokenizer, Tokenizer, _bundled_files
@@ -41,9 +43,17 @@ def test_streaming_never_emits_a_broken_character():
 
 
 def test_checkpoint_vocab_files_take_precedence(tmp_path):
-    """A model directory's vocab.json + merges.txt are used when present."""
+    """A model directory's vocab.json + merges.txt are used when present, not the bundled
+    GPT-2 files: a checkpoint with only GPT-2's first 1,000 merges tokenizes with them."""
     merges, vocab = _bundled_files()
-    (tmp_path / "vocab.json").write_bytes(vocab.read_bytes())
-    (tmp_path / "merges.txt").write_bytes(merges.read_bytes())
+    lines = merges.read_text(encoding="utf-8").split("\n")
+    K = 1000                                          # keep the header line and K merges
+    (tmp_path / "merges.txt").write_text("\n".join(lines[:1 + K]) + "\n", encoding="utf-8")
+    full = json.loads(vocab.read_text(encoding="utf-8"))
+    (tmp_path / "vocab.json").write_text(json.dumps({t: i for t, i in full.items() if i < 256 + K}))
     tok = Tokenizer(tmp_path)
-    assert tok.encode("Hello world") == [15496, 995] and tok.eos_token_id == 50256
+    ids = tok.encode("Hello world")
+    assert Tokenizer().encode("Hello world") == [15496, 995]     # GPT-2's full vocabulary
+    assert ids != [15496, 995] and max(ids) < 256 + K            # the small one: more, smaller ids
+    assert tok.decode(ids) == "Hello world"
+    assert tok.eos_token_id == tok.vocab_size - 1 == 256 + K     # <|endoftext|> follows the merges

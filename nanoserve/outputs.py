@@ -1,0 +1,82 @@
+"""From sampled tokens to what the caller reads: stop conditions, detokenization, and the
+RequestOutput snapshots that LLMEngine.step returns.
+
+Text is made lazily: a sequence's tokens are detokenized only when someone looks (a streamed
+step, a finished request) or when a stop string has to be searched for. A request nobody
+streams is decoded once, in bulk, when it finishes.
+
+References: vLLM v1 `OutputProcessor`, `Detokenizer` and `check_stop`.
+"""
+from __future__ import annotations
+
+from .sequence import CompletionOutput, Request, RequestMetrics, RequestOutput, Sequence
+from .tokenizer import Tokenizer
+
+
+class OutputProcessor:
+    """Appends sampled tokens to sequences, decides when they stop, and builds outputs."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_token_id: int, n_ctx: int) -> None:
+        self.tokenizer, self.eos_token_id, self.n_ctx = tokenizer, eos_token_id, n_ctx
+
+    def append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> str | None:
+        """Add a sampled token; return why the sequence must finish ("stop" or "length"), or
+        None. The conditions go in vLLM's order: EOS, stop token ids, stop strings (the text
+        is cut before the match), then length."""
+        p = seq.params
+        seq.output_token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token]
+        num_out = len(seq.output_token_ids)
+        if token == self.eos_token_id and not p.ignore_eos and num_out >= p.min_tokens:
+            return "stop"
+        if token in p.stop_token_ids and num_out >= p.min_tokens:
+            return "stop"
+        if p.stop:
+            # Stop strings need the text now; otherwise it is made when someone asks (output()).
+            old = len(seq.text)
+            self.detokenize(seq)
+            if num_out >= p.min_tokens:
+                # Search only where a new match can be: the new text plus a stop string's length.
+                start = max(0, old - max(len(s) for s in p.stop) + 1)
+                hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
+                if hits:
+                    seq.text = seq.text[:min(hits)]
+                    return "stop"
+        if num_out >= p.max_tokens or seq.num_prompt_tokens + num_out >= self.n_ctx:
+            if p.stop:   # the text is current already, so output() won't flush a held-back partial character
+                seq.text += seq.detok.flush()
+            return "length"
+        return None
+
+    def detokenize(self, seq: Sequence) -> None:
+        """Bring seq.text up to date with its output tokens (special tokens are not text)."""
+        eos, out = self.eos_token_id, seq.output_token_ids
+        if seq.num_detok == len(out):
+            return
+        if seq.num_detok == 0 and seq.is_finished:
+            # Nobody streamed this sequence: one bulk decode (in Rust) beats a push per token.
+            seq.text = self.tokenizer.decode([t for t in out if t != eos])
+        else:
+            for t in out[seq.num_detok:]:
+                if t != eos:
+                    seq.detok.push(t)
+            if seq.is_finished:
+                seq.detok.flush()
+            seq.text = seq.detok.text
+        seq.num_detok = len(out)
+
+    def output(self, req: Request) -> RequestOutput:
+        """A snapshot for the caller: lists are copied, since the sequences keep growing."""
+        for s in req.seqs:
+            self.detokenize(s)      # a no-op once text is current (a stop-string cut included)
+        comps = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.output_token_ids),
+                                  cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                                  logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                                  finish_reason=s.finish_reason) for s in req.seqs]
+        first = req.seqs[0]
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                             prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
+                             outputs=comps, finished=req.is_finished,
+                             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time))

@@ -3,10 +3,10 @@ Read nanoserve/scheduler.py (Scheduler.schedule) beside it, then LLMEngine.step 
 Try: NUM_BLOCKS = 40 (no preemption), BUDGET = 64 (no chunking), or ARRIVALS at other steps.
 """
 # %% [markdown]
-# The batch is re-decided at every step: finished sequences leave, new ones join. A step is
-# three calls, which we make ourselves so that we can watch between them:
-# `scheduler.schedule()` (who runs, with how many tokens) -> `runner.execute()` (one forward
-# and sampling) -> `_update()` (append tokens, stop, free blocks).
+# The batch is re-decided at every step: finished sequences leave, new ones join. We add
+# requests at chosen steps, call `engine.step()` (schedule -> one forward and sampling ->
+# append tokens, stop, free blocks), and read `engine.last_step` after each one: the
+# scheduler's decision, recorded as plain values when it was made.
 
 # %%
 from lesson_utils import MODEL_DIR, check, pyplot, save_figure
@@ -36,27 +36,27 @@ print(f"pool {NUM_BLOCKS} blocks x {BLOCK_SIZE} tokens, step budget {BUDGET} tok
 
 # %%
 seq_of, timeline, hits = {}, [], {}   # name -> Sequence; per step {name: (kind, n)}; (name, step) -> tokens
+was_preempted: set[str] = set()       # a preempted request's next prefill is a recompute
 step = 0
 while engine.has_unfinished_requests() or step <= max(ARRIVALS):
     for name, prompt, max_tokens in ARRIVALS.get(step, []):
         engine.add_request(name, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
         seq_of[name] = engine.requests[name].seqs[0]
-    waiting = {s.request_id for s in engine.scheduler.waiting}
-    sched = engine.scheduler.schedule()
     row = {}
-    for seq, n in sched.scheduled:
-        c = seq.num_computed_tokens
-        if seq.request_id in waiting and c > 0:
-            hits[seq.request_id, step] = c
-        kind = ("decode" if seq.output_token_ids and c + n == seq.num_tokens and n == 1 else
-                "recompute" if seq.output_token_ids else "prefill")
-        row[seq.request_id] = (kind, n)
-    row |= {seq.request_id: ("preempted", 0) for seq in sched.preempted}
-    row |= {seq.request_id: ("waiting", 0) for seq in engine.scheduler.waiting if seq.request_id not in row}
+    if engine.has_unfinished_requests():
+        engine.step()
+        decided = engine.last_step
+        for s in decided.scheduled:
+            if s.num_cached_tokens:
+                hits[s.request_id, step] = s.num_cached_tokens
+            kind = "recompute" if s.phase == "prefill" and s.request_id in was_preempted else s.phase
+            row[s.request_id] = (kind, s.num_new_tokens)
+        name_of = {seq.seq_id: name for name, seq in seq_of.items()}
+        for seq_id in decided.preempted_seq_ids:
+            row[name_of[seq_id]] = ("preempted", 0)
+            was_preempted.add(name_of[seq_id])
+        row |= {seq.request_id: ("waiting", 0) for seq in engine.scheduler.waiting if seq.request_id not in row}
     timeline.append(row)
-    if not sched.is_empty:
-        result = engine.runner.execute(sched)
-        engine._update(sched, result)
     step += 1
 print(f"{len(timeline)} steps, {engine.scheduler.num_preemptions} preemptions, "
       f"{engine.scheduler.num_cached_tokens} prompt tokens taken from the prefix cache")

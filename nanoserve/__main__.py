@@ -123,8 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import server
-    server.serve(args)
-    return 0
+    return server.serve(args)
 
 
 def main(argv: list[str] | None = None) -> int:

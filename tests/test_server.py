@@ -35,7 +35,7 @@ import uvicorn    # noqa: E402
 from nanoserve import EngineConfig, LLMEngine, SamplingParams   # noqa: E402
 from nanoserve.async_engine import OutputSink                    # noqa: E402
 from nanoserve.sequence import CompletionOutput, RequestOutput   # noqa: E402
-from nanoserve.server import add_serve_args, build_app          # noqa: E402
+from nanoserve.server import add_serve_args, build_app, uvicorn_config   # noqa: E402
 
 KEY = "sk-test-key"
 MODEL = "tiny-gpt2"
@@ -92,8 +92,8 @@ def one_seq_engine(tiny_ckpt: Path) -> LLMEngine:
 
 @contextlib.contextmanager
 def _in_process(engine: LLMEngine, **options) -> Iterator[tuple[str, object]]:
-    app = build_app(engine, served_model_name=MODEL, **options)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    app = build_app(engine, **{"served_model_name": MODEL, **options})
+    uv = uvicorn.Server(uvicorn_config(app, port=0, log_level="warning"))   # the settings `serve` uses
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     while not uv.started:
@@ -113,7 +113,7 @@ def _client(base: str) -> openai.OpenAI:
 
 
 def _metrics(base: str) -> dict[str, float]:
-    text = httpx.get(base + "/metrics").text
+    text = httpx.get(base + "/metrics", headers=AUTH).text
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
             for line in text.splitlines() if line and not line.startswith("#")}
 

@@ -966,12 +966,15 @@ def test_connection_limits_and_read_deadlines_reach_uvicorn(one_seq_engine):
 
 
 # ---- the clients people use ----------------------------------------------------------------
-def test_guidellm_streamed_request_body_is_served_with_continuous_usage(server):
-    """guidellm's text-completions body, as it sends it: every chunk carries its choice's usage
-    so far (vLLM's continuous_usage_stats), the last one the totals."""
-    body = {"model": MODEL, "prompt": PROMPTS[0], "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-            "max_tokens": 12, "max_completion_tokens": 12, "stop": None, "ignore_eos": True}
+@pytest.mark.parametrize("older", [False, True])
+def test_guidellm_streamed_request_body_is_served_with_continuous_usage(server, older):
+    """guidellm's text-completions body, as TextCompletionsRequestHandler.format builds it (and
+    as older releases did, with max_completion_tokens too): every chunk carries its choice's
+    usage so far (vLLM's continuous_usage_stats), the last one the totals."""
+    body = {"model": MODEL, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "max_tokens": 12, "stop": None, "ignore_eos": True, "prompt": PROMPTS[0]}
+    if older:
+        body["max_completion_tokens"] = 12
     with httpx.stream("POST", server + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
         assert r.status_code == 200, r.read()
         events = _events([line for line in r.iter_lines() if line])

@@ -264,10 +264,10 @@ class _StreamChoice:
 
 
 class Responses:
-    """RequestOutputs -> OpenAI completion responses, for one served model."""
+    """RequestOutputs -> OpenAI completion responses."""
 
-    def __init__(self, tokenizer: Tokenizer, model_name: str) -> None:
-        self.tokenizer, self.model_name = tokenizer, model_name
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
 
     def _head(self, cid: str, req: CompletionRequest) -> dict:
         # The name the client asked for: a model served under several names answers to each.

@@ -104,7 +104,8 @@ class Server:
         # answers to "gpt2", as the README's example sends).
         self.model_names = list(opts.served_model_name) or list(dict.fromkeys([engine.config.model,
                                                                                engine.model_dir.name]))
-        self.responses = Responses(self.tokenizer, self.model_names[0])
+        self.model_root = engine.model_dir.name     # the checkpoint behind the names (vLLM's "root")
+        self.responses = Responses(self.tokenizer)
         self.limiter = TokenBucket(opts.rate_limit, opts.rate_limit_burst) if opts.rate_limit else None
         self.num_admitted = 0                # prompts admitted; minus core.num_dequeued: the queue
         self.draining = False                # set on SIGTERM: admit nothing new
@@ -208,7 +209,7 @@ class Server:
         return Response(self.core.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def _model_card(self, name: str) -> dict:
-        return {"id": name, "object": "model", "owned_by": "nanoserve", "created": 0, "root": self.model_names[-1],
+        return {"id": name, "object": "model", "owned_by": "nanoserve", "created": 0, "root": self.model_root,
                 "max_model_len": self.n_ctx}
 
     async def models(self) -> dict:

@@ -17,15 +17,10 @@ from pathlib import Path
 import regex   # like `re`, plus the \p{L} (any letter) and \p{N} (any number) classes
 
 from lesson_utils import MODEL_DIR, check
-from nanoserve import tokenizer
-from nanoserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from nanoserve.tokenizer import IncrementalDetokenizer, Tokenizer, vocab_files
 
 tok = Tokenizer(MODEL_DIR)
-# The same two files nanoserve's Tokenizer reads: the model's own, else the bundled copies.
-if (MODEL_DIR / "merges.txt").is_file() and (MODEL_DIR / "vocab.json").is_file():
-    merges_path, vocab_path = MODEL_DIR / "merges.txt", MODEL_DIR / "vocab.json"
-else:
-    merges_path, vocab_path = tokenizer._bundled_files()
+merges_path, vocab_path = vocab_files(MODEL_DIR)   # the same two files nanoserve's Tokenizer reads
 print(f"vocab:  {vocab_path}\nmerges: {merges_path}")
 
 # %% [markdown]

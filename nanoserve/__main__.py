@@ -122,9 +122,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from . import server
-    server.serve(args)
-    return 0
+    from . import launch
+    return launch.serve(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server", formatter_class=fmt)
     try:
-        from .server import add_serve_args
+        from .launch import add_serve_args
         add_serve_args(p)
     except ImportError as e:   # the serve extra is not installed
         p.set_defaults(serve_missing=str(e))

@@ -9,9 +9,13 @@ the asyncio event loop. It lives in ONE background thread that owns it:
 
 Concurrent requests are just more sequences in the same engine, so the scheduler batches them
 step by step (continuous batching) with no extra code here. The thread also keeps the serving
-metrics (Prometheus text format). Nothing in this file knows about HTTP; server.py does.
+metrics (prometheus_client). Nothing in this file knows about HTTP; server.py does.
 
-References: vLLM `AsyncLLMEngine`, the Prometheus text exposition format.
+If the thread dies (a bug, a device error), every request it holds or that is still queued for
+it gets that error, and `on_death` tells the server, which then exits: a server whose engine
+is gone must not keep accepting requests it can never answer.
+
+References: vLLM `AsyncLLMEngine`, prometheus_client.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .engine import LLMEngine
 from .sequence import RequestOutput, SamplingParams
@@ -30,60 +36,34 @@ from .sequence import RequestOutput, SamplingParams
 log = logging.getLogger("nanoserve.server")
 
 
-class Histogram:
-    """A Prometheus histogram: cumulative bucket counts, plus sum and count."""
-
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
-        self.name, self.help, self.buckets = name, help, buckets
-        self.counts, self.sum, self.count = [0] * len(buckets), 0.0, 0
-
-    def observe(self, value: float) -> None:
-        self.sum, self.count = self.sum + value, self.count + 1
-        for i, le in enumerate(self.buckets):
-            self.counts[i] += value <= le
-
-    def render(self) -> list[str]:
-        n = self.name
-        return ([f"# HELP {n} {self.help}", f"# TYPE {n} histogram"]
-                + [f'{n}_bucket{{le="{le}"}} {c}' for le, c in zip(self.buckets, self.counts)]
-                + [f'{n}_bucket{{le="+Inf"}} {self.count}', f"{n}_sum {self.sum:.6f}", f"{n}_count {self.count}"])
-
-
-_METRICS = {   # name (after "nanoserve_") -> (type, help)
-    "num_requests_running": ("gauge", "Requests with a sequence in the running batch."),
-    "num_requests_waiting": ("gauge", "Requests waiting for a batch slot or KV blocks."),
-    "kv_blocks_used": ("gauge", "KV cache blocks in use."),
-    "kv_blocks_free": ("gauge", "KV cache blocks free."),
-    "prompt_tokens_total": ("counter", "Prompt tokens prefilled."),
-    "generation_tokens_total": ("counter", "Output tokens generated."),
-    "num_preemptions_total": ("counter", "Sequences preempted (their KV is recomputed later)."),
-    "prefix_cache_hit_tokens_total": ("counter", "Tokens whose KV came from the prefix cache instead of being "
-                                      "computed (prompts, and recomputation after a preemption)."),
-}
-
-
 class Metrics:
-    """Written by the engine thread after every step, read by GET /metrics: hence the lock."""
+    """The serving metrics, in prometheus_client's registry (one per engine thread, so that
+    several servers in one process never share counters). The engine thread updates them after
+    every step; GET /metrics renders them. prometheus_client's metrics are thread-safe."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.values = dict.fromkeys(_METRICS, 0)
-        self.finished: dict[str, int] = {}               # finish_reason -> completions
+        self.registry = CollectorRegistry()
+        gauge = lambda name, doc: Gauge("nanoserve_" + name, doc, registry=self.registry)
+        counter = lambda name, doc, *labels: Counter("nanoserve_" + name, doc, labels, registry=self.registry)
+        self.running = gauge("num_requests_running", "Requests with a sequence in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting for a batch slot or KV blocks.")
+        self.blocks_used = gauge("kv_blocks_used", "KV cache blocks in use.")
+        self.blocks_free = gauge("kv_blocks_free", "KV cache blocks free.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.")
+        self.generation_tokens = counter("generation_tokens", "Output tokens generated.")
+        self.preemptions = counter("num_preemptions", "Sequences preempted (their KV is recomputed later).")
+        self.cache_hits = counter("prefix_cache_hit_tokens", "Tokens whose KV came from the prefix cache instead "
+                                  "of being computed (prompts, and recomputation after a preemption).")
+        self.finished = counter("requests_finished", "Completions finished, by finish reason.", "finish_reason")
         self.ttft = Histogram("nanoserve_time_to_first_token_seconds", "Request arrival to first output token.",
-                              (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+                              registry=self.registry)
         self.tpot = Histogram("nanoserve_time_per_output_token_seconds", "Time between a request's output tokens.",
-                              (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5))
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5),
+                              registry=self.registry)
 
-    def render(self) -> str:
-        with self.lock:
-            lines = []
-            for name, (kind, help) in _METRICS.items():
-                lines += [f"# HELP nanoserve_{name} {help}", f"# TYPE nanoserve_{name} {kind}",
-                          f"nanoserve_{name} {self.values[name]}"]
-            lines += ["# HELP nanoserve_requests_finished_total Completions finished, by finish reason.",
-                      "# TYPE nanoserve_requests_finished_total counter"]
-            lines += [f'nanoserve_requests_finished_total{{finish_reason="{r}"}} {c}' for r, c in self.finished.items()]
-            return "\n".join(lines + self.ttft.render() + self.tpot.render()) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 class OutputSink:
@@ -125,7 +105,7 @@ class EngineThread:
     """Owns the LLMEngine: every call into the engine happens on this one thread. The methods
     without an underscore are for the event loop, and only enqueue a command."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, on_death: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
         self.metrics = Metrics()
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -134,6 +114,9 @@ class EngineThread:
         # the loop reads it (an int read is atomic), so a dead HTTP handler cannot skew the count.
         self.num_dequeued = 0
         self.ready = threading.Event()           # set after warm-up: GET /health says 200
+        self.error: BaseException | None = None  # why the thread died; None while it lives
+        self.on_death = on_death                 # called (on this thread) once it has answered everyone
+        self._counted = {"preemptions": 0, "cache_hits": 0}   # the scheduler's totals already in the counters
         self.thread = threading.Thread(target=self._run, name="nanoserve-engine", daemon=True)
 
     def add(self, batch: list[tuple[str, list[int]]], params: SamplingParams, sink: OutputSink,
@@ -143,6 +126,8 @@ class EngineThread:
         then RequestOutputs, or an exception if the engine fails. With `hide_output` the
         metrics count no generated tokens (the client is shown none)."""
         self.commands.put(("add", batch, params, asyncio.get_running_loop(), sink, arrival, hide_output))
+        if self.error is not None:   # the thread died: maybe before it could see this command
+            self._fail_queued(self.error)
 
     def abort(self, request_ids: set[str] | None) -> None:
         """Abort these requests (None: all of them); their KV blocks return to the pool."""
@@ -153,6 +138,28 @@ class EngineThread:
         self.thread.join()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:   # a bug or a device error outside any one request: we are done
+            log.critical("the engine thread died: %r; failing every request", e, exc_info=e)
+            self.error = e
+            for t in self.tracked.values():
+                self._post(t.loop, [(t.sink, e)])
+            self.tracked.clear()
+            self._fail_queued(e)
+            if self.on_death is not None:
+                self.on_death(e)
+
+    def _fail_queued(self, error: BaseException) -> None:
+        """Answer every add still in the queue with `error`. Either thread may call this, so a
+        request queued just as the engine died is answered by whichever thread sees it."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                cmd = self.commands.get_nowait()
+                if cmd[0] == "add":
+                    self._post(cmd[3], [(cmd[4], error)])
+
+    def _serve(self) -> None:
         eng = self.engine
         # Warm-up: one short generation, so that no client pays for lazy first-call set-up.
         eng.add_request("warm-up", [eng.model_config.eos_token_id], SamplingParams(max_tokens=2, temperature=0.0))
@@ -199,49 +206,49 @@ class EngineThread:
             if out is not None and t is not None:
                 if t.last is None:                    # aborted while still queued
                     self.num_dequeued += 1
-                with self.metrics.lock:
-                    self._count(t, out)
+                self._count(t, out)
                 # The handler may still be listening (shutdown, engine error): tell it the end.
                 self._post(t.loop, [(t.sink, error or out)])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now, posts = time.perf_counter(), {}
-        with self.metrics.lock:
-            for out in outputs:
-                t = self.tracked.get(out.request_id)
-                if t is None:
-                    continue                          # the warm-up request
-                if t.last is None:                    # its first token: it has left the queue
-                    self.metrics.ttft.observe(now - t.arrival)
-                    self.num_dequeued += 1
-                else:
-                    self.metrics.tpot.observe(now - t.last)
-                t.last = now
-                self._count(t, out)
-                posts.setdefault(t.loop, []).append((t.sink, out))
-                if out.finished:
-                    del self.tracked[out.request_id]
+        for out in outputs:
+            t = self.tracked.get(out.request_id)
+            if t is None:
+                continue                          # the warm-up request
+            if t.last is None:                    # its first token: it has left the queue
+                self.metrics.ttft.observe(now - t.arrival)
+                self.num_dequeued += 1
+            else:
+                self.metrics.tpot.observe(now - t.last)
+            t.last = now
+            self._count(t, out)
+            posts.setdefault(t.loop, []).append((t.sink, out))
+            if out.finished:
+                del self.tracked[out.request_id]
         for loop, items in posts.items():
             self._post(loop, items)
 
     def _count(self, t: _Tracked, out: RequestOutput) -> None:
-        v, num = self.metrics.values, sum(len(c.token_ids) for c in out.outputs)
+        m, num = self.metrics, sum(len(c.token_ids) for c in out.outputs)
         if t.num_tokens == 0 and num:
-            v["prompt_tokens_total"] += len(out.prompt_token_ids)
+            m.prompt_tokens.inc(len(out.prompt_token_ids))
         if not t.hide_output:
-            v["generation_tokens_total"] += num - t.num_tokens
+            m.generation_tokens.inc(num - t.num_tokens)
         t.num_tokens = num
         for c in out.outputs if out.finished else []:
-            self.metrics.finished[c.finish_reason] = self.metrics.finished.get(c.finish_reason, 0) + 1
+            m.finished.labels(finish_reason=c.finish_reason).inc()
 
     def _update_gauges(self) -> None:
-        sched, free = self.engine.scheduler, self.engine.allocator.num_free
-        with self.metrics.lock:
-            self.metrics.values.update(
-                num_requests_running=len({s.request_id for s in sched.running}),
-                num_requests_waiting=len({s.request_id for s in sched.waiting}),
-                kv_blocks_used=self.engine.num_blocks - free, kv_blocks_free=free,
-                num_preemptions_total=sched.num_preemptions, prefix_cache_hit_tokens_total=sched.num_cached_tokens)
+        m, sched, free = self.metrics, self.engine.scheduler, self.engine.allocator.num_free
+        m.running.set(len({s.request_id for s in sched.running}))
+        m.waiting.set(len({s.request_id for s in sched.waiting}))
+        m.blocks_used.set(self.engine.num_blocks - free)
+        m.blocks_free.set(free)
+        # The scheduler keeps running totals; a counter only goes up, so add what is new.
+        for name, total in (("preemptions", sched.num_preemptions), ("cache_hits", sched.num_cached_tokens)):
+            getattr(m, name).inc(total - self._counted[name])
+            self._counted[name] = total
 
     @staticmethod
     def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[OutputSink, Any]]) -> None:

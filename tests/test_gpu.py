@@ -64,17 +64,19 @@ def test_small_pool_preemption_on_gpu_keeps_tokens(tiny_ckpt, cpu_ref):
     assert small.engine.allocator.num_free == small.engine.num_blocks
 
 
-def test_fused_decode_greedy_equals_eager_fp32(tiny_ckpt):
-    """CUDA graphs of the compiled decode step (fused.py) give the eager graphs' tokens in fp32."""
+def test_fused_decode_greedy_equals_eager_fp32(tiny_ckpt, cpu_ref):
+    """CUDA graphs of the compiled decode step (fused.py) give the eager graphs' tokens in fp32,
+    and both give the CPU reference's."""
     kw = dict(device="cuda", dtype="float32", quiet=True, num_blocks=256)
     prompts = _prompts(20, seed=4)
     fused = LLM(str(tiny_ckpt), **kw)
     eager = LLM(str(tiny_ckpt), fused_decode=False, **kw)
     assert fused.engine.runner.decode_logits is not None, "the fused step should be on by default"
     assert eager.engine.runner.decode_logits is None
-    a = fused.generate(prompts, GREEDY, use_tqdm=False)
-    b = eager.generate(prompts, GREEDY, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    tokens = {name: [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+              for name, llm in [("fused", fused), ("eager", eager), ("cpu", cpu_ref)]}
+    assert tokens["eager"] == tokens["cpu"], "eager CUDA graphs differ from the CPU reference"
+    assert tokens["fused"] == tokens["cpu"], "fused CUDA graphs differ from the CPU reference"
 
 
 def test_fused_fp16_decode_logprobs_within_2e2_of_fp32(tiny_ckpt, cpu_ref):

@@ -11,8 +11,9 @@ is now complete (it samples), and prompt rows whose prompt_logprobs were asked f
 
 On CUDA, decode-only steps (every sequence has one new token) replay a CUDA graph captured
 at warm-up for the next-larger batch size; this removes the CPU cost of launching ~10 kernels
-per layer, which dominates a small GPT-2 step. The step's only host synchronisation is
-reading the sampled tokens back.
+per layer, which dominates a small GPT-2 step. By default the graphs capture fused.py's
+compiled forward (the same model, fewer and larger kernels). The step's only host
+synchronisation is reading the sampled tokens back.
 
 N = tokens in this step   S = sequences in batch   MB = max blocks per sequence   V = vocab_size
 

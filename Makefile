@@ -14,7 +14,9 @@ PY     := $(VENV)/bin/python
 # CUDA build; override with e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130".
 TORCH_SPEC ?= torch==2.13.0
 # A CUDA build of torch brings its own matching triton; the CPU build has none, and the
-# kernel tests need it to run Triton's interpreter (TRITON_INTERPRET=1).
+# kernel tests need it to run Triton's interpreter (TRITON_INTERPRET=1). They pass with triton
+# 3.7.1, 3.8.0 and 3.9.0; triton 3.6's interpreter also needs numpy < 2.4 (it calls int() on
+# one-element arrays, which numpy 2.4 refuses).
 TRITON_SPEC ?= triton==3.7.1
 
 MODEL      ?= gpt2

@@ -14,7 +14,9 @@ PY     := $(VENV)/bin/python
 # CUDA build; override with e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130".
 TORCH_SPEC ?= torch==2.13.0
 # A CUDA build of torch brings its own matching triton; the CPU build has none, and the
-# kernel tests need it to run Triton's interpreter (TRITON_INTERPRET=1).
+# kernel tests need it to run Triton's interpreter (TRITON_INTERPRET=1). They pass with triton
+# 3.7.1, 3.8.0 and 3.9.0; triton 3.6's interpreter also needs numpy < 2.4 (it calls int() on
+# one-element arrays, which numpy 2.4 refuses).
 TRITON_SPEC ?= triton==3.7.1
 
 MODEL      ?= gpt2
@@ -61,8 +63,10 @@ clean:
 #   make gpu-check PY=python3 OUT=/some/dir
 OUT ?= bench_out
 gpu-check:
-	$(PY) -m pytest -q tests/test_kernels.py tests/test_gpu.py 2>&1 | tee $(OUT)/gpu_tests.log
+	$(PY) -m pytest -q tests/test_kernels.py tests/test_gpu.py tests/test_fused.py 2>&1 | tee $(OUT)/gpu_tests.log
 	$(PY) -m nanoserve bench latency --device cuda --model gpt2 --out $(OUT) 2>&1 | tee $(OUT)/latency_gpt2.log
 	$(PY) -m nanoserve bench throughput --device cuda --model gpt2 --out $(OUT) 2>&1 | tee $(OUT)/throughput.log
 	$(PY) -m nanoserve bench latency --device cuda --model gpt2-xl --out $(OUT) 2>&1 | tee $(OUT)/latency_xl.log
 	$(PY) -m nanoserve bench sweep --device cuda --model gpt2 --out $(OUT) 2>&1 | tee $(OUT)/sweep.log
+	mkdir -p $(OUT)/eager          # the same decode step without fused.py, for comparison
+	$(PY) -m nanoserve bench latency --device cuda --model gpt2-xl --no-fused-decode --no-compare-hf --out $(OUT)/eager 2>&1 | tee $(OUT)/eager/latency_xl.log

@@ -3,6 +3,7 @@
     python -m nanoserve bench cpu                      # the CPU workloads (2 cores, fp32)
     python -m nanoserve bench throughput --device cuda --compare-hf
     python -m nanoserve bench latency --device cuda --model gpt2-xl --compare-hf
+    python -m nanoserve bench throughput --device cuda --compare vllm   # vLLM too, if importable
 
 Workloads (../DESIGN.md): random token-id prompts from seed 0, greedy, ignore_eos, so every
 request generates exactly its max_tokens. Without real weights the model is a randomly
@@ -32,6 +33,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--out", default="bench_out", help="directory for JSON results and plots")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--fused-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPU: CUDA graphs of the compiled decode step (EngineConfig.fused_decode; default: on)")
+    p.add_argument("--compare", choices=["vllm"], default=None,
+                   help="GPU: also run vLLM on the same checkpoint and prompts (when `import vllm` works)")
     p.add_argument("--quick", action="store_true", help="smaller workloads (smoke test)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="cpu: torch.compile the decode attention (EngineConfig.compile_cpu_attention)")

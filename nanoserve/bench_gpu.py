@@ -69,32 +69,70 @@ def _hf_generate(model, prompts: list[list[int]], max_tokens: int) -> dict:
 
 
 def profile_decode(llm, prompts: list[list[int]], num_steps: int = 30) -> dict:
-    """Where a decode step's time goes: GPU kernel time vs host time, and the top kernels."""
+    """Where a decode step's time goes: GPU kernel time vs host time, and the top kernels.
+
+    The steps are timed twice, without the profiler (it slows the host) and under it (for the
+    kernels). host_ms_per_step is the unprofiled step minus its GPU kernel time: the part of a
+    step in which the GPU waits for the host (Python, launches, the sync for sampled tokens)."""
     from torch.profiler import ProfilerActivity, profile
     from .sequence import SamplingParams
     eng = llm.engine
     for i, p in enumerate(prompts):
-        eng.add_request(f"p{i}", p, SamplingParams(temperature=0.0, max_tokens=num_steps + 40, ignore_eos=True))
+        eng.add_request(f"p{i}", p, SamplingParams(temperature=0.0, max_tokens=2 * num_steps + 40, ignore_eos=True))
     while eng.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running):
         eng.step()                                               # get through the prefills
     for _ in range(5):
         eng.step(finished_only=True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
+    for _ in range(num_steps):
+        eng.step(finished_only=True)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / num_steps
+    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(num_steps):
             eng.step(finished_only=True)
         torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / num_steps
+    profiled_wall = (time.perf_counter() - t0) / num_steps
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    gpu_us = sum(e.self_device_time_total for e in events) / num_steps
+    gpu_ms = sum(e.self_device_time_total for e in events) / num_steps / 1000
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
     for rid in list(eng.requests):
         eng.abort_request(rid)
-    res = {"batch": len(prompts), "wall_ms_per_step": 1000 * wall, "gpu_kernel_ms_per_step": gpu_us / 1000,
+    res = {"batch": len(prompts), "fused_decode": eng.runner.decode_logits is not None,
+           "wall_ms_per_step": 1000 * wall, "profiled_wall_ms_per_step": 1000 * profiled_wall,
+           "gpu_kernel_ms_per_step": gpu_ms, "gpu_busy_fraction": gpu_ms / (1000 * wall),
+           "host_ms_per_step": 1000 * wall - gpu_ms,
+           "kernels_per_step": sum(e.count for e in events) / num_steps,   # memcpys included
            "top_kernels_ms_per_step": {e.key[:60]: e.self_device_time_total / 1000 / num_steps for e in top}}
     print(json.dumps(res, indent=1))
     return res
+
+
+def vllm_compare(ckpt: Path, prompts: list[list[int]], max_tokens: int, warm: list[list[int]]) -> dict:
+    """vLLM on the same checkpoint and prompts, one generate call (as ../shared/tools/vllm_compare.py
+    runs it), or why it could not run. vLLM is not a dependency: it is used only if importable."""
+    try:
+        import vllm
+        from vllm import LLM as VLLM, SamplingParams as VSamplingParams
+    except Exception as e:     # ImportError, or a vLLM built for another torch
+        print(f"vLLM: not run, `import vllm` failed here ({type(e).__name__}: {e}). DESIGN.md records vLLM 0.26.0 "
+              "measured on one H200 on 2026-11-30: throughput 19,700-32,000 output tok/s, latency 1.77-2.97 "
+              "ms/token (gpt2), 2.81-2.95 (gpt2-xl).")
+        return {"vllm_error": f"{type(e).__name__}: {e}"}
+    llm = VLLM(str(ckpt), dtype="float16", skip_tokenizer_init=True, max_num_seqs=256,
+               gpu_memory_utilization=0.8)
+    sp = lambda n: VSamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)   # noqa: E731
+    run = lambda ps, n: llm.generate([{"prompt_token_ids": p} for p in ps], sp(n), use_tqdm=False)     # noqa: E731
+    run(warm, 16)
+    t0 = time.perf_counter()
+    outs = run(prompts, max_tokens)
+    wall = time.perf_counter() - t0
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    del llm
+    gc.collect()
+    return {"vllm_version": vllm.__version__, "vllm_wall_s": wall, "vllm_output_tokens": n, "vllm_tok_s": n / wall}
 
 
 def _new_llm(args, ckpt: Path, **kw):
@@ -102,7 +140,7 @@ def _new_llm(args, ckpt: Path, **kw):
     # The workloads repeat prompts across warm-up and timed runs, and HF has no prefix cache:
     # measure without ours, so that every prompt token is prefilled on both sides.
     return LLM(str(ckpt), device="cuda", dtype=args.dtype or "float16", enforce_eager=args.enforce_eager,
-               quiet=False, enable_prefix_caching=False, **kw)
+               fused_decode=args.fused_decode, quiet=False, enable_prefix_caching=False, **kw)
 
 
 def bench_throughput(args, ckpt: Path) -> list[dict]:
@@ -115,10 +153,10 @@ def bench_throughput(args, ckpt: Path) -> list[dict]:
            "nanoserve_tok_s": ours["output_tok_s"]}
     print(json.dumps(row, indent=1))
     row["profile"] = [profile_decode(llm, prompts[:n], 30), profile_decode(llm, prompts[:1], 30)]
+    del llm                          # the other engines need the GPU memory our KV pool took
+    gc.collect()
+    torch.cuda.empty_cache()
     if args.compare_hf:
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
         try:
             from transformers import GPT2LMHeadModel
             hf = GPT2LMHeadModel.from_pretrained(ckpt, dtype=torch.float16, attn_implementation="paged|sdpa").cuda().eval()
@@ -128,6 +166,11 @@ def bench_throughput(args, ckpt: Path) -> list[dict]:
         except Exception as e:   # record, do not hide, a baseline that failed to run
             row["hf_error"] = f"{type(e).__name__}: {e}"
         print(json.dumps({k: v for k, v in row.items() if k.startswith(("hf", "ratio"))}, indent=1))
+    if args.compare == "vllm":
+        row.update(vllm_compare(ckpt, prompts, olen, random_prompts(16, 32, 64, seed=1)))
+        if "vllm_tok_s" in row:
+            row["ratio_vllm"] = ours["output_tok_s"] / row["vllm_tok_s"]
+        print(json.dumps({k: v for k, v in row.items() if "vllm" in k}, indent=1))
     return [row]
 
 
@@ -142,14 +185,21 @@ def bench_latency(args, ckpt: Path) -> list[dict]:
            "nanoserve_ms_per_token": 1000 * best["wall_s"] / olen, "nanoserve_tpot_ms": best["tpot_ms_p50"],
            "nanoserve_ttft_ms": best["ttft_ms_p50"], "runs_ms_per_token": [1000 * r["wall_s"] / olen for r in runs]}
     row["profile"] = profile_decode(llm, prompt, 30)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
     if args.compare_hf:
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
         hf = hf_model(ckpt, "cuda", torch.float16)
         theirs = _hf_generate(hf, prompt, olen)
         row.update(hf_tok_s=theirs["output_tok_s"], hf_ms_per_token=1000 * theirs["wall_s"] / olen,
                    ratio=theirs["wall_s"] / best["wall_s"])
+        del hf
+    if args.compare == "vllm":
+        theirs = vllm_compare(ckpt, prompt, olen, prompt)
+        row.update(theirs)
+        if "vllm_tok_s" in theirs:
+            row.update(vllm_ms_per_token=1000 * theirs["vllm_wall_s"] / olen,
+                       ratio_vllm=theirs["vllm_wall_s"] / best["wall_s"])
     print(json.dumps(row, indent=1))
     return [row]
 

@@ -154,6 +154,8 @@ class EngineConfig:
     enforce_eager: bool = False         # True: no CUDA graphs
     use_triton: bool | None = None      # None: Triton kernels on CUDA when triton imports
     compile_cpu_attention: bool = False # CPU: torch.compile the decode attention (needs a C++ compiler)
+    fused_decode: bool | None = None    # CUDA graphs capture the torch.compile'd decode step (fused.py);
+                                        # None: when CUDA graphs are on, falling back to eager if it fails
     quiet: bool = False                 # no progress bars or info logs
 
     def __post_init__(self) -> None:

@@ -73,8 +73,12 @@ class LLMEngine:
                      bytes_per_block(mc, config.block_size, self.dtype) / 2**20,
                      self.num_blocks * bytes_per_block(mc, config.block_size, self.dtype) / 2**20)
         # CUDA graphs need kernels that never synchronise with the host: the Triton ones.
-        if self.device.type == "cuda" and not config.enforce_eager and self.model.attn_fn is not paged_attention:
-            self.runner.capture_cuda_graphs()
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager and self.model.attn_fn is not paged_attention
+        if config.fused_decode and not use_graphs:
+            raise ValueError("fused_decode=True needs CUDA graphs (device='cuda', enforce_eager=False, triton "
+                             "installed); leave fused_decode=None to use it only where it applies")
+        if use_graphs:
+            self._capture_graphs()
 
         self.outputs = OutputProcessor(self.tokenizer, mc.eos_token_id, mc.n_ctx)
         self.requests: dict[str, Request] = {}
@@ -100,6 +104,23 @@ class LLMEngine:
                 raise RuntimeError("use_triton=True but triton is not installed; pip install triton")
             return
         self.model.attn_fn, self.model.write_fn = kernels.paged_attention, kernels.write_kv
+
+    def _capture_graphs(self) -> None:
+        """Capture the decode CUDA graphs, of the fused step unless fused_decode=False."""
+        if self.config.fused_decode is not False:
+            from .fused import compile_decode
+            self.runner.decode_logits = compile_decode(self.model)
+        try:
+            self.runner.capture_cuda_graphs()
+        except Exception as e:
+            if self.config.fused_decode is None and self.runner.decode_logits is not None:
+                # Default on means "where it works": an unsupported torch or compiler must not
+                # stop the engine, which is correct (if slower) with eager graphs.
+                log.warning("fused decode failed (%s: %s); capturing eager CUDA graphs", type(e).__name__, e)
+                self.runner.decode_logits = None
+                self.runner.capture_cuda_graphs()
+            else:
+                raise
 
     # ---- requests -----------------------------------------------------------------------
     def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:

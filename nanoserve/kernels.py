@@ -71,8 +71,11 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     block, offset = slot // BS, slot % BS
     h = tl.arange(0, BLOCK_H)[:, None]                   # (BLOCK_H, 1)
     d = tl.arange(0, BLOCK_D)[None, :]                   # (1, BLOCK_D)
-    # A padding token (slot -1) gets an all-false mask: no branch and no out-of-bounds address.
-    mask = (h < H) & (d < D) & (slot >= 0)               # (BLOCK_H, BLOCK_D)
+    # A padding token (slot -1) copies zero heads: an all-false mask, so no branch and no
+    # out-of-bounds address. (We compare the block against a scalar count rather than `&` a scalar
+    # bool into the mask: triton 3.9's interpreter rejects the mask that `&` builds.)
+    num_heads = tl.where(slot >= 0, H, 0)
+    mask = (h < num_heads) & (d < D)                     # (BLOCK_H, BLOCK_D)
     src = n * stride_kn + h * stride_kh + d              # (BLOCK_H, BLOCK_D)
     dst = block * stride_cb + offset * stride_cs + h * stride_ch + d
     tl.store(k_cache_ptr + dst, tl.load(k_ptr + src, mask=mask), mask=mask)
@@ -120,7 +123,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     ctx = tl.load(context_lens_ptr + s)
     d = tl.arange(0, BLOCK_D)                                  # (BD,) the padded lanes are masked off
     d_mask = d < D
-    q = tl.load(q_ptr + q_row * stride_qn + h * stride_qh + d, mask=d_mask & has_query, other=0.0)
+    # The lanes this program reads and writes: D of them, none for a filler sequence. (A count
+    # compared with the block, not `d_mask & has_query`: see _write_kv_kernel.)
+    d_io = d < tl.where(has_query, D, 0)
+    q = tl.load(q_ptr + q_row * stride_qn + h * stride_qh + d, mask=d_io, other=0.0)
     q = q.to(tl.float32) * qk_scale                            # (BD,) scale once, not per score
 
     # A single query row gives no matrix for tl.dot (it needs M >= 16), so we score the tile with
@@ -155,7 +161,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)                    # ctx == 0 gives zeros, not NaN
     tl.store(out_ptr + q_row * stride_on + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
-             mask=d_mask & has_query)
+             mask=d_io)
     first_pad = tl.load(query_start_loc_ptr + num_seqs)
     _zero_padding_rows(out_ptr, first_pad + s, num_tokens, num_seqs, h, stride_on, stride_oh, D, BLOCK_D)
 

@@ -116,16 +116,19 @@ class GPT2(nn.Module):
                               for k, v in sd.items()}, strict=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, attn_fn: AttentionFn | None = None,
+                write_fn: WriteKVFn | None = None) -> torch.Tensor:
         """One step: (N,) token ids at (N,) positions -> (N, C) final hidden states.
 
         kv_cache: (L, 2, NB, BS, H, D); layer i reads and writes kv_cache[i, 0] (K) and [i, 1] (V).
         Logits are computed separately (compute_logits) and only for the rows that need them:
         projecting every prompt token onto 50,257 words would be most of a prefill's work.
+        attn_fn / write_fn override the model's own for this call (fused.py passes its custom ops).
         """
+        attn_fn, write_fn = attn_fn or self.attn_fn, write_fn or self.write_fn
         x = self.wte(input_ids) + self.wpe(positions)          # (N, C)
         for i, block in enumerate(self.h):
-            x = block(x, kv_cache[i, 0], kv_cache[i, 1], meta, self.attn_fn, self.write_fn)   # (N, C)
+            x = block(x, kv_cache[i, 0], kv_cache[i, 1], meta, attn_fn, write_fn)   # (N, C)
         return self.ln_f(x)                                    # (N, C)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # (M, C) -> (M, V)

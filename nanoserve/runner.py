@@ -11,8 +11,9 @@ is now complete (it samples), and prompt rows whose prompt_logprobs were asked f
 
 On CUDA, decode-only steps (every sequence has one new token) replay a CUDA graph captured
 at warm-up for the next-larger batch size; this removes the CPU cost of launching ~10 kernels
-per layer, which dominates a small GPT-2 step. The step's only host synchronisation is
-reading the sampled tokens back.
+per layer, which dominates a small GPT-2 step. By default the graphs capture fused.py's
+compiled forward (the same model, fewer and larger kernels). The step's only host
+synchronisation is reading the sampled tokens back.
 
 N = tokens in this step   S = sequences in batch   MB = max blocks per sequence   V = vocab_size
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +34,9 @@ from .model import GPT2
 from .sampler import Sampler
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from .fused import DecodeFn
 
 
 @dataclass
@@ -65,6 +70,9 @@ class ModelRunner:
         self.max_blocks_per_seq = cdiv(model_cfg.n_ctx, cfg.block_size)   # MB
         self.num_steps = 0                                                  # steps executed
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}                   # batch size -> graph
+        # What the decode graphs capture: None = the eager forward + logits; the engine may set
+        # fused.compile_decode(model), the same forward compiled (fewer, larger kernels).
+        self.decode_logits: DecodeFn | None = None
         self.graph_bufs: dict[str, torch.Tensor] = {}
         # Block tables live in a host tensor with one row per running sequence, updated only
         # when a sequence gains a block: turning 256 Python lists into a tensor every step
@@ -222,6 +230,8 @@ class ModelRunner:
             query_start_loc=torch.arange(G + 1, dtype=torch.int32, device=dev),
         )
         self.graph_logits: dict[int, torch.Tensor] = {}
+        self.graphs = {}
+        decode = self.decode_logits or (lambda ids, pos, kv, meta: self.model.compute_logits(self.model(ids, pos, kv, meta)))
         self.graph_pool = torch.cuda.graph_pool_handle()
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -229,8 +239,7 @@ class ModelRunner:
                 meta = AttentionMetadata(slot_mapping=b["slot_mapping"][:g], block_tables=b["block_tables"][:g],
                                          context_lens=b["context_lens"][:g], query_start_loc=b["query_start_loc"][:g + 1],
                                          max_query_len=1, max_context_len=self.model_cfg.n_ctx)
-                fwd = lambda: self.model.compute_logits(                                  # noqa: E731
-                    self.model(b["input_ids"][:g], b["positions"][:g], self.kv_cache, meta))
+                fwd = lambda: decode(b["input_ids"][:g], b["positions"][:g], self.kv_cache, meta)   # noqa: E731
                 fwd()                           # warm-up: Triton compiles, cuBLAS picks kernels
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
@@ -240,8 +249,9 @@ class ModelRunner:
         torch.cuda.synchronize()
         self.graph_sizes = sorted(self.graphs)
         import logging
-        logging.getLogger("nanoserve").info("captured %d CUDA graphs (batch sizes %s) in %.1fs",
-                                            len(sizes), sizes, time.perf_counter() - t0)
+        logging.getLogger("nanoserve").info("captured %d CUDA graphs (batch sizes %s, %s decode) in %.1fs",
+                                            len(sizes), sizes, "fused" if self.decode_logits else "eager",
+                                            time.perf_counter() - t0)
 
     def _graph_size(self, inp: StepInputs) -> int | None:
         """The smallest captured batch size that fits this step, if it is a pure decode step."""

@@ -1,0 +1,111 @@
+"""The fused decode step for CUDA: torch.compile of model.py's forward, attention kept opaque.
+
+At batch 1 a GPT-2 decode step is hundreds of tiny kernels (per layer: layer norm, a GEMM with
+its bias, the K/V write, attention, a GEMM, a residual add, layer norm, a GEMM, GELU, a GEMM,
+an add), and on an H200 the gaps between them cost more than their work. We do not write a
+second GPT-2 for speed. We hand the same `GPT2.forward` to torch.compile, which fuses what lies
+between the GEMMs: the residual add with the next layer norm, each bias with the GELU or add
+after it. GEMMs stay with cuBLAS.
+
+Inductor cannot see inside our Triton attention kernels, and must not try to: they gather
+through block tables, take their lengths from device tensors, and write the KV cache in place.
+So each one becomes a custom op (torch.library.custom_op), an opaque call in the compiled graph
+with a declared effect: `write_kv` mutates the cache views it is given, which Inductor keeps
+in place (no copy of the pool), and `decode_attention` reads them and returns a new tensor.
+On CUDA the ops run kernels.py; elsewhere attention.py's reference, so CPU tests exercise the
+same compiled graph.
+
+The runner calls the compiled function only while capturing its decode CUDA graphs (one per
+batch size); replays never enter Python, so Inductor's wrapper costs nothing per step. Batch
+size is a dynamic dimension: one compilation serves every graph size but 1, which torch
+always specialises (a second, short compilation).
+
+The eager path (model.py + kernels.py, no compiler) stays the reference: it runs prefill,
+every step with enforce_eager, and `EngineConfig(fused_decode=False)`.
+
+S = sequences (= tokens: one each)   H = n_head   D = head_dim   V = vocab_size
+NB = KV blocks in pool   BS = tokens per block   MB = max blocks per sequence
+
+References: gpt-fast (torch.compile of a decode step under CUDA graphs), PyTorch's custom-op
+tutorial ("Python custom operators"), vLLM's `unified_attention` custom op.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import attention, kernels
+from .attention import AttentionMetadata
+from .model import GPT2
+
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and kernels.HAS_TRITON
+
+
+@torch.library.custom_op("nanoserve::write_kv", mutates_args=("k_cache", "v_cache"))
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """attention.write_kv as an op: (S, H, D) K/V rows into their slots of (NB, BS, H, D)."""
+    (kernels if _use_triton(k) else attention).write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+@torch.library.custom_op("nanoserve::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence over its cached keys: (S, H, D) -> (S, H, D), a new tensor."""
+    # A decode step's metadata, rebuilt from tensors (a custom op takes no dataclasses). The
+    # Triton kernel reads lengths on the device; the reference needs a host-side bound on the
+    # context, and the block table's width is one that never syncs.
+    meta = AttentionMetadata(slot_mapping=context_lens[:0],   # attention does not read slots
+                             block_tables=block_tables, context_lens=context_lens,
+                             query_start_loc=query_start_loc, max_query_len=1,
+                             max_context_len=block_tables.shape[1] * k_cache.shape[1])
+    return (kernels if _use_triton(q) else attention).paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale):
+    return q.new_empty(q.shape)        # the shape and dtype Inductor plans the graph with
+
+
+def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+    """model.py's AttentionFn, over the custom op."""
+    return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale)
+
+
+def compile_decode(model: GPT2) -> DecodeFn:
+    """A compiled decode step: (S,) token ids at (S,) positions -> (S, V) logits.
+
+    It writes this step's K/V into kv_cache, as the eager forward does. Compilation happens on
+    the first call (seconds for GPT-2 124M, longer for XL), so call it outside CUDA graph capture
+    first, as the runner's warm-up does.
+    """
+    def decode_logits(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                      meta: AttentionMetadata) -> torch.Tensor:
+        hidden = model(input_ids, positions, kv_cache, meta, attn_fn=_attention, write_fn=write_kv)   # (S, C)
+        return model.compute_logits(hidden)                                                          # (S, V)
+
+    # Each engine compiles afresh. Every engine's decode_logits shares one code object, so
+    # Dynamo would hand a second engine the first one's compiled artifact (same shapes, guards
+    # pass); on an H200 that gave wrong tokens once the first engine's CUDA graphs were gone
+    # (tests/test_gpu.py, 2026-11-30). The reset costs other torch.compile'd functions in this
+    # process a recompilation on their next call; captured CUDA graphs do not notice.
+    torch.compiler.reset()
+    compiled = torch.compile(decode_logits, fullgraph=True)
+
+    def run(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+            meta: AttentionMetadata) -> torch.Tensor:
+        # Only the batch dimension varies between graph sizes. Marking just it (not
+        # dynamic=True, which would make every weight's shape symbolic too) keeps sizes such as
+        # n_embd static, so Inductor can unroll a layer norm into one persistent reduction.
+        for t in (input_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens,
+                  meta.query_start_loc):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(input_ids, positions, kv_cache, meta)
+    return run

@@ -114,10 +114,13 @@ gpu_section = benchmarks_md.read_text().split("\n## GPU", 1)[1].split("\n## ", 1
 table_lines = re.search(r"^\|.*?(?=\n[^|])", gpu_section, re.S | re.M).group(0).splitlines()
 cells = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", ln.strip().strip("|"))] for ln in table_lines]
 header, gpu_rows = cells[0], [dict(zip(cells[0], row)) for row in cells[2:]]   # cells[1] is |---|
+ours = next((h for h in header if h.startswith("nanoserve")), None)   # e.g. "nanoserve fused"
+hf = next((h for h in header if h.startswith("HF")), None)
 print(f"{benchmarks_md}, section '## GPU{gpu_section.splitlines()[0]}':")
 for row in gpu_rows:
-    print(f"  {row[header[0]]}\n      nanoserve {row.get('nanoserve', '?').replace('**', '')} | "
-          f"HF {row.get('HF transformers', '?').split(' (')[0]} | ratio {row.get('ratio', '?')}")
-check("BENCHMARKS.md's GPU table has rows with a nanoserve column", bool(gpu_rows) and "nanoserve" in header)
+    print(f"  {row[header[0]]}\n      {ours} {row.get(ours, '?').replace('**', '')} | "
+          f"HF {row.get(hf, '?').split(' (')[0]}")
+check("BENCHMARKS.md's GPU table has rows with a nanoserve column and an HF column",
+      bool(gpu_rows) and ours is not None and hf is not None)
 print("re-run them: python -m nanoserve bench throughput --device cuda (and latency, sweep); on this CPU: "
       "python -m nanoserve bench cpu")

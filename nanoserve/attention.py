@@ -90,11 +90,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     ctx = meta.context_lens.long()                             # (S,)
     Q, T = meta.max_query_len, meta.max_context_len
 
-    # Gather each sequence's K/V through its block table into a padded (S, T) layout.
-    num_blocks = cdiv(T, BS)
-    blocks = meta.block_tables[:, :num_blocks].long()          # (S, nb)
-    k = k_cache[blocks].reshape(S, num_blocks * BS, H, D)[:, :T]   # (S, T, H, D)
-    v = v_cache[blocks].reshape(S, num_blocks * BS, H, D)[:, :T]   # (S, T, H, D)
+    # Gather each sequence's K/V through its block table into a padded (S, T) layout. A CUDA
+    # graph is captured with max_context_len = n_ctx over a narrower table: use the columns there are.
+    blocks = meta.block_tables[:, :cdiv(T, BS)].long()         # (S, nb)
+    T = min(T, blocks.shape[1] * BS)
+    k = k_cache[blocks].flatten(1, 2)[:, :T]                   # (S, T, H, D)
+    v = v_cache[blocks].flatten(1, 2)[:, :T]                   # (S, T, H, D)
 
     # Scatter the flat queries into a padded (S, Q) layout.
     j = torch.arange(Q, device=dev)                            # (Q,)

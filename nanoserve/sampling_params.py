@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 _INTS = ("n", "top_k", "max_tokens", "min_tokens")
+# Temperatures below this are greedy (vLLM's rule): dividing logits by 1e-40 overflows to inf,
+# and softmax of inf - inf is NaN, which would draw token 0 every time.
+GREEDY_TEMPERATURE = 1e-5
 _NUMBERS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -48,7 +51,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 @dataclass
 class SamplingParams:
     n: int = 1                          # completions per prompt
-    temperature: float = 1.0            # 0 means greedy (argmax)
+    temperature: float = 1.0            # 0 (or anything below 1e-5) means greedy (argmax)
     top_p: float = 1.0                  # nucleus: smallest set of tokens with this much probability
     top_k: int = 0                      # keep the k most likely tokens; 0 or -1: all
     min_p: float = 0.0                  # drop tokens less likely than min_p * the top token
@@ -112,4 +115,4 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE

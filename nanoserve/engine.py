@@ -12,6 +12,7 @@ References: vLLM `LLMEngine` / `LLM`, nano-vllm `llm_engine.py`.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -107,6 +108,9 @@ class LLMEngine:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 prompt = prompt["prompt_token_ids"]
+                if not isinstance(prompt, (list, tuple)):   # a str here would be tokenized as text
+                    raise TypeError(f"prompt_token_ids must be a list of token ids (ints), "
+                                    f"got {type(prompt).__name__} {prompt!r:.40}")
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -125,9 +129,11 @@ class LLMEngine:
     def add_request(self, request_id: str | None, prompt: PromptType,
                     params: SamplingParams | None = None, priority: int = 0) -> str:
         """Queue a request; returns its id. Raises ValueError/TypeError (and changes nothing)
-        if it is invalid."""
+        if it is invalid. The request keeps its own copy of `params`, checked again: changing
+        the caller's object afterwards does not reach a queued request."""
         params = params if params is not None else SamplingParams()
         request_id = self._check_request(request_id, params, priority)
+        params = dataclasses.replace(params)    # a copy, validated anew by __post_init__
         text, ids = self._prompt_ids(prompt)
         self._check_fits(len(ids), params)
         # Everything is validated above, so from here on nothing can fail half-way: a rejected
@@ -271,7 +277,11 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; results in input order.
 
-        All prompts are validated before any runs: one bad prompt raises and queues nothing."""
+        All prompts are validated before any runs: one bad prompt raises and queues nothing.
+        Requests added through `self.engine` and still unfinished make it raise RuntimeError:
+        generate would have to run them to completion and could return their outputs to no one.
+        Drive those with `engine.step()` (or abort them) first."""
+        self._check_no_foreign_requests()
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
@@ -312,3 +322,11 @@ class LLM:
             if bar:
                 bar.close()
         return [results[r] for r in ids]
+
+    def _check_no_foreign_requests(self) -> None:
+        if n := self.engine.get_num_unfinished_requests():
+            some = list(self.engine.requests)[:3]
+            raise RuntimeError(f"LLM.generate: {n} request(s) added through llm.engine are unfinished "
+                               f"(e.g. {some}); generate would run them and drop their outputs. Call "
+                               f"llm.engine.step() until llm.engine.has_unfinished_requests() is False, "
+                               f"or llm.engine.abort_request(id), before generate")

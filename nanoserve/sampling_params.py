@@ -43,8 +43,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prompt_logprobs": (lambda v: v is None or (_is_int(v) and v >= 0), "must be None or an int >= 0"),
     "logit_bias": (lambda d: all(_is_int(t) and _is_number(b) and -100 <= b <= 100 for t, b in d.items()),
                    "must map token ids (ints) to biases in [-100, 100]"),
-    "stop": (lambda v: all(isinstance(s, str) and s for s in v), "must be a non-empty string or a list of them"),
-    "stop_token_ids": (lambda v: all(isinstance(t, int) for t in v), "must be a list of ints"),
+    "stop": (lambda v: all(v), "must not contain an empty string (it would match everywhere)"),
 }
 
 
@@ -90,6 +89,24 @@ class SamplingParams:
                 raise self._invalid(name, "must be a finite number")
         if self.seed is not None and not _is_int(self.seed):
             raise TypeError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):      # "no" is truthy: it would mean True
+            raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {type(self.ignore_eos).__name__} "
+                            f"{self.ignore_eos!r}")
+        self._check_list("stop", lambda x: isinstance(x, str), "strings", allow_one=True)
+        self._check_list("stop_token_ids", _is_int, "ints")
+        if not isinstance(self.logit_bias, (dict, type(None))):
+            raise TypeError(f"SamplingParams.logit_bias must be a dict {{token_id: bias}} or None, "
+                            f"got {type(self.logit_bias).__name__}")
+
+    def _check_list(self, name: str, ok: Callable[[Any], bool], what: str, allow_one: bool = False) -> None:
+        """TypeError unless field `name` is None or a list/tuple of items that pass `ok` (or,
+        with allow_one, a single such item)."""
+        v = getattr(self, name)
+        if v is None or (allow_one and ok(v)):
+            return
+        if not isinstance(v, (list, tuple)) or not all(ok(x) for x in v):
+            one = "one or " if allow_one else ""
+            raise TypeError(f"SamplingParams.{name} must be {one}a list of {what}, got {v!r:.80}")
 
     def _normalise(self) -> None:
         """One form per field, so that nothing downstream meets None or a bare string."""

@@ -237,14 +237,74 @@ def test_idle_steps_release_finished_sequences_block_table_rows(tiny_ckpt):
 
 
 def test_generated_request_ids_skip_ids_the_caller_took(tiny_llm):
-    """LLM.generate numbers its requests; a caller's own request "0" does not collide with them."""
+    """add_request(None, ...) numbers its requests; a caller's own request "0" does not
+    collide with them."""
     eng = tiny_llm.engine
     eng.add_request("0", [7, 8], GREEDY)
     eng.add_request("1", [7, 8], GREEDY)
-    out = tiny_llm.generate([[1, 2, 3]], GREEDY)[0]
-    assert out.finished and out.request_id not in ("0", "1")
-    for rid in ("0", "1"):
-        eng.abort_request(rid)
+    rid = eng.add_request(None, [1, 2, 3], GREEDY)
+    assert rid not in ("0", "1")
+    for r in ("0", "1", rid):
+        eng.abort_request(r)
+    _assert_pool_free(tiny_llm)
+
+
+def test_generate_refuses_to_run_while_engine_requests_are_pending(tiny_llm):
+    """LLM.generate would have to run requests added through llm.engine and could give their
+    outputs to no one: it raises, naming them, and leaves them queued and intact."""
+    eng = tiny_llm.engine
+    eng.add_request("mine", [7, 8], GREEDY)
+    with pytest.raises(RuntimeError, match=r"llm.engine.*'mine'"):
+        tiny_llm.generate([[1, 2, 3]], GREEDY)
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert outs[-1].request_id == "mine" and len(outs[-1].outputs[0].token_ids) == 12
+    assert tiny_llm.generate([[1, 2, 3]], GREEDY)[0].finished
+    _assert_pool_free(tiny_llm)
+
+
+def test_sampling_params_are_copied_when_a_request_is_added(tiny_llm):
+    """A queued request keeps the params it was added with: changing the caller's object (or
+    its stop list) afterwards does not reach it."""
+    eng = tiny_llm.engine
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, stop=["zzz"])
+    eng.add_request("copied", [1, 2], params)
+    params.max_tokens = 10**6
+    params.stop.append("")                       # an empty stop string would match at once
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert len(outs[-1].outputs[0].token_ids) == 3 and outs[-1].outputs[0].finish_reason == "length"
+    _assert_pool_free(tiny_llm)
+
+
+def test_params_mutated_past_their_limits_are_refused_at_add_request(tiny_llm):
+    """Params changed after construction are checked again when added."""
+    params = SamplingParams(max_tokens=4)
+    params.max_tokens = 10**6
+    with pytest.raises(ValueError, match="n_ctx"):
+        tiny_llm.generate([[1, 2]], params)
+    params.max_tokens, params.temperature = 4, -1.0
+    with pytest.raises(ValueError, match="temperature"):
+        tiny_llm.generate([[1, 2]], params)
+    _assert_pool_free(tiny_llm)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(ignore_eos="no"), "ignore_eos"), (dict(stop_token_ids=[True]), "stop_token_ids"),
+    (dict(stop=123), "stop"), (dict(stop=["ok", 5]), "stop"), (dict(stop_token_ids=7), "stop_token_ids"),
+    (dict(logit_bias=[(5, 1.0)]), "logit_bias"),
+])
+def test_sampling_params_of_the_wrong_type_raise_type_error_naming_the_field(kwargs, field):
+    with pytest.raises(TypeError, match=f"SamplingParams.{field} must be"):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_token_ids_must_be_a_list_not_text(tiny_llm):
+    """{"prompt_token_ids": "abc"} is a TypeError, not a text prompt tokenized behind the caller's back."""
+    with pytest.raises(TypeError, match="prompt_token_ids must be a list"):
+        tiny_llm.generate({"prompt_token_ids": "abc"}, GREEDY)
     _assert_pool_free(tiny_llm)
 
 

@@ -52,8 +52,10 @@ class LLMEngine:
             log.warning("vocab_size=%d differs from GPT-2's tokenizer (%d tokens)", mc.vocab_size,
                         self.tokenizer.vocab_size)
 
+        state_dict = load_state_dict(self.model_dir, mc)   # checks config.json against the file first
         self.model = GPT2(mc)
-        self.model.load_weights(load_state_dict(self.model_dir, mc))
+        self.model.load_weights(state_dict)
+        del state_dict
         self.model.to(device=self.device, dtype=self.dtype).eval()
         self._use_kernels()
         # Bigger steps amortise a GPU's fixed per-step cost; on a CPU they only add latency.

@@ -48,12 +48,15 @@ class LLMEngine:
         self.model_config = GPT2Config.from_json(self.model_dir / "config.json")
         self.tokenizer = Tokenizer(self.model_dir)
         mc = self.model_config
-        if mc.vocab_size > self.tokenizer.vocab_size + 64 or mc.vocab_size < self.tokenizer.vocab_size - 1:
-            log.warning("vocab_size=%d differs from GPT-2's tokenizer (%d tokens)", mc.vocab_size,
-                        self.tokenizer.vocab_size)
+        # The ids a request may use or see: those both the model and the tokenizer know. A
+        # checkpoint padded past the tokenizer (nanoGPT's 50304) gets no logits for the rest.
+        self.vocab_size = min(mc.vocab_size, self.tokenizer.vocab_size)
+        if mc.eos_token_id >= self.vocab_size:
+            raise ValueError(f"{self.model_dir / 'config.json'}: eos_token_id={mc.eos_token_id} is beyond the "
+                             f"tokenizer's {self.tokenizer.vocab_size} tokens")
 
         state_dict = load_state_dict(self.model_dir, mc)   # checks config.json against the file first
-        self.model = GPT2(mc)
+        self.model = GPT2(mc, num_logits=self.vocab_size)
         self.model.load_weights(state_dict)
         del state_dict
         self.model.to(device=self.device, dtype=self.dtype).eval()
@@ -68,7 +71,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
                                    self.max_num_batched_tokens, config.enable_kv_cache,
                                    config.enable_prefix_caching)
-        self.sampler = Sampler(mc.vocab_size, mc.eos_token_id, self.device, config.seed)
+        self.sampler = Sampler(self.vocab_size, mc.eos_token_id, self.device, config.seed)
         self.runner = ModelRunner(self.model, mc, config, self.kv_cache, self.sampler, self.device)
         if not config.quiet:
             log.info("nanoserve: %s on %s (%s); KV pool: %d blocks x %d tokens, %.2f MiB per block, %.0f MiB in all",
@@ -120,7 +123,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            V = self.model_config.vocab_size
+            V = self.vocab_size
             bad = [t for t in prompt if not 0 <= t < V]
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
@@ -164,7 +167,7 @@ class LLMEngine:
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int):
             raise TypeError(f"priority must be an int, got {priority!r}")
-        params.check_vocab(self.model_config.vocab_size)
+        params.check_vocab(self.vocab_size)
         if request_id is None:      # the next free number: a caller may have taken "0" already
             while (request_id := str(next(self._request_ids))) in self.requests:
                 pass
@@ -198,8 +201,7 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
-        req.finished_time = time.perf_counter()
-        return self.outputs.output(req)
+        return self._output(req, time.perf_counter())
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -237,31 +239,67 @@ class LLMEngine:
 
         Every scheduled sequence advances its cache counter by the tokens it ran. Only those
         whose prompt (or recompute) is now complete got a sampled token; a prefill chunk that
-        stopped mid-prompt just waits for its next chunk."""
+        stopped mid-prompt just waits for its next chunk. A request whose bookkeeping raises
+        (detokenizing, a stop check) fails alone: see _fail."""
         touched: dict[str, Request] = {}
         now = time.perf_counter()
         for seq, n in sched.scheduled:
+            if seq.is_finished:
+                continue                       # its request failed earlier in this loop
             self.scheduler.computed(seq, n)       # and shares the blocks that filled up
             req = self.requests[seq.request_id]
-            if seq.seq_id in result.prompt_logprobs:
-                seq.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
-            if seq.seq_id not in result.sampled:
-                continue                       # a prefill chunk that did not reach the end yet
+            try:
+                if not self._apply(seq, result):
+                    continue                   # a prefill chunk that did not reach the end yet
+            except Exception as e:
+                self._fail(req, e)
             touched[req.request_id] = req
             req.first_token_time = req.first_token_time or now
-            reason = self.outputs.append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
-            if reason is not None:
-                self.scheduler.finish(seq, reason)    # frees its blocks
         outputs = []
         for req in touched.values():
-            done = req.seqs[-1].is_finished and req.is_finished   # cheap test first: n is usually 1
-            if done:
-                req.finished_time = now
-            if done or not finished_only:
-                outputs.append(self.outputs.output(req))
-            if done:
+            if finished_only and not (req.seqs[-1].is_finished and req.is_finished):  # cheap test first
+                continue
+            out = self._output(req, now)
+            if out.finished:
                 del self.requests[req.request_id]
+            outputs.append(out)
         return outputs
+
+    def _apply(self, seq: Sequence, result: StepResult) -> bool:
+        """One sequence's share of a step: its prompt logprobs, then its sampled token (the
+        sequence finishes, freeing its blocks, if the token stops it). False if it sampled nothing."""
+        if seq.seq_id in result.prompt_logprobs:
+            seq.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
+        if seq.seq_id not in result.sampled:
+            return False
+        reason = self.outputs.append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        return True
+
+    def _fail(self, req: Request, error: Exception) -> None:
+        """A request's own bookkeeping raised: finish all its sequences with "abort" and the
+        error on record, freeing their blocks, so one bad request never takes down the step
+        (or the server thread) that every other request shares. Its text stays as it was:
+        decoding again is what raised."""
+        log.error("request %s failed and was aborted: %r", req.request_id, error, exc_info=error)
+        req.error = f"{type(error).__name__}: {error}"
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+            seq.num_detok = len(seq.output_token_ids)     # freeze the text
+
+    def _output(self, req: Request, now: float) -> RequestOutput:
+        """The request's snapshot, stamped finished if it is; a request whose output cannot
+        be built (its detokenizing raises) fails instead of raising."""
+        if req.is_finished:
+            req.finished_time = req.finished_time or now
+        try:
+            return self.outputs.output(req)
+        except Exception as e:
+            self._fail(req, e)
+            req.finished_time = req.finished_time or now
+            return self.outputs.output(req)
 
 
 class LLM:

@@ -79,4 +79,5 @@ class OutputProcessor:
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
                              outputs=comps, finished=req.is_finished,
-                             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time))
+                             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
+                             error=req.error)

@@ -84,6 +84,7 @@ class Request:
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
+    error: str | None = None             # why the engine aborted it, if its bookkeeping failed
 
     @property
     def is_finished(self) -> bool:
@@ -120,3 +121,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    error: str | None = None             # set when the engine aborted the request on an internal error

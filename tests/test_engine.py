@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from nanoserve import LLM, SamplingParams
 
@@ -464,3 +465,103 @@ def test_last_step_names_preempted_sequences(tiny_ckpt):
                 if row.seq_id == victim)
     assert back.phase == "prefill" and back.num_computed_tokens == back.num_cached_tokens
     assert back.num_new_tokens > 1
+
+
+@pytest.fixture(scope="module")
+def padded_llm(tmp_path_factory):
+    """nanoGPT's layout: vocab_size 50304, 47 ids past the tokenizer's 50257. The padded rows
+    are rigged to win: ln_f's bias pushes the hidden state along channel 0 and only padded
+    rows of the (tied) head point there, so their logits beat every real token's."""
+    from conftest import make_hf_model, save_checkpoint
+    hf = make_hf_model(vocab_size=50304)
+    with torch.no_grad():
+        hf.transformer.ln_f.bias[0] = 50.0
+        hf.transformer.wte.weight[50257:] = 0.0
+        hf.transformer.wte.weight[50257:, 0] = 10.0
+    d = save_checkpoint(hf, tmp_path_factory.mktemp("padded") / "hub")
+    return LLM(str(d), device="cpu", quiet=True)
+
+
+def _ids_shown(out) -> set[int]:
+    """Every token id a RequestOutput lists: sampled ids and the keys of all logprob dicts."""
+    ids = set()
+    for c in out.outputs:
+        ids |= set(c.token_ids)
+        for d in c.logprobs or []:
+            ids |= set(d)
+    for d in out.prompt_logprobs or []:
+        ids |= set(d or {})
+    return ids
+
+
+def test_padded_vocabulary_ids_are_never_sampled_or_shown(padded_llm):
+    """Ids past the tokenizer's vocabulary (which it could not decode) get no logits: greedy
+    and sampled tokens, logprobs and prompt_logprobs all stay below 50257, even though the
+    rigged padded rows would otherwise win every step."""
+    assert padded_llm.engine.model_config.vocab_size == 50304
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5, prompt_logprobs=5),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True, logprobs=5)]
+    outs = padded_llm.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert max(max(_ids_shown(o)) for o in outs) < 50257
+    assert outs[0].outputs[0].text == padded_llm.tokenizer.decode(outs[0].outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("prompt, params, field", [
+    ([1, 2], SamplingParams(logit_bias={50300: 100}), "logit_bias"),
+    ([1, 2], SamplingParams(stop_token_ids=[50257]), "stop_token_ids"),
+    ([1, 50300], SamplingParams(), "prompt token id 50300"),
+])
+def test_padded_ids_are_refused_in_requests(padded_llm, prompt, params, field):
+    """logit_bias cannot force a padded id, nor can a stop token or prompt name one: the
+    request is refused with the tokenizer's vocabulary as the limit."""
+    with pytest.raises(ValueError, match=rf"{field}.*outside the vocabulary \[0, 50257\)"):
+        padded_llm.generate([prompt], params)
+    _assert_pool_free(padded_llm)
+
+
+def test_a_request_whose_bookkeeping_raises_fails_alone(tiny_llm, monkeypatch):
+    """An exception while appending one request's token (here: its detokenizer) aborts that
+    request only, with the error in RequestOutput.error and its blocks freed; the request
+    beside it in the same steps finishes normally and the engine keeps serving."""
+    eng = tiny_llm.engine
+    real = eng.outputs.append
+
+    def append(seq, token, logprobs):
+        if seq.request_id == "bad" and len(seq.output_token_ids) == 2:
+            raise KeyError("undecodable token")
+        return real(seq, token, logprobs)
+    monkeypatch.setattr(eng.outputs, "append", append)
+    eng.add_request("bad", [1, 2, 3], SamplingParams(n=2, temperature=0, max_tokens=8, ignore_eos=True))
+    eng.add_request("good", [4, 5, 6], GREEDY)
+    final = {}
+    while eng.has_unfinished_requests():
+        final |= {o.request_id: o for o in eng.step() if o.finished}
+    bad, good = final["bad"], final["good"]
+    assert [c.finish_reason for c in bad.outputs] == ["abort", "abort"]
+    assert "undecodable token" in bad.error and bad.metrics.finished_time is not None
+    assert good.error is None and good.outputs[0].finish_reason == "length"
+    assert good.outputs[0].token_ids == tiny_llm.generate([[4, 5, 6]], GREEDY)[0].outputs[0].token_ids
+    _assert_pool_free(tiny_llm)
+
+
+def test_a_request_whose_output_cannot_be_built_fails_alone(tiny_llm, monkeypatch):
+    """If building a request's output raises (decoding its text), the step still returns the
+    others' outputs and that request comes back aborted, with the error, instead of raising
+    again from abort."""
+    eng = tiny_llm.engine
+    real = eng.outputs.detokenize
+
+    def detokenize(seq):
+        if seq.request_id == "bad" and seq.num_detok < len(seq.output_token_ids):   # text to decode
+            raise ValueError("cannot decode")
+        return real(seq)
+    monkeypatch.setattr(eng.outputs, "detokenize", detokenize)
+    eng.add_request("bad", [1, 2, 3], GREEDY)
+    eng.add_request("good", [4, 5, 6], GREEDY)
+    first = {o.request_id: o for o in eng.step()}
+    assert first["bad"].finished and first["bad"].outputs[0].finish_reason == "abort"
+    assert "cannot decode" in first["bad"].error and not first["good"].finished
+    while eng.has_unfinished_requests():
+        eng.step()
+    _assert_pool_free(tiny_llm)

@@ -49,6 +49,7 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
     detok: Any = None                    # IncrementalDetokenizer, set by the engine
+    stop_strings: Any = None             # outputs.StopStrings, built at the first stop check
     num_detok: int = 0                   # output tokens already turned into `text`
     generator: Any = None                # torch.Generator for seeded sampling, set by the engine
 

@@ -177,20 +177,24 @@ class LLMEngine:
         return request_id
 
     def _check_fits(self, num_prompt: int, params: SamplingParams) -> None:
-        """The prompt plus max_tokens must fit n_ctx, the KV pool, and (without a KV cache) one step."""
+        """The tokens that run through the model must fit n_ctx, the KV pool, and (without a
+        KV cache) one step. That is prompt + max_tokens - 1: the last sampled token is never
+        fed back. So a full n_ctx-token window can be scored (prompt_logprobs, max_tokens=1)."""
         if num_prompt == 0:
             raise ValueError("prompt is empty; give at least one token")
         total, n_ctx = num_prompt + params.max_tokens, self.model_config.n_ctx
-        if total > n_ctx:
+        num_run = total - 1                     # positions 0 .. total-2 go through the model
+        if num_run > n_ctx:
             raise ValueError(f"prompt is {num_prompt} tokens and max_tokens is {params.max_tokens}: "
-                             f"{total} > n_ctx={n_ctx}; shorten the prompt or lower max_tokens")
+                             f"{total} > n_ctx + 1 = {n_ctx + 1} (the last token is never fed back); "
+                             f"shorten the prompt or lower max_tokens")
         capacity = self.num_blocks * self.config.block_size
-        if total > capacity:
-            raise ValueError(f"prompt + max_tokens = {total} tokens exceeds the whole KV pool "
-                             f"({capacity} tokens); raise num_blocks or lower max_tokens")
-        if not self.config.enable_kv_cache and total - 1 > self.max_num_batched_tokens:
+        if num_run > capacity:
+            raise ValueError(f"prompt + max_tokens - 1 = {num_run} tokens need KV slots but the whole KV pool "
+                             f"has {capacity}; raise num_blocks or lower max_tokens")
+        if not self.config.enable_kv_cache and num_run > self.max_num_batched_tokens:
             raise ValueError(f"without a KV cache every step recomputes the whole sequence, and prompt + max_tokens "
-                             f"- 1 = {total - 1} tokens exceeds max_num_batched_tokens="
+                             f"- 1 = {num_run} tokens exceeds max_num_batched_tokens="
                              f"{self.max_num_batched_tokens}; raise it or lower max_tokens")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

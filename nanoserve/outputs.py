@@ -71,7 +71,8 @@ class OutputProcessor:
                 if (cut := seq.stop_strings.find(seq.text, old)) is not None:
                     seq.text = seq.text[:cut]
                     return "stop"
-        if num_out >= p.max_tokens or seq.num_prompt_tokens + num_out >= self.n_ctx:
+        # Past n_ctx + 1 tokens the next step would feed one at position n_ctx: wpe has no row for it.
+        if num_out >= p.max_tokens or seq.num_prompt_tokens + num_out > self.n_ctx:
             if p.stop:   # the text is current already, so output() won't flush a held-back partial character
                 seq.text += seq.detok.flush()
             return "length"

@@ -350,7 +350,7 @@ def test_priority_orders_the_waiting_queue(tiny_ckpt):
     ([], SamplingParams(), ValueError, "empty"),
     ([1, 2, 50257], SamplingParams(), ValueError, "50257"),
     ([1, -1], SamplingParams(), ValueError, "-1"),
-    ([1] * 120, SamplingParams(max_tokens=20), ValueError, "n_ctx=128"),
+    ([1] * 120, SamplingParams(max_tokens=20), ValueError, r"n_ctx \+ 1 = 129"),
     (12345, SamplingParams(), TypeError, "int"),
     ([1.5, 2], SamplingParams(), TypeError, "prompt"),
     ("hi", "not params", TypeError, "SamplingParams"),
@@ -657,3 +657,56 @@ def test_many_stop_strings_stop_where_the_one_that_matches_does(tiny_llm):
     crowd = tiny_llm.generate(["x"], SamplingParams(**p, stop=[f"\x00{i}" for i in range(10_000)] + [stop]))[0].outputs[0]
     assert crowd.finish_reason == alone.finish_reason == "stop"
     assert (crowd.text, crowd.token_ids) == (alone.text, alone.token_ids)
+
+
+def _record_positions(llm: LLM, monkeypatch) -> list[int]:
+    """Wrap the model's forward so that it records the largest position of every step."""
+    model, seen = llm.engine.model, []
+    real = model.forward
+
+    def forward(input_ids, positions, *args, **kwargs):
+        seen.append(int(positions.max()))
+        return real(input_ids, positions, *args, **kwargs)
+    monkeypatch.setattr(model, "forward", forward)
+    return seen
+
+
+def test_a_full_n_ctx_window_can_be_scored(monkeypatch):
+    """A 1024-token prompt (the embedded model's n_ctx) with max_tokens=1 needs no position
+    >= n_ctx, since the sampled token is never fed back: it is accepted, and its 1023
+    prompt logprobs equal a dense Hugging Face forward over the same window."""
+    from pathlib import Path
+    from transformers import GPT2LMHeadModel
+    model_dir = Path(__file__).resolve().parent.parent / "weights" / "nanoserve-stdlib-tiny"
+    llm = LLM(str(model_dir), device="cpu", quiet=True, num_blocks=80)
+    n_ctx = llm.engine.model_config.n_ctx
+    text = (Path(__file__).resolve().parent / "data" / "heldout_stdlib.txt").read_text()
+    window = llm.tokenizer.encode(text)[:n_ctx]
+    assert len(window) == n_ctx == 1024
+    positions = _record_positions(llm, monkeypatch)
+    out = llm.generate([window], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    assert max(positions) == n_ctx - 1 and len(out.outputs[0].token_ids) == 1
+    got = [d[t] for d, t in zip(out.prompt_logprobs[1:], window[1:])]
+    ref = GPT2LMHeadModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(ref(torch.tensor([window])).logits[0, :-1].float(), -1)   # (1023, V)
+    want = lp.gather(1, torch.tensor(window[1:])[:, None])[:, 0].tolist()
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_no_position_at_or_past_n_ctx_ever_runs(tiny_ckpt, monkeypatch):
+    """Requests at the edge (prompt + max_tokens = n_ctx + 1), sampled, through a pool small
+    enough to preempt and recompute them: every step's positions stay below n_ctx = 128,
+    each request gets all its tokens; one token more is refused up front."""
+    llm = LLM(str(tiny_ckpt), device="cpu", quiet=True, block_size=4, num_blocks=48)
+    positions = _record_positions(llm, monkeypatch)
+    shapes = [(128, 1), (127, 2), (100, 29), (64, 65)]
+    prompts = [_prompts(1, seed=i, lo=p, hi=p)[0] for i, (p, _) in enumerate(shapes)]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=m, ignore_eos=True) for i, (_, m) in enumerate(shapes)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [m for _, m in shapes]
+    assert max(positions) == 127 and llm.engine.scheduler.num_preemptions > 0
+    for p, m in [(128, 2), (127, 3)]:
+        with pytest.raises(ValueError, match=r"n_ctx \+ 1 = 129"):
+            llm.generate([[1] * p], SamplingParams(max_tokens=m))
+    _assert_pool_free(llm)

@@ -710,3 +710,16 @@ def test_no_position_at_or_past_n_ctx_ever_runs(tiny_ckpt, monkeypatch):
         with pytest.raises(ValueError, match=r"n_ctx \+ 1 = 129"):
             llm.generate([[1] * p], SamplingParams(max_tokens=m))
     _assert_pool_free(llm)
+
+
+def test_an_eos_id_only_the_padded_model_knows_is_refused_at_load(padded_llm, tmp_path):
+    """eos_token_id 50300 fits a 50304-row checkpoint but no tokenizer id: it could never be
+    sampled (padded ids get no logits), so generation could never stop on it. Refused at load."""
+    import json
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(padded_llm.engine.model_dir, d)
+    raw = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(raw | {"eos_token_id": 50300}))
+    with pytest.raises(ValueError, match=r"config.json: eos_token_id=50300 is beyond the tokenizer's 50257 tokens"):
+        LLM(str(d), device="cpu", quiet=True)

@@ -121,7 +121,9 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ValueError if a token id or a logprobs count does not fit a vocabulary of
-        `vocab_size` tokens (known only once the model is: the engine calls this)."""
+        `vocab_size` tokens (known only once the model is: the engine calls this). The engine
+        passes the ids both the model and the tokenizer know, so a checkpoint's padded ids
+        (nanoGPT's 50257..50303) are refused here: logit_bias can never force one."""
         V = vocab_size
         for name, token_ids in [("stop_token_ids", self.stop_token_ids), ("logit_bias", list(self.logit_bias))]:
             if bad := [t for t in token_ids if not 0 <= t < V]:

@@ -33,6 +33,12 @@ _UNSUPPORTED = {
 }
 
 
+# GPT2Config's annotations (strings, under `from __future__ import annotations`) -> the Python
+# types config.json values must have, and how to say so. An int is a fine float.
+_FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
 @dataclass(frozen=True)
 class GPT2Config:
     n_layer: int = 12
@@ -48,14 +54,33 @@ class GPT2Config:
     tie_word_embeddings: bool = True        # lm_head shares wte's weights
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        # Types first: "12" or True would fail later with a TypeError far from the cause.
+        for f in fields(self):
+            v, want = getattr(self, f.name), _FIELD_TYPES[f.type]
+            if not isinstance(v, want) or (want is not bool and isinstance(v, bool)):
+                raise ValueError(f"{f.name}={v!r} must be {_TYPE_WORDS[f.type]}")
         for name in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.n_embd % self.n_head != 0:      # after the >= 1 check: n_head 0 divides nothing
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for name in ("bos_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0")
         if self.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
             raise ValueError(f"activation_function={self.activation_function!r} is not supported; "
                              "nanoserve implements gelu_new (GPT-2's) and gelu")
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters the weights must hold: embeddings, L blocks of 12C^2 + 13C, ln_f (and
+        an untied lm_head). Known before anything is allocated, so a config.json that
+        claims far more than its weights file holds is caught first (weights.py)."""
+        C, V = self.n_embd, self.vocab_size
+        head = 0 if self.tie_word_embeddings else V * C
+        return V * C + self.n_ctx * C + self.n_layer * (12 * C * C + 13 * C) + 2 * C + head
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +97,10 @@ class GPT2Config:
                                     "config.json and model.safetensors") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: must hold a JSON object of GPT-2 settings, got {raw!r:.40}")
+        if missing := [k for k in ("n_layer", "n_head", "n_embd") if k not in raw]:
+            raise ValueError(f"{path}: lacks the required field(s) {missing}")
         model_type = raw.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise ValueError(f"{path}: model_type={model_type!r}; nanoserve runs GPT-2 (model_type 'gpt2') only")
@@ -79,6 +108,8 @@ class GPT2Config:
             if raw.get(key, ok_value) != ok_value:
                 raise ValueError(f"{path}: {key}={raw[key]!r} is not supported by nanoserve "
                                  f"(only {ok_value!r}); this checkpoint would run with wrong logits")
+        if raw.get("n_inner") not in (None, 4 * raw["n_embd"]):     # the MLP width; we build 4*n_embd
+            raise ValueError(f"{path}: n_inner={raw['n_inner']!r} is not supported (only null or 4*n_embd)")
         kw = dict(
             n_layer=raw["n_layer"], n_head=raw["n_head"], n_embd=raw["n_embd"],
             n_ctx=raw.get("n_positions", raw.get("n_ctx", 1024)),
@@ -90,7 +121,10 @@ class GPT2Config:
             eos_token_id=raw.get("eos_token_id", 50256) if raw.get("eos_token_id") is not None else 50256,
             tie_word_embeddings=raw.get("tie_word_embeddings", True),
         )
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except ValueError as e:            # name the file: the field alone does not say which one
+            raise ValueError(f"{path}: {e}") from None
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,

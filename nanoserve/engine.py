@@ -12,6 +12,7 @@ References: vLLM `LLMEngine` / `LLM`, nano-vllm `llm_engine.py`.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -47,12 +48,17 @@ class LLMEngine:
         self.model_config = GPT2Config.from_json(self.model_dir / "config.json")
         self.tokenizer = Tokenizer(self.model_dir)
         mc = self.model_config
-        if mc.vocab_size > self.tokenizer.vocab_size + 64 or mc.vocab_size < self.tokenizer.vocab_size - 1:
-            log.warning("vocab_size=%d differs from GPT-2's tokenizer (%d tokens)", mc.vocab_size,
-                        self.tokenizer.vocab_size)
+        # The ids a request may use or see: those both the model and the tokenizer know. A
+        # checkpoint padded past the tokenizer (nanoGPT's 50304) gets no logits for the rest.
+        self.vocab_size = min(mc.vocab_size, self.tokenizer.vocab_size)
+        if mc.eos_token_id >= self.vocab_size:
+            raise ValueError(f"{self.model_dir / 'config.json'}: eos_token_id={mc.eos_token_id} is beyond the "
+                             f"tokenizer's {self.tokenizer.vocab_size} tokens")
 
-        self.model = GPT2(mc)
-        self.model.load_weights(load_state_dict(self.model_dir, mc))
+        state_dict = load_state_dict(self.model_dir, mc)   # checks config.json against the file first
+        self.model = GPT2(mc, num_logits=self.vocab_size)
+        self.model.load_weights(state_dict)
+        del state_dict
         self.model.to(device=self.device, dtype=self.dtype).eval()
         self._use_kernels()
         # Bigger steps amortise a GPU's fixed per-step cost; on a CPU they only add latency.
@@ -65,7 +71,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
                                    self.max_num_batched_tokens, config.enable_kv_cache,
                                    config.enable_prefix_caching)
-        self.sampler = Sampler(mc.vocab_size, mc.eos_token_id, self.device, config.seed)
+        self.sampler = Sampler(self.vocab_size, mc.eos_token_id, self.device, config.seed)
         self.runner = ModelRunner(self.model, mc, config, self.kv_cache, self.sampler, self.device)
         if not config.quiet:
             log.info("nanoserve: %s on %s (%s); KV pool: %d blocks x %d tokens, %.2f MiB per block, %.0f MiB in all",
@@ -128,6 +134,9 @@ class LLMEngine:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 prompt = prompt["prompt_token_ids"]
+                if not isinstance(prompt, (list, tuple)):   # a str here would be tokenized as text
+                    raise TypeError(f"prompt_token_ids must be a list of token ids (ints), "
+                                    f"got {type(prompt).__name__} {prompt!r:.40}")
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -135,7 +144,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            V = self.model_config.vocab_size
+            V = self.vocab_size
             bad = [t for t in prompt if not 0 <= t < V]
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
@@ -146,9 +155,11 @@ class LLMEngine:
     def add_request(self, request_id: str | None, prompt: PromptType,
                     params: SamplingParams | None = None, priority: int = 0) -> str:
         """Queue a request; returns its id. Raises ValueError/TypeError (and changes nothing)
-        if it is invalid."""
+        if it is invalid. The request keeps its own copy of `params`, checked again: changing
+        the caller's object afterwards does not reach a queued request."""
         params = params if params is not None else SamplingParams()
         request_id = self._check_request(request_id, params, priority)
+        params = dataclasses.replace(params)    # a copy, validated anew by __post_init__
         text, ids = self._prompt_ids(prompt)
         self._check_fits(len(ids), params)
         # Everything is validated above, so from here on nothing can fail half-way: a rejected
@@ -177,7 +188,7 @@ class LLMEngine:
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int):
             raise TypeError(f"priority must be an int, got {priority!r}")
-        params.check_vocab(self.model_config.vocab_size)
+        params.check_vocab(self.vocab_size)
         if request_id is None:      # the next free number: a caller may have taken "0" already
             while (request_id := str(next(self._request_ids))) in self.requests:
                 pass
@@ -187,20 +198,24 @@ class LLMEngine:
         return request_id
 
     def _check_fits(self, num_prompt: int, params: SamplingParams) -> None:
-        """The prompt plus max_tokens must fit n_ctx, the KV pool, and (without a KV cache) one step."""
+        """The tokens that run through the model must fit n_ctx, the KV pool, and (without a
+        KV cache) one step. That is prompt + max_tokens - 1: the last sampled token is never
+        fed back. So a full n_ctx-token window can be scored (prompt_logprobs, max_tokens=1)."""
         if num_prompt == 0:
             raise ValueError("prompt is empty; give at least one token")
         total, n_ctx = num_prompt + params.max_tokens, self.model_config.n_ctx
-        if total > n_ctx:
+        num_run = total - 1                     # positions 0 .. total-2 go through the model
+        if num_run > n_ctx:
             raise ValueError(f"prompt is {num_prompt} tokens and max_tokens is {params.max_tokens}: "
-                             f"{total} > n_ctx={n_ctx}; shorten the prompt or lower max_tokens")
+                             f"{total} > n_ctx + 1 = {n_ctx + 1} (the last token is never fed back); "
+                             f"shorten the prompt or lower max_tokens")
         capacity = self.num_blocks * self.config.block_size
-        if total > capacity:
-            raise ValueError(f"prompt + max_tokens = {total} tokens exceeds the whole KV pool "
-                             f"({capacity} tokens); raise num_blocks or lower max_tokens")
-        if not self.config.enable_kv_cache and total - 1 > self.max_num_batched_tokens:
+        if num_run > capacity:
+            raise ValueError(f"prompt + max_tokens - 1 = {num_run} tokens need KV slots but the whole KV pool "
+                             f"has {capacity}; raise num_blocks or lower max_tokens")
+        if not self.config.enable_kv_cache and num_run > self.max_num_batched_tokens:
             raise ValueError(f"without a KV cache every step recomputes the whole sequence, and prompt + max_tokens "
-                             f"- 1 = {total - 1} tokens exceeds max_num_batched_tokens="
+                             f"- 1 = {num_run} tokens exceeds max_num_batched_tokens="
                              f"{self.max_num_batched_tokens}; raise it or lower max_tokens")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -211,8 +226,7 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
-        req.finished_time = time.perf_counter()
-        return self.outputs.output(req)
+        return self._output(req, time.perf_counter())
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -250,31 +264,67 @@ class LLMEngine:
 
         Every scheduled sequence advances its cache counter by the tokens it ran. Only those
         whose prompt (or recompute) is now complete got a sampled token; a prefill chunk that
-        stopped mid-prompt just waits for its next chunk."""
+        stopped mid-prompt just waits for its next chunk. A request whose bookkeeping raises
+        (detokenizing, a stop check) fails alone: see _fail."""
         touched: dict[str, Request] = {}
         now = time.perf_counter()
         for seq, n in sched.scheduled:
+            if seq.is_finished:
+                continue                       # its request failed earlier in this loop
             self.scheduler.computed(seq, n)       # and shares the blocks that filled up
             req = self.requests[seq.request_id]
-            if seq.seq_id in result.prompt_logprobs:
-                seq.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
-            if seq.seq_id not in result.sampled:
-                continue                       # a prefill chunk that did not reach the end yet
+            try:
+                if not self._apply(seq, result):
+                    continue                   # a prefill chunk that did not reach the end yet
+            except Exception as e:
+                self._fail(req, e)
             touched[req.request_id] = req
             req.first_token_time = req.first_token_time or now
-            reason = self.outputs.append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
-            if reason is not None:
-                self.scheduler.finish(seq, reason)    # frees its blocks
         outputs = []
         for req in touched.values():
-            done = req.seqs[-1].is_finished and req.is_finished   # cheap test first: n is usually 1
-            if done:
-                req.finished_time = now
-            if done or not finished_only:
-                outputs.append(self.outputs.output(req))
-            if done:
+            if finished_only and not (req.seqs[-1].is_finished and req.is_finished):  # cheap test first
+                continue
+            out = self._output(req, now)
+            if out.finished:
                 del self.requests[req.request_id]
+            outputs.append(out)
         return outputs
+
+    def _apply(self, seq: Sequence, result: StepResult) -> bool:
+        """One sequence's share of a step: its prompt logprobs, then its sampled token (the
+        sequence finishes, freeing its blocks, if the token stops it). False if it sampled nothing."""
+        if seq.seq_id in result.prompt_logprobs:
+            seq.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
+        if seq.seq_id not in result.sampled:
+            return False
+        reason = self.outputs.append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        return True
+
+    def _fail(self, req: Request, error: Exception) -> None:
+        """A request's own bookkeeping raised: finish all its sequences with "abort" and the
+        error on record, freeing their blocks, so one bad request never takes down the step
+        (or the server thread) that every other request shares. Its text stays as it was:
+        decoding again is what raised."""
+        log.error("request %s failed and was aborted: %r", req.request_id, error, exc_info=error)
+        req.error = f"{type(error).__name__}: {error}"
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+            seq.num_detok = len(seq.output_token_ids)     # freeze the text
+
+    def _output(self, req: Request, now: float) -> RequestOutput:
+        """The request's snapshot, stamped finished if it is; a request whose output cannot
+        be built (its detokenizing raises) fails instead of raising."""
+        if req.is_finished:
+            req.finished_time = req.finished_time or now
+        try:
+            return self.outputs.output(req)
+        except Exception as e:
+            self._fail(req, e)
+            req.finished_time = req.finished_time or now
+            return self.outputs.output(req)
 
 
 class LLM:
@@ -292,7 +342,11 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; results in input order.
 
-        All prompts are validated before any runs: one bad prompt raises and queues nothing."""
+        All prompts are validated before any runs: one bad prompt raises and queues nothing.
+        Requests added through `self.engine` and still unfinished make it raise RuntimeError:
+        generate would have to run them to completion and could return their outputs to no one.
+        Drive those with `engine.step()` (or abort them) first."""
+        self._check_no_foreign_requests()
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
@@ -333,3 +387,11 @@ class LLM:
             if bar:
                 bar.close()
         return [results[r] for r in ids]
+
+    def _check_no_foreign_requests(self) -> None:
+        if n := self.engine.get_num_unfinished_requests():
+            some = list(self.engine.requests)[:3]
+            raise RuntimeError(f"LLM.generate: {n} request(s) added through llm.engine are unfinished "
+                               f"(e.g. {some}); generate would run them and drop their outputs. Call "
+                               f"llm.engine.step() until llm.engine.has_unfinished_requests() is False, "
+                               f"or llm.engine.abort_request(id), before generate")

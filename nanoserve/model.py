@@ -94,9 +94,14 @@ class Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    def __init__(self, cfg: GPT2Config) -> None:
+    def __init__(self, cfg: GPT2Config, num_logits: int | None = None) -> None:
+        """num_logits: how many token ids get logits (default: all vocab_size). nanoGPT pads
+        vocab_size from the tokenizer's 50,257 to 50,304 (a multiple of 64, for faster
+        matmuls); the padded rows were never trained and no tokenizer can decode them, so the
+        engine asks for the tokenizer's count and no sampler or logprob ever sees a padded id."""
         super().__init__()
         self.config = cfg
+        self.num_logits = min(num_logits or cfg.vocab_size, cfg.vocab_size)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)   # (V, C), also the output head
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.n_embd)        # (n_ctx, C)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -131,6 +136,7 @@ class GPT2(nn.Module):
             x = block(x, kv_cache[i, 0], kv_cache[i, 1], meta, attn_fn, write_fn)   # (N, C)
         return self.ln_f(x)                                    # (N, C)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # (M, C) -> (M, V)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # (M, C) -> (M, num_logits)
         head = self.lm_head if self.lm_head is not None else self.wte.weight   # (V, C)
-        return F.linear(hidden, head)
+        # The leading rows of a contiguous (V, C) head are a view: dropping padded ids is free.
+        return F.linear(hidden, head[:self.num_logits])

@@ -13,6 +13,35 @@ from .sequence import CompletionOutput, Request, RequestMetrics, RequestOutput, 
 from .tokenizer import Tokenizer
 
 
+class StopStrings:
+    """A request's stop strings, as a trie of the strings reversed, so that a token's check
+    costs the same for 1 stop string or 10,000 (a server cannot let one request's list slow
+    every step). A match must end in the text the token added: from each new character we
+    walk the trie backwards through the text, as far as the text still spells the end of some
+    stop string: at most the longest one's length, and usually a step or two."""
+
+    _END = ""                      # key marking "a stop string starts here"; no character is ""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.trie: dict = {}
+        for s in stops:
+            node = self.trie
+            for ch in reversed(s):
+                node = node.setdefault(ch, {})
+            node[self._END] = True
+
+    def find(self, text: str, new_from: int) -> int | None:
+        """Where the earliest stop string ending after text[:new_from] starts, or None."""
+        best = None
+        for end in range(new_from, len(text)):        # each new character, as a match's last
+            node, i = self.trie, end
+            while i >= 0 and (node := node.get(text[i])) is not None:
+                if self._END in node and (best is None or i < best):
+                    best = i
+                i -= 1
+        return best
+
+
 class OutputProcessor:
     """Appends sampled tokens to sequences, decides when they stop, and builds outputs."""
 
@@ -38,13 +67,12 @@ class OutputProcessor:
             old = len(seq.text)
             self.detokenize(seq)
             if num_out >= p.min_tokens:
-                # Search only where a new match can be: the new text plus a stop string's length.
-                start = max(0, old - max(len(s) for s in p.stop) + 1)
-                hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
-                if hits:
-                    seq.text = seq.text[:min(hits)]
+                seq.stop_strings = seq.stop_strings or StopStrings(p.stop)    # built once per sequence
+                if (cut := seq.stop_strings.find(seq.text, old)) is not None:
+                    seq.text = seq.text[:cut]
                     return "stop"
-        if num_out >= p.max_tokens or seq.num_prompt_tokens + num_out >= self.n_ctx:
+        # Past n_ctx + 1 tokens the next step would feed one at position n_ctx: wpe has no row for it.
+        if num_out >= p.max_tokens or seq.num_prompt_tokens + num_out > self.n_ctx:
             if p.stop:   # the text is current already, so output() won't flush a held-back partial character
                 seq.text += seq.detok.flush()
             return "length"
@@ -79,4 +107,5 @@ class OutputProcessor:
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
                              outputs=comps, finished=req.is_finished,
-                             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time))
+                             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
+                             error=req.error)

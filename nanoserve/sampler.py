@@ -100,7 +100,7 @@ class Sampler:
         dev = logits.device
         params = [s.params for s in seqs]
         greedy = to_device([p.is_greedy for p in params], torch.bool, dev)            # (S,)
-        temp = to_device([p.temperature if p.temperature > 0 else 1.0 for p in params],
+        temp = to_device([1.0 if p.is_greedy else p.temperature for p in params],
                          torch.float32, dev)                                         # (S,)
         logits = logits / temp[:, None]                                              # (S, V)
 

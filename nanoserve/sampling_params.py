@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 _INTS = ("n", "top_k", "max_tokens", "min_tokens")
+# Temperatures below this are greedy (vLLM's rule): dividing logits by 1e-40 overflows to inf,
+# and softmax of inf - inf is NaN, which would draw token 0 every time.
+GREEDY_TEMPERATURE = 1e-5
 _NUMBERS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -40,15 +43,14 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prompt_logprobs": (lambda v: v is None or (_is_int(v) and v >= 0), "must be None or an int >= 0"),
     "logit_bias": (lambda d: all(_is_int(t) and _is_number(b) and -100 <= b <= 100 for t, b in d.items()),
                    "must map token ids (ints) to biases in [-100, 100]"),
-    "stop": (lambda v: all(isinstance(s, str) and s for s in v), "must be a non-empty string or a list of them"),
-    "stop_token_ids": (lambda v: all(isinstance(t, int) for t in v), "must be a list of ints"),
+    "stop": (lambda v: all(v), "must not contain an empty string (it would match everywhere)"),
 }
 
 
 @dataclass
 class SamplingParams:
     n: int = 1                          # completions per prompt
-    temperature: float = 1.0            # 0 means greedy (argmax)
+    temperature: float = 1.0            # 0 (or anything below 1e-5) means greedy (argmax)
     top_p: float = 1.0                  # nucleus: smallest set of tokens with this much probability
     top_k: int = 0                      # keep the k most likely tokens; 0 or -1: all
     min_p: float = 0.0                  # drop tokens less likely than min_p * the top token
@@ -87,6 +89,24 @@ class SamplingParams:
                 raise self._invalid(name, "must be a finite number")
         if self.seed is not None and not _is_int(self.seed):
             raise TypeError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):      # "no" is truthy: it would mean True
+            raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {type(self.ignore_eos).__name__} "
+                            f"{self.ignore_eos!r}")
+        self._check_list("stop", lambda x: isinstance(x, str), "strings", allow_one=True)
+        self._check_list("stop_token_ids", _is_int, "ints")
+        if not isinstance(self.logit_bias, (dict, type(None))):
+            raise TypeError(f"SamplingParams.logit_bias must be a dict {{token_id: bias}} or None, "
+                            f"got {type(self.logit_bias).__name__}")
+
+    def _check_list(self, name: str, ok: Callable[[Any], bool], what: str, allow_one: bool = False) -> None:
+        """TypeError unless field `name` is None or a list/tuple of items that pass `ok` (or,
+        with allow_one, a single such item)."""
+        v = getattr(self, name)
+        if v is None or (allow_one and ok(v)):
+            return
+        if not isinstance(v, (list, tuple)) or not all(ok(x) for x in v):
+            one = "one or " if allow_one else ""
+            raise TypeError(f"SamplingParams.{name} must be {one}a list of {what}, got {v!r:.80}")
 
     def _normalise(self) -> None:
         """One form per field, so that nothing downstream meets None or a bare string."""
@@ -101,7 +121,9 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ValueError if a token id or a logprobs count does not fit a vocabulary of
-        `vocab_size` tokens (known only once the model is: the engine calls this)."""
+        `vocab_size` tokens (known only once the model is: the engine calls this). The engine
+        passes the ids both the model and the tokenizer know, so a checkpoint's padded ids
+        (nanoGPT's 50257..50303) are refused here: logit_bias can never force one."""
         V = vocab_size
         for name, token_ids in [("stop_token_ids", self.stop_token_ids), ("logit_bias", list(self.logit_bias))]:
             if bad := [t for t in token_ids if not 0 <= t < V]:
@@ -112,4 +134,4 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE

@@ -49,6 +49,7 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
     detok: Any = None                    # IncrementalDetokenizer, set by the engine
+    stop_strings: Any = None             # outputs.StopStrings, built at the first stop check
     num_detok: int = 0                   # output tokens already turned into `text`
     generator: Any = None                # torch.Generator for seeded sampling, set by the engine
 
@@ -84,6 +85,7 @@ class Request:
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
+    error: str | None = None             # why the engine aborted it, if its bookkeeping failed
 
     @property
     def is_finished(self) -> bool:
@@ -120,3 +122,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    error: str | None = None             # set when the engine aborted the request on an internal error

@@ -30,6 +30,7 @@ EMBEDDED_MODEL = "nanoserve-stdlib-tiny"
 DEFAULT_MODEL = "gpt2"
 _HUB_FILES = ["config.json", "model.safetensors", "vocab.json", "merges.txt", "generation_config.json"]
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -87,8 +88,13 @@ def resolve_model(model: str) -> Path:
 
 
 def load_state_dict(model_dir: Path, config: GPT2Config) -> dict[str, torch.Tensor]:
-    """Read the checkpoint's tensors, normalised to unprefixed GPT-2 names, float32 on CPU."""
+    """Read the checkpoint's tensors, normalised to unprefixed GPT-2 names, float32 on CPU.
+
+    Refuses, naming the file and the tensor: a config.json that implies more parameters than
+    the file can hold (checked before anything is read or allocated), missing or misshapen
+    tensors, dtypes other than float16/bfloat16/float32, and NaN or infinite values."""
     st = model_dir / "model.safetensors"
+    _check_file_can_hold(config, st if st.is_file() else model_dir / "pytorch_model.bin", model_dir)
     if st.is_file():
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -105,6 +111,9 @@ def load_state_dict(model_dir: Path, config: GPT2Config) -> dict[str, torch.Tens
     for name, t in raw.items():
         if name.endswith(_IGNORED_SUFFIXES):
             continue
+        if t.dtype not in _FLOAT_DTYPES:     # int8 or bool would load as nonsense numbers
+            raise ValueError(f"{model_dir}: tensor {name} is {t.dtype}; nanoserve loads float16, bfloat16 "
+                             "or float32 weights only (quantized checkpoints are not supported)")
         if name.startswith("transformer."):
             name = name[len("transformer."):]
         sd[name] = t
@@ -136,4 +145,24 @@ def load_state_dict(model_dir: Path, config: GPT2Config) -> dict[str, torch.Tens
     unknown = [k for k in sd if k not in expected and k != "lm_head.weight"]
     if unknown:
         raise ValueError(f"{model_dir}: unexpected tensors {unknown[:3]}; not a plain GPT-2 checkpoint")
-    return {k: v.float() for k, v in sd.items()}
+    sd = {k: v.float() for k, v in sd.items()}
+    for k, v in sd.items():
+        # One NaN weight makes every logit NaN: refuse it here, by name, not at the first request.
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{model_dir}: tensor {k} holds NaN or infinite values; the checkpoint is corrupt")
+    return sd
+
+
+def _check_file_can_hold(config: GPT2Config, path: Path, model_dir: Path) -> None:
+    """A config.json claiming n_layer=10**6 or n_embd=20000 would have us allocate gigabytes
+    before a shape check could fail. Its parameter count is known up front, and the weights
+    file must hold at least 2 bytes (float16) per parameter."""
+    if not path.is_file():
+        return                  # load_state_dict reports the missing file
+    need, have = 2 * config.num_parameters, path.stat().st_size
+    if need > have:
+        c = config
+        raise ValueError(f"{model_dir / 'config.json'}: n_layer={c.n_layer}, n_embd={c.n_embd}, n_ctx={c.n_ctx}, "
+                         f"vocab_size={c.vocab_size} imply {c.num_parameters:,} parameters, at least "
+                         f"{need / 2**20:,.1f} MiB of weights, but {path.name} holds {have / 2**20:,.1f} MiB; "
+                         "config.json does not describe these weights (or the file is truncated: re-download it)")

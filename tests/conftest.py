@@ -29,7 +29,7 @@ def make_hf_model(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     # The default init (std 0.02) gives near-uniform logits and a model that repeats one token;
     # std 0.2 gives varied greedy outputs whose top-2 logit margins are far above fp32 noise.
-    cfg = HFConfig(vocab_size=50257, initializer_range=0.2, **{**TINY, **overrides})
+    cfg = HFConfig(**{"vocab_size": 50257, "initializer_range": 0.2, **TINY, **overrides})
     return GPT2LMHeadModel(cfg).eval()
 
 

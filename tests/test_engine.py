@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from nanoserve import LLM, SamplingParams
 
@@ -237,14 +238,74 @@ def test_idle_steps_release_finished_sequences_block_table_rows(tiny_ckpt):
 
 
 def test_generated_request_ids_skip_ids_the_caller_took(tiny_llm):
-    """LLM.generate numbers its requests; a caller's own request "0" does not collide with them."""
+    """add_request(None, ...) numbers its requests; a caller's own request "0" does not
+    collide with them."""
     eng = tiny_llm.engine
     eng.add_request("0", [7, 8], GREEDY)
     eng.add_request("1", [7, 8], GREEDY)
-    out = tiny_llm.generate([[1, 2, 3]], GREEDY)[0]
-    assert out.finished and out.request_id not in ("0", "1")
-    for rid in ("0", "1"):
-        eng.abort_request(rid)
+    rid = eng.add_request(None, [1, 2, 3], GREEDY)
+    assert rid not in ("0", "1")
+    for r in ("0", "1", rid):
+        eng.abort_request(r)
+    _assert_pool_free(tiny_llm)
+
+
+def test_generate_refuses_to_run_while_engine_requests_are_pending(tiny_llm):
+    """LLM.generate would have to run requests added through llm.engine and could give their
+    outputs to no one: it raises, naming them, and leaves them queued and intact."""
+    eng = tiny_llm.engine
+    eng.add_request("mine", [7, 8], GREEDY)
+    with pytest.raises(RuntimeError, match=r"llm.engine.*'mine'"):
+        tiny_llm.generate([[1, 2, 3]], GREEDY)
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert outs[-1].request_id == "mine" and len(outs[-1].outputs[0].token_ids) == 12
+    assert tiny_llm.generate([[1, 2, 3]], GREEDY)[0].finished
+    _assert_pool_free(tiny_llm)
+
+
+def test_sampling_params_are_copied_when_a_request_is_added(tiny_llm):
+    """A queued request keeps the params it was added with: changing the caller's object (or
+    its stop list) afterwards does not reach it."""
+    eng = tiny_llm.engine
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, stop=["zzz"])
+    eng.add_request("copied", [1, 2], params)
+    params.max_tokens = 10**6
+    params.stop.append("")                       # an empty stop string would match at once
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert len(outs[-1].outputs[0].token_ids) == 3 and outs[-1].outputs[0].finish_reason == "length"
+    _assert_pool_free(tiny_llm)
+
+
+def test_params_mutated_past_their_limits_are_refused_at_add_request(tiny_llm):
+    """Params changed after construction are checked again when added."""
+    params = SamplingParams(max_tokens=4)
+    params.max_tokens = 10**6
+    with pytest.raises(ValueError, match="n_ctx"):
+        tiny_llm.generate([[1, 2]], params)
+    params.max_tokens, params.temperature = 4, -1.0
+    with pytest.raises(ValueError, match="temperature"):
+        tiny_llm.generate([[1, 2]], params)
+    _assert_pool_free(tiny_llm)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(ignore_eos="no"), "ignore_eos"), (dict(stop_token_ids=[True]), "stop_token_ids"),
+    (dict(stop=123), "stop"), (dict(stop=["ok", 5]), "stop"), (dict(stop_token_ids=7), "stop_token_ids"),
+    (dict(logit_bias=[(5, 1.0)]), "logit_bias"),
+])
+def test_sampling_params_of_the_wrong_type_raise_type_error_naming_the_field(kwargs, field):
+    with pytest.raises(TypeError, match=f"SamplingParams.{field} must be"):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_token_ids_must_be_a_list_not_text(tiny_llm):
+    """{"prompt_token_ids": "abc"} is a TypeError, not a text prompt tokenized behind the caller's back."""
+    with pytest.raises(TypeError, match="prompt_token_ids must be a list"):
+        tiny_llm.generate({"prompt_token_ids": "abc"}, GREEDY)
     _assert_pool_free(tiny_llm)
 
 
@@ -289,7 +350,7 @@ def test_priority_orders_the_waiting_queue(tiny_ckpt):
     ([], SamplingParams(), ValueError, "empty"),
     ([1, 2, 50257], SamplingParams(), ValueError, "50257"),
     ([1, -1], SamplingParams(), ValueError, "-1"),
-    ([1] * 120, SamplingParams(max_tokens=20), ValueError, "n_ctx=128"),
+    ([1] * 120, SamplingParams(max_tokens=20), ValueError, r"n_ctx \+ 1 = 129"),
     (12345, SamplingParams(), TypeError, "int"),
     ([1.5, 2], SamplingParams(), TypeError, "prompt"),
     ("hi", "not params", TypeError, "SamplingParams"),
@@ -404,3 +465,261 @@ def test_last_step_names_preempted_sequences(tiny_ckpt):
                 if row.seq_id == victim)
     assert back.phase == "prefill" and back.num_computed_tokens == back.num_cached_tokens
     assert back.num_new_tokens > 1
+
+
+@pytest.fixture(scope="module")
+def padded_llm(tmp_path_factory):
+    """nanoGPT's layout: vocab_size 50304, 47 ids past the tokenizer's 50257. The padded rows
+    are rigged to win: ln_f's bias pushes the hidden state along channel 0 and only padded
+    rows of the (tied) head point there, so their logits beat every real token's."""
+    from conftest import make_hf_model, save_checkpoint
+    hf = make_hf_model(vocab_size=50304)
+    with torch.no_grad():
+        hf.transformer.ln_f.bias[0] = 50.0
+        hf.transformer.wte.weight[50257:] = 0.0
+        hf.transformer.wte.weight[50257:, 0] = 10.0
+    d = save_checkpoint(hf, tmp_path_factory.mktemp("padded") / "hub")
+    return LLM(str(d), device="cpu", quiet=True)
+
+
+def _ids_shown(out) -> set[int]:
+    """Every token id a RequestOutput lists: sampled ids and the keys of all logprob dicts."""
+    ids = set()
+    for c in out.outputs:
+        ids |= set(c.token_ids)
+        for d in c.logprobs or []:
+            ids |= set(d)
+    for d in out.prompt_logprobs or []:
+        ids |= set(d or {})
+    return ids
+
+
+def test_padded_vocabulary_ids_are_never_sampled_or_shown(padded_llm):
+    """Ids past the tokenizer's vocabulary (which it could not decode) get no logits: greedy
+    and sampled tokens, logprobs and prompt_logprobs all stay below 50257, even though the
+    rigged padded rows would otherwise win every step."""
+    assert padded_llm.engine.model_config.vocab_size == 50304
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5, prompt_logprobs=5),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True, logprobs=5)]
+    outs = padded_llm.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert max(max(_ids_shown(o)) for o in outs) < 50257
+    assert outs[0].outputs[0].text == padded_llm.tokenizer.decode(outs[0].outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("prompt, params, field", [
+    ([1, 2], SamplingParams(logit_bias={50300: 100}), "logit_bias"),
+    ([1, 2], SamplingParams(stop_token_ids=[50257]), "stop_token_ids"),
+    ([1, 50300], SamplingParams(), "prompt token id 50300"),
+])
+def test_padded_ids_are_refused_in_requests(padded_llm, prompt, params, field):
+    """logit_bias cannot force a padded id, nor can a stop token or prompt name one: the
+    request is refused with the tokenizer's vocabulary as the limit."""
+    with pytest.raises(ValueError, match=rf"{field}.*outside the vocabulary \[0, 50257\)"):
+        padded_llm.generate([prompt], params)
+    _assert_pool_free(padded_llm)
+
+
+def test_a_request_whose_bookkeeping_raises_fails_alone(tiny_llm, monkeypatch):
+    """An exception while appending one request's token (here: its detokenizer) aborts that
+    request only, with the error in RequestOutput.error and its blocks freed; the request
+    beside it in the same steps finishes normally and the engine keeps serving."""
+    eng = tiny_llm.engine
+    real = eng.outputs.append
+
+    def append(seq, token, logprobs):
+        if seq.request_id == "bad" and len(seq.output_token_ids) == 2:
+            raise KeyError("undecodable token")
+        return real(seq, token, logprobs)
+    monkeypatch.setattr(eng.outputs, "append", append)
+    eng.add_request("bad", [1, 2, 3], SamplingParams(n=2, temperature=0, max_tokens=8, ignore_eos=True))
+    eng.add_request("good", [4, 5, 6], GREEDY)
+    final = {}
+    while eng.has_unfinished_requests():
+        final |= {o.request_id: o for o in eng.step() if o.finished}
+    bad, good = final["bad"], final["good"]
+    assert [c.finish_reason for c in bad.outputs] == ["abort", "abort"]
+    assert "undecodable token" in bad.error and bad.metrics.finished_time is not None
+    assert good.error is None and good.outputs[0].finish_reason == "length"
+    assert good.outputs[0].token_ids == tiny_llm.generate([[4, 5, 6]], GREEDY)[0].outputs[0].token_ids
+    _assert_pool_free(tiny_llm)
+
+
+def test_a_request_whose_output_cannot_be_built_fails_alone(tiny_llm, monkeypatch):
+    """If building a request's output raises (decoding its text), the step still returns the
+    others' outputs and that request comes back aborted, with the error, instead of raising
+    again from abort."""
+    eng = tiny_llm.engine
+    real = eng.outputs.detokenize
+
+    def detokenize(seq):
+        if seq.request_id == "bad" and seq.num_detok < len(seq.output_token_ids):   # text to decode
+            raise ValueError("cannot decode")
+        return real(seq)
+    monkeypatch.setattr(eng.outputs, "detokenize", detokenize)
+    eng.add_request("bad", [1, 2, 3], GREEDY)
+    eng.add_request("good", [4, 5, 6], GREEDY)
+    first = {o.request_id: o for o in eng.step()}
+    assert first["bad"].finished and first["bad"].outputs[0].finish_reason == "abort"
+    assert "cannot decode" in first["bad"].error and not first["good"].finished
+    while eng.has_unfinished_requests():
+        eng.step()
+    _assert_pool_free(tiny_llm)
+
+
+def _stop_run(tok, token_ids: list[int], stop: list[str], matcher=None) -> tuple[str, int, str | None]:
+    """Feed `token_ids` one at a time through the engine's OutputProcessor with stop strings
+    `stop` (matched by `matcher`, if one is given: built already); return (text, tokens
+    taken, finish reason)."""
+    from nanoserve.outputs import OutputProcessor
+    from nanoserve.sequence import Sequence
+    from nanoserve.tokenizer import IncrementalDetokenizer
+    proc = OutputProcessor(tok, eos_token_id=50256, n_ctx=10**6)
+    seq = Sequence(seq_id=0, request_id="r", index=0, prompt_token_ids=[1],
+                   params=SamplingParams(max_tokens=len(token_ids), ignore_eos=True, stop=stop))
+    seq.detok, seq.stop_strings = IncrementalDetokenizer(tok), matcher
+    for t in token_ids:
+        if (reason := proc.append(seq, t, None)) is not None:
+            return seq.text, len(seq.output_token_ids), reason
+    return seq.text, len(seq.output_token_ids), None
+
+
+def _naive_stop_run(tok, token_ids: list[int], stop: list[str]) -> tuple[str, int, str | None]:
+    """The reference: after each token, search the whole text for every stop string; stop at
+    the first token that completes one, cutting before the earliest-starting match."""
+    from nanoserve.tokenizer import IncrementalDetokenizer
+    detok = IncrementalDetokenizer(tok)
+    for k, t in enumerate(token_ids, 1):
+        detok.push(t)
+        hits = [i for i in (detok.text.find(s) for s in stop) if i >= 0]
+        if hits:
+            return detok.text[:min(hits)], k, "stop"
+    return detok.text + detok.flush(), len(token_ids), "length"
+
+
+STOP_TEXT = ("abababcab the theme then, thenceforth: café 😀 naïve ab abc abcd -- end of the text; "
+             "aaaa aaab ba bab")
+
+
+def test_stop_strings_cut_the_text_as_a_full_search_would(tiny_llm):
+    """Against a full search of the text after every token, for 300 random sets of stop
+    strings (substrings of the text, so they overlap, span tokens and multi-byte characters,
+    mixed with strings that never occur): the same finishing token, the same cut text."""
+    tok = tiny_llm.tokenizer
+    ids = tok.encode(STOP_TEXT)
+    rng = random.Random(0)
+    stopped = 0
+    for _ in range(300):
+        stop = []
+        for _ in range(rng.randint(1, 6)):
+            a = rng.randrange(len(STOP_TEXT))
+            stop.append(STOP_TEXT[a:a + rng.randint(1, 8)])
+        stop += ["zzz", "q" * rng.randint(1, 5)]
+        got, want = _stop_run(tok, ids, stop), _naive_stop_run(tok, ids, stop)
+        assert got == want, (stop, got, want)
+        stopped += got[2] == "stop"
+    assert stopped > 250
+
+
+def test_stop_check_cost_does_not_grow_with_the_number_of_stop_strings(tiny_llm):
+    """Feeding 200 tokens with 10,000 stop strings that end like the text but never match in
+    full costs about what it does with 1 (a generous bound, 10x + 5 ms: scanning them all, as
+    a plain loop does, costs ~500x more: 830 ms against 1.7 ms here). The matcher is built once per sequence (linear
+    in the strings' length, like checking them); that is not the per-token cost, so it is
+    built before the clock starts."""
+    import time
+    from nanoserve.outputs import StopStrings
+    tok = tiny_llm.tokenizer
+    ids = (tok.encode(STOP_TEXT) * 10)[:200]
+    rng = random.Random(1)
+    many = ["\x00" + STOP_TEXT[a:a + rng.randint(1, 10)] for a in (rng.randrange(len(STOP_TEXT)) for _ in range(10_000))]
+
+    def best_time(stop):
+        times = []
+        for _ in range(3):
+            matcher = StopStrings(stop)
+            t0 = time.perf_counter()
+            assert _stop_run(tok, ids, stop, matcher)[2] == "length"
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    _stop_run(tok, ids, ["\x00x"])                  # warm up
+    one, lots = best_time(["\x00x"]), best_time(many)
+    assert lots < 10 * one + 0.005, f"10,000 stop strings: {lots * 1e3:.1f} ms vs 1: {one * 1e3:.1f} ms"
+
+
+def test_many_stop_strings_stop_where_the_one_that_matches_does(tiny_llm):
+    """Through the engine: 10,000 stop strings that never occur plus one that does cut the
+    text exactly where that one alone does."""
+    free = tiny_llm.generate(["x"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0]
+    stop = free.text[len(free.text) // 2: len(free.text) // 2 + 3]
+    p = dict(temperature=0, max_tokens=20, ignore_eos=True)
+    alone = tiny_llm.generate(["x"], SamplingParams(**p, stop=[stop]))[0].outputs[0]
+    crowd = tiny_llm.generate(["x"], SamplingParams(**p, stop=[f"\x00{i}" for i in range(10_000)] + [stop]))[0].outputs[0]
+    assert crowd.finish_reason == alone.finish_reason == "stop"
+    assert (crowd.text, crowd.token_ids) == (alone.text, alone.token_ids)
+
+
+def _record_positions(llm: LLM, monkeypatch) -> list[int]:
+    """Wrap the model's forward so that it records the largest position of every step."""
+    model, seen = llm.engine.model, []
+    real = model.forward
+
+    def forward(input_ids, positions, *args, **kwargs):
+        seen.append(int(positions.max()))
+        return real(input_ids, positions, *args, **kwargs)
+    monkeypatch.setattr(model, "forward", forward)
+    return seen
+
+
+def test_a_full_n_ctx_window_can_be_scored(monkeypatch):
+    """A 1024-token prompt (the embedded model's n_ctx) with max_tokens=1 needs no position
+    >= n_ctx, since the sampled token is never fed back: it is accepted, and its 1023
+    prompt logprobs equal a dense Hugging Face forward over the same window."""
+    from pathlib import Path
+    from transformers import GPT2LMHeadModel
+    model_dir = Path(__file__).resolve().parent.parent / "weights" / "nanoserve-stdlib-tiny"
+    llm = LLM(str(model_dir), device="cpu", quiet=True, num_blocks=80)
+    n_ctx = llm.engine.model_config.n_ctx
+    text = (Path(__file__).resolve().parent / "data" / "heldout_stdlib.txt").read_text()
+    window = llm.tokenizer.encode(text)[:n_ctx]
+    assert len(window) == n_ctx == 1024
+    positions = _record_positions(llm, monkeypatch)
+    out = llm.generate([window], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    assert max(positions) == n_ctx - 1 and len(out.outputs[0].token_ids) == 1
+    got = [d[t] for d, t in zip(out.prompt_logprobs[1:], window[1:])]
+    ref = GPT2LMHeadModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(ref(torch.tensor([window])).logits[0, :-1].float(), -1)   # (1023, V)
+    want = lp.gather(1, torch.tensor(window[1:])[:, None])[:, 0].tolist()
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_no_position_at_or_past_n_ctx_ever_runs(tiny_ckpt, monkeypatch):
+    """Requests at the edge (prompt + max_tokens = n_ctx + 1), sampled, through a pool small
+    enough to preempt and recompute them: every step's positions stay below n_ctx = 128,
+    each request gets all its tokens; one token more is refused up front."""
+    llm = LLM(str(tiny_ckpt), device="cpu", quiet=True, block_size=4, num_blocks=48)
+    positions = _record_positions(llm, monkeypatch)
+    shapes = [(128, 1), (127, 2), (100, 29), (64, 65)]
+    prompts = [_prompts(1, seed=i, lo=p, hi=p)[0] for i, (p, _) in enumerate(shapes)]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=m, ignore_eos=True) for i, (_, m) in enumerate(shapes)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [m for _, m in shapes]
+    assert max(positions) == 127 and llm.engine.scheduler.num_preemptions > 0
+    for p, m in [(128, 2), (127, 3)]:
+        with pytest.raises(ValueError, match=r"n_ctx \+ 1 = 129"):
+            llm.generate([[1] * p], SamplingParams(max_tokens=m))
+    _assert_pool_free(llm)
+
+
+def test_an_eos_id_only_the_padded_model_knows_is_refused_at_load(padded_llm, tmp_path):
+    """eos_token_id 50300 fits a 50304-row checkpoint but no tokenizer id: it could never be
+    sampled (padded ids get no logits), so generation could never stop on it. Refused at load."""
+    import json
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(padded_llm.engine.model_dir, d)
+    raw = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(raw | {"eos_token_id": 50300}))
+    with pytest.raises(ValueError, match=r"config.json: eos_token_id=50300 is beyond the tokenizer's 50257 tokens"):
+        LLM(str(d), device="cpu", quiet=True)

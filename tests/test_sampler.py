@@ -148,3 +148,14 @@ def test_logprobs_are_raw_log_softmax_before_temperature():
     tok = out.token_ids.item()
     torch.testing.assert_close(out.logprobs[0, 0], ref[0, tok])
     torch.testing.assert_close(out.logprobs[0, 1:], ref[0].topk(2).values)
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    """A temperature below 1e-5 (vLLM's threshold) is greedy: dividing by 1e-40 would overflow
+    the logits to inf, softmax would give NaN, and every draw would be token 0. A sampled row
+    beside it keeps the batch off the all-greedy fast path."""
+    logits = _logits(2)
+    tiny = SamplingParams(temperature=1e-40)
+    assert tiny.is_greedy and not SamplingParams(temperature=1e-5).is_greedy
+    out = _sampler()(logits.clone(), [_seq(tiny), _seq(SamplingParams(temperature=1.0))])
+    assert out.token_ids[0].item() == logits[0].argmax().item() != 0

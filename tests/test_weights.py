@@ -99,3 +99,44 @@ def test_default_model_falls_back_to_embedded_but_named_models_do_not(tiny_ckpt,
     assert "gpt2" in err and W.EMBEDDED_MODEL in err and "download gpt2" in err and err.count("\n") == 1
     with pytest.raises(FileNotFoundError, match="gpt2-medium"):
         W.resolve_model("gpt2-medium")
+
+
+def _rewrite_tensor(src: Path, dst: Path, name: str, fn) -> Path:
+    """A copy of checkpoint `src` with tensor `name` replaced by fn(tensor)."""
+    from safetensors.torch import load_file, save_file
+    d = _copy(src, dst)
+    sd = load_file(str(d / "model.safetensors"))
+    sd[name] = fn(sd[name])
+    save_file(sd, str(d / "model.safetensors"))
+    return d
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.float64])
+def test_only_float16_bfloat16_and_float32_weights_load(tiny_ckpt, tmp_path, dtype):
+    """int8 or bool weights would load as nonsense numbers: refused, naming the tensor."""
+    d = _rewrite_tensor(tiny_ckpt, tmp_path / "m", "h.1.mlp.c_fc.weight", lambda t: t.to(dtype))
+    with pytest.raises(ValueError, match=rf"h.1.mlp.c_fc.weight is {dtype}"):
+        LLM(str(d), device="cpu", quiet=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_infinite_weights_are_refused_at_load_by_name(tiny_ckpt, tmp_path, bad):
+    """One NaN weight would make every logprob NaN (and a stream invalid JSON)."""
+    def spoil(t):
+        t = t.clone()
+        t[3, 5] = bad
+        return t
+    d = _rewrite_tensor(tiny_ckpt, tmp_path / "m", "h.0.attn.c_proj.weight", spoil)
+    with pytest.raises(ValueError, match="h.0.attn.c_proj.weight holds NaN or infinite values"):
+        LLM(str(d), device="cpu", quiet=True)
+
+
+def test_float16_weights_load_as_the_same_model(tiny_ckpt, tmp_path):
+    """A checkpoint stored in float16 loads (upcast to float32) and keeps its names."""
+    from safetensors.torch import load_file, save_file
+    d = _copy(tiny_ckpt, tmp_path / "m")
+    save_file({k: v.half() for k, v in load_file(str(d / "model.safetensors")).items()}, str(d / "model.safetensors"))
+    cfg = GPT2Config.from_json(d / "config.json")
+    half, full = W.load_state_dict(d, cfg), W.load_state_dict(tiny_ckpt, cfg)
+    assert half.keys() == full.keys() and all(v.dtype == torch.float32 for v in half.values())
+    torch.testing.assert_close(half["wte.weight"], full["wte.weight"], atol=1e-2, rtol=1e-2)

@@ -311,6 +311,9 @@ class Server:
                                    code="request_timeout") from None
                 if isinstance(out, Exception):
                     raise APIError(500, f"the engine failed: {out!r}", type="server_error")
+                if out.error is not None:     # the engine gave up on this request alone
+                    live.discard(out.request_id)
+                    raise APIError(500, f"the engine failed on this request: {out.error}", type="server_error")
                 if out.finished:
                     live.discard(out.request_id)
                     if any(c.finish_reason == "abort" for c in out.outputs):  # only a shutdown aborts for us

@@ -1096,6 +1096,44 @@ def test_fallback_model_answers_to_the_name_that_was_asked_for(tmp_path):
 
 
 # ---- last: after every attack above ------------------------------------------------------
+def test_a_request_the_engine_gives_up_on_gets_a_500_and_the_others_are_served(tiny_ckpt, monkeypatch):
+    """When one request's bookkeeping raises inside the engine (RequestOutput.error), its client
+    gets a 500 naming the error, not a 503 'shutting down'; a request beside it completes and
+    the server stays healthy with its pool empty."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_ckpt), device="cpu", quiet=True, num_blocks=64))
+    real, bad_prompt = engine.outputs.append, [11, 22, 33]
+
+    def append(seq, token, logprobs):
+        if seq.prompt_token_ids == bad_prompt:
+            raise KeyError("undecodable token")
+        return real(seq, token, logprobs)
+    monkeypatch.setattr(engine.outputs, "append", append)
+    with _in_process(engine) as (base, _):
+        body = {"model": MODEL, "max_tokens": 8, "temperature": 0}
+        bad = httpx.post(base + "/v1/completions", json={**body, "prompt": bad_prompt}, timeout=60)
+        good = httpx.post(base + "/v1/completions", json={**body, "prompt": [4, 5, 6]}, timeout=60)
+        assert bad.status_code == 500 and "undecodable token" in bad.json()["error"]["message"]
+        assert good.status_code == 200 and good.json()["choices"][0]["finish_reason"] == "length"
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+        assert engine.allocator.num_free == engine.num_blocks
+
+
+def test_echo_only_scores_a_full_context_window(server, tiny_llm):
+    """An evaluation harness scores a whole n_ctx-token window with echo and max_tokens 0: the
+    engine samples no token that would need position n_ctx, so the request is accepted and its
+    logprobs equal the offline prompt logprobs."""
+    n_ctx = tiny_llm.engine.model_config.n_ctx
+    ids = [(7 * i + 3) % 50000 for i in range(n_ctx)]
+    resp = httpx.post(server + "/v1/completions", headers=AUTH, timeout=60, json={
+        "model": MODEL, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    lp = resp.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == n_ctx and lp["token_logprobs"][0] is None
+    ref = _offline(tiny_llm, [ids], max_tokens=1, temperature=0.0, prompt_logprobs=1)[0]
+    want = [d[t] for t, d in zip(ids[1:], ref.prompt_logprobs[1:])]
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+
+
 def test_after_all_attacks_the_pool_is_empty_and_greedy_output_is_unchanged(server, tiny_llm, one_seq_engine):
     """Run last: the shared server, after every bad, huge, cancelled or timed-out request in
     this file, holds no KV block and still returns LLM.generate's greedy text; the in-process

@@ -78,18 +78,29 @@ class OutputProcessor:
             return "length"
         return None
 
-    def detokenize(self, seq: Sequence) -> None:
-        """Bring seq.text up to date with its output tokens (special tokens are not text)."""
+    def _text_ids(self, seq: Sequence, start: int) -> list[int]:
+        """The output tokens from `start` on that become text. <|endoftext|> is a special
+        token, not text, unless skip_special_tokens is off; even then, one that ended the
+        sequence is left out, as vLLM leaves out a stop token."""
         eos, out = self.eos_token_id, seq.output_token_ids
+        if seq.params.skip_special_tokens:
+            return [t for t in out[start:] if t != eos]
+        ids = out[start:]
+        if ids and ids[-1] == eos and seq.finish_reason == "stop" and not seq.params.ignore_eos:
+            ids = ids[:-1]
+        return ids
+
+    def detokenize(self, seq: Sequence) -> None:
+        """Bring seq.text up to date with its output tokens (see _text_ids for which count)."""
+        out = seq.output_token_ids
         if seq.num_detok == len(out):
             return
         if seq.num_detok == 0 and seq.is_finished:
             # Nobody streamed this sequence: one bulk decode (in Rust) beats a push per token.
-            seq.text = self.tokenizer.decode([t for t in out if t != eos])
+            seq.text = self.tokenizer.decode(self._text_ids(seq, 0))
         else:
-            for t in out[seq.num_detok:]:
-                if t != eos:
-                    seq.detok.push(t)
+            for t in self._text_ids(seq, seq.num_detok):
+                seq.detok.push(t)
             if seq.is_finished:
                 seq.detok.flush()
             seq.text = seq.detok.text

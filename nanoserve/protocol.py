@@ -85,7 +85,7 @@ class CompletionRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False         # the text keeps the stop string that ended it
-    skip_special_tokens: bool = True                 # <|endoftext|> is never text (False: not supported)
+    skip_special_tokens: bool = True                 # False: a generated <|endoftext|> is text too
     spaces_between_special_tokens: bool = True       # no effect while special tokens are skipped
     truncate_prompt_tokens: int | None = Field(None, ge=-1)   # keep the last k prompt tokens; -1: n_ctx
     prompt_logprobs: int | None = Field(None, ge=0, le=20)    # vLLM's per-prompt-token dicts in each choice
@@ -128,9 +128,6 @@ class CompletionRequest(BaseModel):
                            "the prompt", param="max_tokens")
         if self.suffix:
             raise APIError(400, "suffix is not supported: GPT-2 has no fill-in-the-middle mode", param="suffix")
-        if not self.skip_special_tokens:
-            raise APIError(400, "skip_special_tokens=false is not supported: <|endoftext|> never appears in the "
-                           "text (its id is in logprobs and token ids)", param="skip_special_tokens")
         if self.truncate_prompt_tokens == 0:
             raise APIError(400, "truncate_prompt_tokens=0 would leave no prompt; use -1 (the context length) or "
                            "a count >= 1", param="truncate_prompt_tokens")
@@ -149,6 +146,7 @@ class CompletionRequest(BaseModel):
                 top_k=-1 if self.top_k is None else self.top_k, min_p=self.min_p or 0.0,
                 seed=self.seed, max_tokens=max(1, max_tokens), min_tokens=self.min_tokens, stop=self.stop,
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                skip_special_tokens=self.skip_special_tokens,
                 # ranking best_of candidates needs each one's logprob (logprobs=0: the sampled token's)
                 logprobs=0 if self.logprobs is None and self.num_candidates > self.n else self.logprobs,
                 prompt_logprobs=self.num_prompt_logprobs,

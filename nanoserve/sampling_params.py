@@ -60,6 +60,7 @@ class SamplingParams:
     stop: str | list[str] | None = None # stop strings; the text is cut before them
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True    # False: a generated <|endoftext|> shows in the text (except one that stopped it)
     logprobs: int | None = None         # top-k logprobs (plus the sampled token's) per output token
     prompt_logprobs: int | None = None  # same for each prompt token after the first
     repetition_penalty: float = 1.0     # > 1 discourages tokens already in prompt or output
@@ -89,9 +90,9 @@ class SamplingParams:
                 raise self._invalid(name, "must be a finite number")
         if self.seed is not None and not _is_int(self.seed):
             raise TypeError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
-        if not isinstance(self.ignore_eos, bool):      # "no" is truthy: it would mean True
-            raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {type(self.ignore_eos).__name__} "
-                            f"{self.ignore_eos!r}")
+        for name in ("ignore_eos", "skip_special_tokens"):   # "no" is truthy: it would mean True
+            if not isinstance(v := getattr(self, name), bool):
+                raise TypeError(f"SamplingParams.{name} must be a bool, got {type(v).__name__} {v!r}")
         self._check_list("stop", lambda x: isinstance(x, str), "strings", allow_one=True)
         self._check_list("stop_token_ids", _is_int, "ints")
         if not isinstance(self.logit_bias, (dict, type(None))):

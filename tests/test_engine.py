@@ -723,3 +723,26 @@ def test_an_eos_id_only_the_padded_model_knows_is_refused_at_load(padded_llm, tm
     (d / "config.json").write_text(json.dumps(raw | {"eos_token_id": 50300}))
     with pytest.raises(ValueError, match=r"config.json: eos_token_id=50300 is beyond the tokenizer's 50257 tokens"):
         LLM(str(d), device="cpu", quiet=True)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_skip_special_tokens_false_shows_generated_eos_but_not_the_one_that_stopped(tiny_llm, stream):
+    """With skip_special_tokens=False a generated <|endoftext|> is text (vLLM's option), except
+    an EOS that ended the sequence, which is left out like any stop token; by default it is
+    never text. Streamed (token by token) and bulk detokenizing agree."""
+    eos = tiny_llm.engine.model_config.eos_token_id
+
+    def text(**kw) -> tuple[str, str, list[int]]:
+        params = SamplingParams(temperature=0, max_tokens=3, logit_bias={eos: 100}, **kw)
+        if not stream:
+            c = tiny_llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0]
+            return c.text, c.finish_reason, c.token_ids
+        eng, final = tiny_llm.engine, None
+        eng.add_request("skip-special", [1, 2, 3], params)
+        while eng.has_unfinished_requests():
+            final = next((o for o in eng.step() if o.finished), final)
+        c = final.outputs[0]
+        return c.text, c.finish_reason, c.token_ids
+    assert text(ignore_eos=True, skip_special_tokens=False) == ("<|endoftext|>" * 3, "length", [eos] * 3)
+    assert text(ignore_eos=True) == ("", "length", [eos] * 3)
+    assert text(skip_special_tokens=False) == ("", "stop", [eos])

@@ -510,8 +510,6 @@ BAD_REQUESTS = {
     "stop string too long": (dict(json={"model": MODEL, "prompt": "a", "stop": ["x" * 257]}), 400, "stop"),
     "max_tokens and max_completion_tokens differ": (dict(json={"model": MODEL, "prompt": "a", "max_tokens": 3,
                                                                "max_completion_tokens": 4}), 400, None),
-    "skip_special_tokens false": (dict(json={"model": MODEL, "prompt": "a", "skip_special_tokens": False}), 400,
-                                  "skip_special_tokens"),
     "missing api key": (dict(json={"model": MODEL, "prompt": "a"}, headers={}), 401, None),
     "wrong api key": (dict(json={"model": MODEL, "prompt": "a"}, headers={"Authorization": "Bearer nope"}), 401, None),
     # The key is checked before the body is read: without it, a broken body is still a 401.
@@ -1096,6 +1094,22 @@ def test_fallback_model_answers_to_the_name_that_was_asked_for(tmp_path):
 
 
 # ---- last: after every attack above ------------------------------------------------------
+def test_skip_special_tokens_false_puts_generated_end_of_text_in_the_text(server):
+    """vLLM's skip_special_tokens=false: a generated <|endoftext|> (here forced by logit_bias,
+    with ignore_eos so it does not stop) appears in the text, plain and streamed."""
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "logit_bias": {"50256": 100}}
+    plain = httpx.post(server + "/v1/completions", headers=AUTH, timeout=60,
+                       json={**body, "skip_special_tokens": False}).json()
+    assert plain["choices"][0]["text"] == "<|endoftext|>" * 3
+    default = httpx.post(server + "/v1/completions", headers=AUTH, timeout=60, json=body).json()
+    assert default["choices"][0]["text"] == ""
+    streamed = "".join(c.choices[0].text for c in _client(server).completions.create(
+        stream=True, extra_body={"ignore_eos": True, "skip_special_tokens": False},
+        **{k: v for k, v in body.items() if k != "ignore_eos"}))
+    assert streamed == "<|endoftext|>" * 3
+
+
 def test_a_request_the_engine_gives_up_on_gets_a_500_and_the_others_are_served(tiny_ckpt, monkeypatch):
     """When one request's bookkeeping raises inside the engine (RequestOutput.error), its client
     gets a 500 naming the error, not a 503 'shutting down'; a request beside it completes and

@@ -155,6 +155,7 @@ class EngineConfig:
     use_triton: bool | None = None      # None: Triton kernels on CUDA when triton imports
     compile_cpu_attention: bool = False # CPU: torch.compile the decode attention (needs a C++ compiler)
     quiet: bool = False                 # no progress bars or info logs
+    log_stats_interval: float = 10.0    # seconds between one-line engine stats logs while busy; 0: none
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -167,6 +168,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
+        if self.log_stats_interval < 0:
+            raise ValueError(f"log_stats_interval={self.log_stats_interval} must be >= 0 seconds (0: no stats log)")
 
     @classmethod
     def field_names(cls) -> list[str]:

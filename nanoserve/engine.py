@@ -17,6 +17,8 @@ import logging
 import time
 from typing import Any
 
+import torch
+
 from . import cpu_attention
 from .attention import paged_attention
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
@@ -82,6 +84,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._arrival_order = itertools.count()
         self._request_ids = itertools.count()
+        self.num_prompt_tokens_computed = 0       # prefill and recompute tokens run, in all
+        self.num_generation_tokens = 0            # tokens sampled, in all
+        self._log_mark = (time.perf_counter(), 0, 0)   # (time, prompt tokens, generated) at the last log
 
     # ---- set-up helpers -------------------------------------------------------------------
     def _use_kernels(self) -> None:
@@ -210,7 +215,10 @@ class LLMEngine:
                 raise RuntimeError("scheduler could not schedule any sequence; the KV pool is too small")
             return []
         result = self.runner.execute(sched)
-        return self._update(sched, result, finished_only)
+        outputs = self._update(sched, result, finished_only)
+        if self.config.log_stats_interval and not self.config.quiet:
+            self._maybe_log_stats()
+        return outputs
 
     @property
     def last_step(self) -> StepRecord | None:
@@ -232,7 +240,9 @@ class LLMEngine:
         stopped mid-prompt just waits for its next chunk."""
         touched: dict[str, Request] = {}
         now = time.perf_counter()
+        num_decode = 0
         for seq, n in sched.scheduled:
+            num_decode += n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
             self.scheduler.computed(seq, n)       # and shares the blocks that filled up
             req = self.requests[seq.request_id]
             if seq.seq_id in result.prompt_logprobs:
@@ -244,6 +254,8 @@ class LLMEngine:
             reason = self.outputs.append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
             if reason is not None:
                 self.scheduler.finish(seq, reason)    # frees its blocks
+        self.num_prompt_tokens_computed += sched.num_tokens - num_decode
+        self.num_generation_tokens += len(result.sampled)
         outputs = []
         for req in touched.values():
             done = req.seqs[-1].is_finished and req.is_finished   # cheap test first: n is usually 1
@@ -254,6 +266,47 @@ class LLMEngine:
             if done:
                 del self.requests[req.request_id]
         return outputs
+
+    # ---- statistics ---------------------------------------------------------------------
+    def get_stats(self) -> dict[str, float | int]:
+        """The engine's state now, as plain numbers (what a server exports as gauges).
+
+        KV blocks: `num_blocks_total` = `num_blocks_used` (held by a sequence) +
+        `num_blocks_free`; `num_blocks_cached_free` of the free ones still hold a prefix the
+        prefix cache can hand back. `peak_blocks_used` is the most ever held at once.
+        Counters since start: preemptions, shifts, evicted blocks, prompt and generated tokens.
+        `prefix_cache_hit_rate`: tokens taken from the prefix cache / tokens looked up.
+        On CUDA, the allocator's `cuda_memory_allocated` / `cuda_memory_reserved` (bytes)."""
+        a, sch = self.allocator, self.scheduler
+        used = a.num_blocks - a.num_free
+        stats: dict[str, float | int] = dict(
+            num_blocks_total=a.num_blocks, num_blocks_used=used, num_blocks_free=a.num_free,
+            num_blocks_cached_free=a.num_cached_free, peak_blocks_used=a.peak_used,
+            kv_cache_usage=used / a.num_blocks, peak_kv_cache_usage=a.peak_used / a.num_blocks,
+            kv_block_bytes=bytes_per_block(self.model_config, self.config.block_size, self.dtype),
+            num_running=len(sch.running), num_waiting=len(sch.waiting),
+            num_preemptions=sch.num_preemptions,
+            prefix_cache_hit_rate=sch.num_cached_tokens / sch.num_queried_tokens if sch.num_queried_tokens else 0.0,
+            num_prompt_tokens=self.num_prompt_tokens_computed, num_generation_tokens=self.num_generation_tokens)
+        if self.device.type == "cuda":
+            stats["cuda_memory_allocated"] = torch.cuda.memory_allocated(self.device)
+            stats["cuda_memory_reserved"] = torch.cuda.memory_reserved(self.device)
+        return stats
+
+    def _maybe_log_stats(self) -> None:
+        """One line every log_stats_interval seconds while steps run (vLLM's periodic log)."""
+        now = time.perf_counter()
+        t0, prompt0, gen0 = self._log_mark
+        if now - t0 < self.config.log_stats_interval:
+            return
+        self._log_mark = (now, self.num_prompt_tokens_computed, self.num_generation_tokens)
+        s = self.get_stats()
+        log.info("engine: prompt %.1f tok/s, generation %.1f tok/s | running %d, waiting %d, preempted %d | "
+                 "KV cache %.1f%% (%d/%d blocks, peak %.1f%%) | prefix cache hit rate %.1f%%",
+                 (s["num_prompt_tokens"] - prompt0) / (now - t0), (s["num_generation_tokens"] - gen0) / (now - t0),
+                 s["num_running"], s["num_waiting"], s["num_preemptions"], 100 * s["kv_cache_usage"],
+                 s["num_blocks_used"], s["num_blocks_total"], 100 * s["peak_kv_cache_usage"],
+                 100 * s["prefix_cache_hit_rate"])
 
 
 class LLM:

@@ -120,10 +120,25 @@ class BlockAllocator:
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
         self.cached: dict[bytes, int] = {}                 # content hash -> block id
         self.hash_of: dict[int, bytes] = {}                # block id -> content hash
+        self.peak_used = 0                                 # most blocks held at once, ever
 
     @property
     def num_free(self) -> int:
         return len(self.free_ids)
+
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks that still hold a registered prefix (reusable until handed out again).
+        O(cached blocks): for statistics, not for the hot path."""
+        return sum(self.ref_counts[i] == 0 for i in self.hash_of)
+
+    def reset_peak(self) -> None:
+        """Start measuring the peak again from what is held now (benchmarks, per workload)."""
+        self.peak_used = self.num_blocks - len(self.free_ids)
+
+    def _note_peak(self) -> None:
+        # Every block not in free_ids is held by some sequence: used = total - free.
+        self.peak_used = max(self.peak_used, self.num_blocks - len(self.free_ids))
 
     @property
     def num_used(self) -> int:
@@ -143,6 +158,7 @@ class BlockAllocator:
                 del self.cached[h]                         # its contents are about to change
             self.ref_counts[i] = 1
             ids.append(i)
+        self._note_peak()
         return ids
 
     def free(self, ids: list[int]) -> None:
@@ -166,6 +182,7 @@ class BlockAllocator:
                 del self.free_ids[i]
             self.ref_counts[i] += 1
             ids.append(i)
+        self._note_peak()
         return ids
 
     def register(self, block_id: int, h: bytes) -> None:

@@ -101,6 +101,7 @@ class Scheduler:
         # Without a KV cache nothing stays computed, so there is nothing to share.
         self.enable_prefix_caching = enable_prefix_caching and enable_kv_cache
         self.num_cached_tokens = 0          # tokens taken from the prefix cache instead of computed
+        self.num_queried_tokens = 0         # tokens of admitted sequences looked up in the prefix cache
         self.waiting: list[Sequence] = []   # sorted by (priority, arrival_order)
         self.running: list[Sequence] = []   # sorted by (priority, arrival_order)
         self.num_preemptions = 0
@@ -152,6 +153,7 @@ class Scheduler:
         self._hash_blocks(seq, num_full)
         seq.block_table = self.allocator.take_cached(seq.block_hashes[:num_full])
         seq.num_cached_blocks = len(seq.block_table)
+        seq.peak_num_blocks = max(seq.peak_num_blocks, len(seq.block_table))
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
 
     def computed(self, seq: Sequence, num_tokens: int) -> None:
@@ -170,6 +172,7 @@ class Scheduler:
         self._free(seq)
         self.add(seq)     # back to the waiting queue; its old arrival_order puts it near the front
         self.num_preemptions += 1
+        seq.num_preemptions += 1
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give `seq` enough blocks for `num_tokens` tokens in total; False if the pool is short."""
@@ -177,6 +180,7 @@ class Scheduler:
         if not self.allocator.can_allocate(need):
             return False
         seq.block_table.extend(self.allocator.allocate(need))
+        seq.peak_num_blocks = max(seq.peak_num_blocks, len(seq.block_table))
         return True
 
     def _grow_or_preempt(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
@@ -233,6 +237,8 @@ class Scheduler:
                 if seq.block_table:             # give the cached blocks back; retry next step
                     self._free(seq)
                 return  # first come, first served: nobody overtakes the head of the queue
+            if self.enable_prefix_caching:
+                self.num_queried_tokens += seq.num_tokens
             if seq.num_cached_blocks:
                 out.num_cached_tokens[seq.seq_id] = seq.num_cached_blocks * self.block_size
                 self.num_cached_tokens += seq.num_cached_blocks * self.block_size

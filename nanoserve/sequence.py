@@ -51,6 +51,8 @@ class Sequence:
     detok: Any = None                    # IncrementalDetokenizer, set by the engine
     num_detok: int = 0                   # output tokens already turned into `text`
     generator: Any = None                # torch.Generator for seeded sampling, set by the engine
+    peak_num_blocks: int = 0             # most KV blocks this sequence held at once
+    num_preemptions: int = 0             # times it lost its blocks to make room for others
 
     @property
     def token_ids(self) -> list[int]:
@@ -105,10 +107,13 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
-    """time.perf_counter() timestamps (seconds), as vLLM's RequestOutput.metrics."""
+    """time.perf_counter() timestamps (seconds), as vLLM's RequestOutput.metrics, and what the
+    request cost the KV pool. Counts are summed over the request's n sequences."""
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
+    num_kv_blocks_peak: int = 0          # each sequence's most KV blocks held at once, summed
+    num_preemptions: int = 0             # times a sequence was preempted (and recomputed)
 
 
 @dataclass

@@ -134,6 +134,8 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         request_id = self._check_request(request_id, params, priority)
         text, ids = self._prompt_ids(prompt)
+        if (k := params.truncate_prompt_tokens) is not None and len(ids) > k:
+            ids = ids[-k:]          # the end of a prompt matters most to its continuation
         self._check_fits(len(ids), params)
         # Everything is validated above, so from here on nothing can fail half-way: a rejected
         # request never leaves sequences or blocks behind.
@@ -177,7 +179,8 @@ class LLMEngine:
         total, n_ctx = num_prompt + params.max_tokens, self.model_config.n_ctx
         if total > n_ctx:
             raise ValueError(f"prompt is {num_prompt} tokens and max_tokens is {params.max_tokens}: "
-                             f"{total} > n_ctx={n_ctx}; shorten the prompt or lower max_tokens")
+                             f"{total} > n_ctx={n_ctx}; shorten the prompt (SamplingParams.truncate_prompt_tokens "
+                             "keeps its end) or lower max_tokens")
         capacity = self.num_blocks * self.config.block_size
         if total > capacity:
             raise ValueError(f"prompt + max_tokens = {total} tokens exceeds the whole KV pool "

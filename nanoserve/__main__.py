@@ -30,6 +30,8 @@ _ENGINE_HELP = {
     "(fused gather + softmax; ~10 s compile on first use; needs a C++ compiler)", "use_triton": "Triton attention kernels on CUDA (default: when installed)",
     "quiet": "no progress bars or info logs",
     "log_stats_interval": "seconds between one-line engine stats logs while busy (0: none)",
+    "context_overflow": "a sequence reaching n_ctx: error (refused up front) or shift (keep its last "
+    "shift_window tokens, recompute them, go on)", "shift_window": "tokens kept by a context shift; default n_ctx // 2",
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import time
 from typing import Any
 
@@ -49,6 +50,9 @@ class LLMEngine:
         self.model_config = GPT2Config.from_json(self.model_dir / "config.json")
         self.tokenizer = Tokenizer(self.model_dir)
         mc = self.model_config
+        # Context shifting: a sequence whose context would pass n_ctx keeps its last shift_window
+        # tokens and goes on (see _update), so n_ctx no longer ends a generation.
+        self.shift_window = self._shift_window()
         if mc.vocab_size > self.tokenizer.vocab_size + 64 or mc.vocab_size < self.tokenizer.vocab_size - 1:
             log.warning("vocab_size=%d differs from GPT-2's tokenizer (%d tokens)", mc.vocab_size,
                         self.tokenizer.vocab_size)
@@ -78,7 +82,8 @@ class LLMEngine:
         if self.device.type == "cuda" and not config.enforce_eager and self.model.attn_fn is not paged_attention:
             self.runner.capture_cuda_graphs()
 
-        self.outputs = OutputProcessor(self.tokenizer, mc.eos_token_id, mc.n_ctx)
+        self.outputs = OutputProcessor(self.tokenizer, mc.eos_token_id,
+                                       mc.n_ctx if self.shift_window is None else sys.maxsize)
         self.requests: dict[str, Request] = {}
         self._last_sched: SchedulerOutput | None = None     # see last_step
         self._seq_ids = itertools.count()
@@ -89,6 +94,17 @@ class LLMEngine:
         self._log_mark = (time.perf_counter(), 0, 0)   # (time, prompt tokens, generated) at the last log
 
     # ---- set-up helpers -------------------------------------------------------------------
+    def _shift_window(self) -> int | None:
+        """Tokens a context shift keeps (None: no shifting). It must leave room to grow."""
+        if self.config.context_overflow != "shift":
+            return None
+        n_ctx = self.model_config.n_ctx
+        W = self.config.shift_window or n_ctx // 2
+        if not 1 <= W < n_ctx:
+            raise ValueError(f"shift_window={W} must be in [1, n_ctx={n_ctx}): the kept context needs room "
+                             "for new tokens before the next shift")
+        return W
+
     def _use_kernels(self) -> None:
         """Swap a fast path into the model in place of attention.py's reference: the tuned
         decode attention on a CPU (cpu_attention.py), Triton kernels on CUDA when available."""
@@ -177,6 +193,11 @@ class LLMEngine:
         if num_prompt == 0:
             raise ValueError("prompt is empty; give at least one token")
         total, n_ctx = num_prompt + params.max_tokens, self.model_config.n_ctx
+        if self.shift_window is not None:
+            if num_prompt > n_ctx:
+                raise ValueError(f"prompt is {num_prompt} tokens > n_ctx={n_ctx}; context shifting starts from a "
+                                 "prompt that fits: shorten it or set SamplingParams.truncate_prompt_tokens")
+            total = min(total, n_ctx)          # a context never holds more than n_ctx computed tokens
         if total > n_ctx:
             raise ValueError(f"prompt is {num_prompt} tokens and max_tokens is {params.max_tokens}: "
                              f"{total} > n_ctx={n_ctx}; shorten the prompt (SamplingParams.truncate_prompt_tokens "
@@ -244,8 +265,9 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         now = time.perf_counter()
         num_decode = 0
+        n_ctx = self.model_config.n_ctx
         for seq, n in sched.scheduled:
-            num_decode += n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
+            num_decode += n == 1 and seq.num_computed_tokens + seq.num_dropped_tokens >= seq.num_prompt_tokens
             self.scheduler.computed(seq, n)       # and shares the blocks that filled up
             req = self.requests[seq.request_id]
             if seq.seq_id in result.prompt_logprobs:
@@ -257,6 +279,9 @@ class LLMEngine:
             reason = self.outputs.append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
             if reason is not None:
                 self.scheduler.finish(seq, reason)    # frees its blocks
+            elif self.shift_window is not None and seq.num_context_tokens > n_ctx:
+                # The new token would sit at position n_ctx, which GPT-2 has no embedding for.
+                self.scheduler.shift(seq, self.shift_window)
         self.num_prompt_tokens_computed += sched.num_tokens - num_decode
         self.num_generation_tokens += len(result.sampled)
         outputs = []
@@ -277,7 +302,7 @@ class LLMEngine:
         KV blocks: `num_blocks_total` = `num_blocks_used` (held by a sequence) +
         `num_blocks_free`; `num_blocks_cached_free` of the free ones still hold a prefix the
         prefix cache can hand back. `peak_blocks_used` is the most ever held at once.
-        Counters since start: preemptions, shifts, evicted blocks, prompt and generated tokens.
+        Counters since start: preemptions, context shifts, prompt and generated tokens.
         `prefix_cache_hit_rate`: tokens taken from the prefix cache / tokens looked up.
         On CUDA, the allocator's `cuda_memory_allocated` / `cuda_memory_reserved` (bytes)."""
         a, sch = self.allocator, self.scheduler
@@ -288,7 +313,7 @@ class LLMEngine:
             kv_cache_usage=used / a.num_blocks, peak_kv_cache_usage=a.peak_used / a.num_blocks,
             kv_block_bytes=bytes_per_block(self.model_config, self.config.block_size, self.dtype),
             num_running=len(sch.running), num_waiting=len(sch.waiting),
-            num_preemptions=sch.num_preemptions,
+            num_preemptions=sch.num_preemptions, num_shifts=sch.num_shifts,
             prefix_cache_hit_rate=sch.num_cached_tokens / sch.num_queried_tokens if sch.num_queried_tokens else 0.0,
             num_prompt_tokens=self.num_prompt_tokens_computed, num_generation_tokens=self.num_generation_tokens)
         if self.device.type == "cuda":

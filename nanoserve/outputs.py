@@ -81,4 +81,5 @@ class OutputProcessor:
                              outputs=comps, finished=req.is_finished,
                              metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time,
                                                     num_kv_blocks_peak=sum(s.peak_num_blocks for s in req.seqs),
-                                                    num_preemptions=sum(s.num_preemptions for s in req.seqs)))
+                                                    num_preemptions=sum(s.num_preemptions for s in req.seqs),
+                                                    num_shifts=sum(s.num_shifts for s in req.seqs)))

@@ -6,6 +6,7 @@ For each scheduled sequence with `n` new tokens, starting at `c = num_computed_t
     input_ids   += token_ids[c : c+n]        positions += c .. c+n-1
     slot_mapping += block_table[p // BS] * BS + p % BS   for each position p
     context_lens  = c + n                      query_start_loc: running sum of n
+(After a context shift, token_ids means the context: the tokens from num_dropped_tokens on.)
 Logits are computed only for rows that need them: the last token of a sequence whose prompt
 is now complete (it samples), and prompt rows whose prompt_logprobs were asked for.
 
@@ -130,13 +131,14 @@ class ModelRunner:
         slots: list[int] = []
         for seq, n in sched.scheduled:
             c, bt = seq.num_computed_tokens, seq.block_table
+            i = c + seq.num_dropped_tokens               # token index; c is the position (context shifts)
             if n == 1:                                   # decode: avoid copying the token list
                 P = seq.num_prompt_tokens
-                input_ids.append(seq.prompt_token_ids[c] if c < P else seq.output_token_ids[c - P])
+                input_ids.append(seq.prompt_token_ids[i] if i < P else seq.output_token_ids[i - P])
                 positions.append(c)
                 slots.append(bt[c // BS] * BS + c % BS)
             else:
-                input_ids += seq.token_ids[c:c + n]
+                input_ids += seq.token_ids[i:i + n]
                 positions += range(c, c + n)
                 slots += [bt[p // BS] * BS + p % BS for p in range(c, c + n)]
         return input_ids, positions, slots
@@ -146,7 +148,7 @@ class ModelRunner:
         computed (a prompt, or the chunk that ends it); prompt_logprobs need more rows."""
         for (seq, n), row0 in zip(sched.scheduled, qsl):
             c = seq.num_computed_tokens
-            if c + n == seq.num_tokens:                  # prompt (or recompute) done: sample
+            if c + n == seq.num_context_tokens:          # prompt (or recompute) done: sample
                 inp.sample_rows.append(row0 + n - 1)
                 inp.sample_seqs.append(seq)
             if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is not None:

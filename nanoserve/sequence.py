@@ -53,6 +53,8 @@ class Sequence:
     generator: Any = None                # torch.Generator for seeded sampling, set by the engine
     peak_num_blocks: int = 0             # most KV blocks this sequence held at once
     num_preemptions: int = 0             # times it lost its blocks to make room for others
+    num_dropped_tokens: int = 0          # leading tokens shifted out of the model's context
+    num_shifts: int = 0                  # context shifts (EngineConfig.context_overflow="shift")
 
     @property
     def token_ids(self) -> list[int]:
@@ -61,6 +63,16 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_context_tokens(self) -> int:
+        """Tokens the model sees: all but those a context shift dropped. K/V positions, the
+        block table and num_computed_tokens all count within this context."""
+        return self.num_tokens - self.num_dropped_tokens
+
+    @property
+    def context_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_dropped_tokens:]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -114,6 +126,7 @@ class RequestMetrics:
     finished_time: float | None = None
     num_kv_blocks_peak: int = 0          # each sequence's most KV blocks held at once, summed
     num_preemptions: int = 0             # times a sequence was preempted (and recomputed)
+    num_shifts: int = 0                  # context shifts: times the context was cut to its last W tokens
 
 
 @dataclass

@@ -32,6 +32,8 @@ _ENGINE_HELP = {
     "log_stats_interval": "seconds between one-line engine stats logs while busy (0: none)",
     "context_overflow": "a sequence reaching n_ctx: error (refused up front) or shift (keep its last "
     "shift_window tokens, recompute them, go on)", "shift_window": "tokens kept by a context shift; default n_ctx // 2",
+    "attention_window": "sliding-window attention over the last W positions, with blocks behind it freed; "
+    "default: full attention",
 }
 
 

@@ -158,6 +158,8 @@ class EngineConfig:
     log_stats_interval: float = 10.0    # seconds between one-line engine stats logs while busy; 0: none
     context_overflow: str = "error"     # a sequence reaching n_ctx: "error" (refused up front) or "shift"
     shift_window: int | None = None     # "shift": tokens kept as the new context; None: n_ctx // 2
+    attention_window: int | None = None # sliding window: each token attends to the last W positions
+                                        # only, and blocks behind every window are freed; None: full
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -175,6 +177,10 @@ class EngineConfig:
                              "longer than n_ctx) or 'shift' (keep the last shift_window tokens and go on)")
         if self.shift_window is not None and (not isinstance(self.shift_window, int) or self.shift_window < 1):
             raise ValueError(f"shift_window={self.shift_window!r} must be None (n_ctx // 2) or an int >= 1")
+        if self.attention_window is not None and (not isinstance(self.attention_window, int)
+                                                  or self.attention_window < 1):
+            raise ValueError(f"attention_window={self.attention_window!r} must be None (full attention) or an "
+                             "int >= 1 (positions each token attends to, itself included)")
         if self.log_stats_interval < 0:
             raise ValueError(f"log_stats_interval={self.log_stats_interval} must be >= 0 seconds (0: no stats log)")
 

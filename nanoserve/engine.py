@@ -68,9 +68,13 @@ class LLMEngine:
                                                                self.max_num_batched_tokens)
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.dtype, self.device)
         self.allocator = BlockAllocator(self.num_blocks)
+        # A sliding window turns prefix caching off: sharing full blocks would be sound (a block's
+        # K/V depend only on the tokens up to it and on W), but eviction would then free blocks
+        # that other sequences hold, and the two policies have not been tested together.
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
                                    self.max_num_batched_tokens, config.enable_kv_cache,
-                                   config.enable_prefix_caching)
+                                   config.enable_prefix_caching and config.attention_window is None,
+                                   config.attention_window)
         self.sampler = Sampler(mc.vocab_size, mc.eos_token_id, self.device, config.seed)
         self.runner = ModelRunner(self.model, mc, config, self.kv_cache, self.sampler, self.device)
         if not config.quiet:
@@ -302,7 +306,8 @@ class LLMEngine:
         KV blocks: `num_blocks_total` = `num_blocks_used` (held by a sequence) +
         `num_blocks_free`; `num_blocks_cached_free` of the free ones still hold a prefix the
         prefix cache can hand back. `peak_blocks_used` is the most ever held at once.
-        Counters since start: preemptions, context shifts, prompt and generated tokens.
+        Counters since start: preemptions, context shifts, blocks evicted by a sliding window,
+        prompt and generated tokens.
         `prefix_cache_hit_rate`: tokens taken from the prefix cache / tokens looked up.
         On CUDA, the allocator's `cuda_memory_allocated` / `cuda_memory_reserved` (bytes)."""
         a, sch = self.allocator, self.scheduler
@@ -314,6 +319,7 @@ class LLMEngine:
             kv_block_bytes=bytes_per_block(self.model_config, self.config.block_size, self.dtype),
             num_running=len(sch.running), num_waiting=len(sch.waiting),
             num_preemptions=sch.num_preemptions, num_shifts=sch.num_shifts,
+            num_evicted_blocks=sch.num_evicted_blocks,
             prefix_cache_hit_rate=sch.num_cached_tokens / sch.num_queried_tokens if sch.num_queried_tokens else 0.0,
             num_prompt_tokens=self.num_prompt_tokens_computed, num_generation_tokens=self.num_generation_tokens)
         if self.device.type == "cuda":

@@ -94,7 +94,7 @@ class ModelRunner:
                 row = self.row_of[seq.seq_id] = self.free_rows.pop()
                 self.row_len[row] = 0
             have, bt = self.row_len[row], seq.block_table
-            if len(bt) > have:
+            if len(bt) > have:   # new blocks only: holes left by a sliding window are never copied
                 self.bt_host[row, have:len(bt)] = torch.tensor(bt[have:], dtype=torch.int32)
                 self.row_len[row] = len(bt)
             rows.append(row)
@@ -117,7 +117,8 @@ class ModelRunner:
             block_tables=to_device(block_tables, torch.int32, dev),         # (S, MB)
             context_lens=to_device(ctx_lens, torch.int32, dev),             # (S,)
             query_start_loc=to_device(qsl, torch.int32, dev),               # (S+1,)
-            max_query_len=max(q_lens), max_context_len=max(ctx_lens))
+            max_query_len=max(q_lens), max_context_len=max(ctx_lens),
+            attention_window=self.cfg.attention_window)
         inp = StepInputs(to_device(input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta)
         self._select_logit_rows(sched, qsl, inp)
         return inp
@@ -230,7 +231,8 @@ class ModelRunner:
             for g in reversed(sizes):          # largest first, so smaller ones reuse its memory
                 meta = AttentionMetadata(slot_mapping=b["slot_mapping"][:g], block_tables=b["block_tables"][:g],
                                          context_lens=b["context_lens"][:g], query_start_loc=b["query_start_loc"][:g + 1],
-                                         max_query_len=1, max_context_len=self.model_cfg.n_ctx)
+                                         max_query_len=1, max_context_len=self.model_cfg.n_ctx,
+                                         attention_window=self.cfg.attention_window)
                 fwd = lambda: self.model.compute_logits(                                  # noqa: E731
                     self.model(b["input_ids"][:g], b["positions"][:g], self.kv_cache, meta))
                 fwd()                           # warm-up: Triton compiles, cuBLAS picks kernels

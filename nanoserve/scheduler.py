@@ -19,6 +19,10 @@ up are registered for others (`computed`). A block's hash (SHA-256) covers its t
 through the previous block's hash, every token before them, so equal hashes mean equal
 prefixes.
 
+Sliding window (EngineConfig.attention_window = W): after each step, a sequence frees the blocks
+that lie wholly before its next query's window (`_evict`), so it holds about W / BS blocks
+however long it grows. Their entries in its block table become holes (-1).
+
 Context shifting (EngineConfig.context_overflow="shift"): a sequence about to pass n_ctx is
 preempted with its front dropped (`shift`); readmitted, it recomputes its last W tokens at
 positions 0..W-1. Positions, block tables and num_computed_tokens count within that context.
@@ -96,7 +100,7 @@ def _order(seq: Sequence) -> tuple[int, int]:
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, enable_kv_cache: bool = True,
-                 enable_prefix_caching: bool = False) -> None:
+                 enable_prefix_caching: bool = False, attention_window: int | None = None) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -104,6 +108,8 @@ class Scheduler:
         self.enable_kv_cache = enable_kv_cache
         # Without a KV cache nothing stays computed, so there is nothing to share.
         self.enable_prefix_caching = enable_prefix_caching and enable_kv_cache
+        self.attention_window = attention_window
+        self.num_evicted_blocks = 0         # blocks freed because they fell behind a sliding window
         self.num_cached_tokens = 0          # tokens taken from the prefix cache instead of computed
         self.num_queried_tokens = 0         # tokens of admitted sequences looked up in the prefix cache
         self.waiting: list[Sequence] = []   # sorted by (priority, arrival_order)
@@ -132,9 +138,9 @@ class Scheduler:
 
     def _free(self, seq: Sequence) -> None:
         self._freed.append(seq.seq_id)
-        self.allocator.free(seq.block_table)
+        self.allocator.free(seq.block_table[seq.num_evicted_blocks:])   # holes were freed already
         seq.block_table = []
-        seq.num_computed_tokens = seq.num_cached_blocks = 0
+        seq.num_computed_tokens = seq.num_cached_blocks = seq.num_evicted_blocks = 0
 
     # ---- prefix caching -------------------------------------------------------------------
     def _hash_blocks(self, seq: Sequence, num_blocks: int) -> None:
@@ -171,6 +177,21 @@ class Scheduler:
             for j in range(seq.num_cached_blocks, num_full):
                 self.allocator.register(seq.block_table[j], seq.block_hashes[j])
             seq.num_cached_blocks = num_full
+        if self.attention_window is not None:
+            self._evict(seq)
+
+    def _evict(self, seq: Sequence) -> None:
+        """Sliding window: free the blocks no later query of `seq` can see. The next query sits
+        at position num_computed_tokens and sees keys from num_computed_tokens - W + 1 on, as
+        does every query after it; blocks wholly before that are freed and their block-table
+        entries become holes (-1), so that positions stay absolute (slot = table[p // BS])."""
+        num_dead = (seq.num_computed_tokens - self.attention_window + 1) // self.block_size
+        if num_dead > seq.num_evicted_blocks:
+            bt = seq.block_table
+            self.allocator.free(bt[seq.num_evicted_blocks:num_dead])
+            self.num_evicted_blocks += num_dead - seq.num_evicted_blocks
+            bt[seq.num_evicted_blocks:num_dead] = [-1] * (num_dead - seq.num_evicted_blocks)
+            seq.num_evicted_blocks = num_dead
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -198,7 +219,7 @@ class Scheduler:
         if not self.allocator.can_allocate(need):
             return False
         seq.block_table.extend(self.allocator.allocate(need))
-        seq.peak_num_blocks = max(seq.peak_num_blocks, len(seq.block_table))
+        seq.peak_num_blocks = max(seq.peak_num_blocks, len(seq.block_table) - seq.num_evicted_blocks)
         return True
 
     def _grow_or_preempt(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:

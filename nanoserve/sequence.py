@@ -55,6 +55,7 @@ class Sequence:
     num_preemptions: int = 0             # times it lost its blocks to make room for others
     num_dropped_tokens: int = 0          # leading tokens shifted out of the model's context
     num_shifts: int = 0                  # context shifts (EngineConfig.context_overflow="shift")
+    num_evicted_blocks: int = 0          # leading block_table entries freed by a sliding window (now -1)
 
     @property
     def token_ids(self) -> list[int]:

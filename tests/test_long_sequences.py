@@ -1,5 +1,6 @@
-"""Long sequences: prompt truncation (SamplingParams.truncate_prompt_tokens) and generation
-past n_ctx by context shifting (EngineConfig.context_overflow="shift")."""
+"""Long sequences: prompt truncation (SamplingParams.truncate_prompt_tokens), generation past
+n_ctx by context shifting (EngineConfig.context_overflow="shift"), and sliding-window attention
+with eviction of the blocks behind the window (EngineConfig.attention_window)."""
 from __future__ import annotations
 
 import random
@@ -72,15 +73,25 @@ def _shifting(ckpt, **kw) -> LLM:
                shift_window=WINDOW, **kw)
 
 
-def _hf_shifted_greedy(hf, prompt: list[int], n: int) -> tuple[list[int], list[float], int]:
-    """The oracle: Hugging Face's GPT-2 fed each context from scratch (no cache); whenever the
-    context passes n_ctx it becomes its last WINDOW tokens. Returns the n greedy tokens, their
-    logprobs, and the number of shifts."""
+def _band_mask(T: int, window: int):
+    """(1, 1, T, T) additive mask: token i attends to tokens i-window+1 .. i only."""
+    import torch
+    i = torch.arange(T)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)     # (T, T)
+    return torch.zeros(T, T).masked_fill(~band, float("-inf"))[None, None]
+
+
+def _hf_shifted_greedy(hf, prompt: list[int], n: int, attention_window: int | None = None
+                       ) -> tuple[list[int], list[float], int]:
+    """The oracle: Hugging Face's GPT-2 fed each context from scratch (no cache), under a band
+    mask if attention_window is set; whenever the context passes n_ctx it becomes its last
+    WINDOW tokens. Returns the n greedy tokens, their logprobs, and the number of shifts."""
     import torch
     ctx, out, lps, shifts = list(prompt), [], [], 0
     with torch.no_grad():
         for _ in range(n):
-            lp = hf(torch.tensor([ctx])).logits[0, -1].log_softmax(-1)     # (V,)
+            mask = None if attention_window is None else _band_mask(len(ctx), attention_window)
+            lp = hf(torch.tensor([ctx]), attention_mask=mask).logits[0, -1].log_softmax(-1)     # (V,)
             out.append(int(lp.argmax()))
             lps.append(float(lp.max()))
             ctx.append(out[-1])
@@ -175,3 +186,76 @@ def test_bad_shift_settings_are_refused(short_ckpt, kw):
     """context_overflow is 'error' or 'shift'; shift_window is in [1, n_ctx)."""
     with pytest.raises(ValueError, match="context_overflow|shift_window"):
         LLM(str(short_ckpt), device="cpu", quiet=True, num_blocks=32, **kw)
+
+
+# ---- sliding-window attention ---------------------------------------------------------------
+def test_windowed_generation_equals_hf_under_the_same_band_mask(short_ckpt, short_hf):
+    """With attention_window=7, batched prompts longer and shorter than the window, in a pool
+    small enough to preempt, generate HF's greedy tokens under a band mask of 7, which differ
+    from full attention's; the blocks behind each window are evicted and all come back."""
+    W = 7
+    prompts = [_ids(n, seed=20 + n) for n in (20, 3, 9, 14, 11, 6, 17, 2)]
+    llm = LLM(str(short_ckpt), device="cpu", quiet=True, block_size=4, attention_window=W, num_blocks=13,
+              max_num_batched_tokens=16)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == _hf_shifted_greedy(short_hf, p, 30, attention_window=W)[0]
+    full = LLM(str(short_ckpt), device="cpu", quiet=True).generate(
+        prompts[:1], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    assert full.outputs[0].token_ids != outs[0].outputs[0].token_ids, "the window must matter"
+    s = llm.engine.get_stats()
+    assert s["num_evicted_blocks"] > 0 and s["num_preemptions"] > 0
+    a = llm.engine.allocator
+    assert a.num_free == 13 and not any(a.ref_counts), "KV blocks leaked"
+
+
+def test_a_windowed_sequence_holds_about_w_tokens_of_blocks(tiny_ckpt):
+    """Decoding 120 tokens with a window of 16 and blocks of 4, a sequence never holds more than
+    cdiv(16, 4) + 1 blocks; the rest went back to the pool as the sequence advanced (evictions
+    counted in get_stats), so the pool's usage stays flat."""
+    llm = LLM(str(tiny_ckpt), device="cpu", quiet=True, block_size=4, attention_window=16, num_blocks=40)
+    eng = llm.engine
+    eng.add_request("w", _ids(4, seed=30), SamplingParams(temperature=0, max_tokens=120, ignore_eos=True))
+    used = []
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+        used.append(eng.get_stats()["num_blocks_used"])
+        for seq in eng.scheduler.running:
+            live = seq.block_table[seq.num_evicted_blocks:]
+            assert -1 not in live and set(seq.block_table[:seq.num_evicted_blocks]) <= {-1}
+    assert max(used) == 16 // 4 + 1 and outs[0].metrics.num_kv_blocks_peak == 5
+    # 123 positions computed (the last token is never fed back); a query at 123 would see keys
+    # from 108 on, so blocks 0..26 (positions 0..107) were evicted before the sequence finished.
+    assert eng.get_stats()["num_evicted_blocks"] == (123 - 16 + 1) // 4 == 27
+    assert eng.allocator.num_free == 40
+
+
+def test_a_window_turns_prefix_caching_off(tiny_ckpt):
+    """Prefix caching is off under a sliding window: a repeated prompt takes nothing from the
+    cache."""
+    llm = LLM(str(tiny_ckpt), device="cpu", quiet=True, block_size=4, attention_window=8, num_blocks=40)
+    prompt = _ids(30, seed=31)
+    for _ in range(2):
+        llm.generate([prompt], SamplingParams(max_tokens=2))
+    assert not llm.engine.scheduler.enable_prefix_caching
+    assert llm.engine.get_stats()["prefix_cache_hit_rate"] == 0.0 and llm.engine.scheduler.num_cached_tokens == 0
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5])
+def test_bad_attention_window_is_refused(tiny_ckpt, bad):
+    """attention_window is None or an int >= 1."""
+    with pytest.raises(ValueError, match="attention_window"):
+        LLM(str(tiny_ckpt), device="cpu", quiet=True, attention_window=bad)
+
+
+def test_window_and_shifting_together_follow_the_banded_shifted_oracle(short_ckpt, short_hf):
+    """A sliding window of 10 with context shifting: 3 x n_ctx tokens equal HF's greedy tokens
+    under the band mask with the same shifts, and the sequence never holds more blocks than the
+    recompute of a kept window needs."""
+    prompt = _ids(12, seed=40)
+    llm = _shifting(short_ckpt, num_blocks=32, attention_window=10)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3 * N_CTX, ignore_eos=True))[0]
+    ref, _, shifts = _hf_shifted_greedy(short_hf, prompt, 3 * N_CTX, attention_window=10)
+    assert out.outputs[0].token_ids == ref and out.metrics.num_shifts == shifts >= 2
+    assert out.metrics.num_kv_blocks_peak == WINDOW // BS          # the recompute of the kept 24 tokens
+    assert llm.engine.allocator.num_free == 32

@@ -18,9 +18,7 @@ import sys
 import time
 from typing import Any
 
-import torch
-
-from . import cpu_attention
+from . import cpu_attention, stats
 from .attention import paged_attention
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
 from .kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_per_block
@@ -95,7 +93,7 @@ class LLMEngine:
         self._request_ids = itertools.count()
         self.num_prompt_tokens_computed = 0       # prefill and recompute tokens run, in all
         self.num_generation_tokens = 0            # tokens sampled, in all
-        self._log_mark = (time.perf_counter(), 0, 0)   # (time, prompt tokens, generated) at the last log
+        self.stats_logger = stats.StatsLogger(config.log_stats_interval)
 
     # ---- set-up helpers -------------------------------------------------------------------
     def _shift_window(self) -> int | None:
@@ -245,7 +243,7 @@ class LLMEngine:
         result = self.runner.execute(sched)
         outputs = self._update(sched, result, finished_only)
         if self.config.log_stats_interval and not self.config.quiet:
-            self._maybe_log_stats()
+            self.stats_logger.maybe_log(self.get_stats)
         return outputs
 
     @property
@@ -310,37 +308,7 @@ class LLMEngine:
         prompt and generated tokens.
         `prefix_cache_hit_rate`: tokens taken from the prefix cache / tokens looked up.
         On CUDA, the allocator's `cuda_memory_allocated` / `cuda_memory_reserved` (bytes)."""
-        a, sch = self.allocator, self.scheduler
-        used = a.num_blocks - a.num_free
-        stats: dict[str, float | int] = dict(
-            num_blocks_total=a.num_blocks, num_blocks_used=used, num_blocks_free=a.num_free,
-            num_blocks_cached_free=a.num_cached_free, peak_blocks_used=a.peak_used,
-            kv_cache_usage=used / a.num_blocks, peak_kv_cache_usage=a.peak_used / a.num_blocks,
-            kv_block_bytes=bytes_per_block(self.model_config, self.config.block_size, self.dtype),
-            num_running=len(sch.running), num_waiting=len(sch.waiting),
-            num_preemptions=sch.num_preemptions, num_shifts=sch.num_shifts,
-            num_evicted_blocks=sch.num_evicted_blocks,
-            prefix_cache_hit_rate=sch.num_cached_tokens / sch.num_queried_tokens if sch.num_queried_tokens else 0.0,
-            num_prompt_tokens=self.num_prompt_tokens_computed, num_generation_tokens=self.num_generation_tokens)
-        if self.device.type == "cuda":
-            stats["cuda_memory_allocated"] = torch.cuda.memory_allocated(self.device)
-            stats["cuda_memory_reserved"] = torch.cuda.memory_reserved(self.device)
-        return stats
-
-    def _maybe_log_stats(self) -> None:
-        """One line every log_stats_interval seconds while steps run (vLLM's periodic log)."""
-        now = time.perf_counter()
-        t0, prompt0, gen0 = self._log_mark
-        if now - t0 < self.config.log_stats_interval:
-            return
-        self._log_mark = (now, self.num_prompt_tokens_computed, self.num_generation_tokens)
-        s = self.get_stats()
-        log.info("engine: prompt %.1f tok/s, generation %.1f tok/s | running %d, waiting %d, preempted %d | "
-                 "KV cache %.1f%% (%d/%d blocks, peak %.1f%%) | prefix cache hit rate %.1f%%",
-                 (s["num_prompt_tokens"] - prompt0) / (now - t0), (s["num_generation_tokens"] - gen0) / (now - t0),
-                 s["num_running"], s["num_waiting"], s["num_preemptions"], 100 * s["kv_cache_usage"],
-                 s["num_blocks_used"], s["num_blocks_total"], 100 * s["peak_kv_cache_usage"],
-                 100 * s["prefix_cache_hit_rate"])
+        return stats.collect(self)
 
 
 class LLM:

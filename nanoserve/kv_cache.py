@@ -121,16 +121,11 @@ class BlockAllocator:
         self.cached: dict[bytes, int] = {}                 # content hash -> block id
         self.hash_of: dict[int, bytes] = {}                # block id -> content hash
         self.peak_used = 0                                 # most blocks held at once, ever
+        self.num_cached_free = 0                           # free blocks that still hold a registered prefix
 
     @property
     def num_free(self) -> int:
         return len(self.free_ids)
-
-    @property
-    def num_cached_free(self) -> int:
-        """Free blocks that still hold a registered prefix (reusable until handed out again).
-        O(cached blocks): for statistics, not for the hot path."""
-        return sum(self.ref_counts[i] == 0 for i in self.hash_of)
 
     def reset_peak(self) -> None:
         """Start measuring the peak again from what is held now (benchmarks, per workload)."""
@@ -156,6 +151,7 @@ class BlockAllocator:
             i, _ = self.free_ids.popitem(last=False)
             if (h := self.hash_of.pop(i, None)) is not None:
                 del self.cached[h]                         # its contents are about to change
+                self.num_cached_free -= 1
             self.ref_counts[i] = 1
             ids.append(i)
         self._note_peak()
@@ -169,6 +165,7 @@ class BlockAllocator:
             self.ref_counts[i] -= 1
             if self.ref_counts[i] == 0:
                 self.free_ids[i] = None
+                self.num_cached_free += i in self.hash_of
 
     def take_cached(self, hashes: list[bytes]) -> list[int]:
         """Take (hold) the blocks registered under `hashes[0]`, `hashes[1]`, ... up to the
@@ -180,6 +177,7 @@ class BlockAllocator:
                 break
             if self.ref_counts[i] == 0:
                 del self.free_ids[i]
+                self.num_cached_free -= 1              # a cached block always has its hash
             self.ref_counts[i] += 1
             ids.append(i)
         self._note_peak()

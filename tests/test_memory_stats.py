@@ -61,6 +61,22 @@ def test_free_blocks_that_keep_a_prefix_count_as_cached_free_and_hits_are_rated(
     assert llm.engine.get_stats()["prefix_cache_hit_rate"] == cached / (21 + 21)
 
 
+def test_cached_free_count_equals_a_recount_under_sharing_and_preemption(tiny_ckpt):
+    """The allocator keeps num_cached_free as a running count (get_stats is read every step by
+    servers); it equals a recount of free blocks with a hash after every step, while prompts
+    that share prefixes run in a pool small enough to preempt and to recycle cached blocks."""
+    llm = _small(tiny_ckpt, num_blocks=16, max_num_batched_tokens=24, max_num_seqs=6)
+    eng, a = llm.engine, llm.engine.allocator
+    shared = _prompts(1, seed=6, lo=13, hi=13)[0]
+    for i, tail in enumerate(_prompts(10, seed=7, lo=0, hi=9)):
+        eng.add_request(None, shared + tail, SamplingParams(temperature=0, max_tokens=6 + i % 5, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+        assert a.num_cached_free == sum(a.ref_counts[i] == 0 for i in a.hash_of)
+    assert eng.get_stats()["num_preemptions"] > 0 and eng.scheduler.num_cached_tokens > 0
+    assert a.num_cached_free == len(a.hash_of) > 0
+
+
 def test_request_metrics_give_the_most_blocks_each_request_held(tiny_ckpt):
     """A lone request ends holding cdiv(prompt + max_tokens - 1, BS) blocks (the last token is
     never fed back); batched, each request's metric equals the largest block table seen."""

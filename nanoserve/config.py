@@ -177,6 +177,9 @@ class EngineConfig:
                              "longer than n_ctx) or 'shift' (keep the last shift_window tokens and go on)")
         if self.shift_window is not None and (not isinstance(self.shift_window, int) or self.shift_window < 1):
             raise ValueError(f"shift_window={self.shift_window!r} must be None (n_ctx // 2) or an int >= 1")
+        if self.shift_window is not None and self.context_overflow != "shift":
+            raise ValueError(f"shift_window={self.shift_window} does nothing with context_overflow="
+                             f"{self.context_overflow!r}; set context_overflow='shift' or drop shift_window")
         if self.attention_window is not None and (not isinstance(self.attention_window, int)
                                                   or self.attention_window < 1):
             raise ValueError(f"attention_window={self.attention_window!r} must be None (full attention) or an "

@@ -180,10 +180,10 @@ def test_shift_admits_requests_past_n_ctx_but_not_prompts_longer_than_it(short_c
         plain.generate([_ids(60)], SamplingParams(max_tokens=10))
 
 
-@pytest.mark.parametrize("kw", [dict(context_overflow="wrap"), dict(shift_window=0),
-                                dict(context_overflow="shift", shift_window=64)])
+@pytest.mark.parametrize("kw", [dict(context_overflow="wrap"), dict(context_overflow="shift", shift_window=0),
+                                dict(context_overflow="shift", shift_window=64), dict(shift_window=8)])
 def test_bad_shift_settings_are_refused(short_ckpt, kw):
-    """context_overflow is 'error' or 'shift'; shift_window is in [1, n_ctx)."""
+    """context_overflow is 'error' or 'shift'; shift_window is in [1, n_ctx), and only with 'shift'."""
     with pytest.raises(ValueError, match="context_overflow|shift_window"):
         LLM(str(short_ckpt), device="cpu", quiet=True, num_blocks=32, **kw)
 

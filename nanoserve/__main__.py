@@ -110,7 +110,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"[nanoserve] model={engine.model_dir.name} device={engine.device} prompt_tokens={len(out.prompt_token_ids)} "
           f"generated_tokens={n_gen} ttft={1000 * (t_first - t0):.1f}ms "
           f"decode={(n_gen - 1) / decode_time if n_gen > 1 else 0:.1f} tok/s "
-          f"total={n_gen / (t1 - t0):.1f} tok/s finish_reason={out.outputs[0].finish_reason}", file=sys.stderr)
+          f"total={n_gen / (t1 - t0):.1f} tok/s finish_reason={out.outputs[0].finish_reason} "
+          f"kv_blocks_peak={out.metrics.num_kv_blocks_peak} shifts={out.metrics.num_shifts}", file=sys.stderr)
     return 0
 
 

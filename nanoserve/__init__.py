@@ -1,7 +1,7 @@
 """nanoserve: a from-scratch GPT-2 inference runtime (paged KV cache, continuous batching).
 
 Reading order: config, tokenizer, weights, model, attention, kernels, kv_cache, sequence,
-scheduler, runner, sampler, engine (then server, bench, __main__).
+scheduler, runner, sampler, engine, stats (then server, bench, __main__).
 """
 from .config import EngineConfig, GPT2Config
 from .engine import LLM, LLMEngine

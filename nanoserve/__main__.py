@@ -30,6 +30,11 @@ _ENGINE_HELP = {
     "(fused gather + softmax; ~10 s compile on first use; needs a C++ compiler)", "use_triton": "Triton attention kernels on CUDA (default: when installed)",
     "fused_decode": "CUDA: graphs capture the torch.compile'd decode step (default: on with CUDA graphs)",
     "quiet": "no progress bars or info logs",
+    "log_stats_interval": "seconds between one-line engine stats logs while busy (0: none)",
+    "context_overflow": "a sequence reaching n_ctx: error (refused up front) or shift (keep its last "
+    "shift_window tokens, recompute them, go on)", "shift_window": "tokens kept by a context shift; default n_ctx // 2",
+    "attention_window": "sliding-window attention over the last W positions, with blocks behind it freed; "
+    "default: full attention",
 }
 
 
@@ -106,7 +111,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"[nanoserve] model={engine.model_dir.name} device={engine.device} prompt_tokens={len(out.prompt_token_ids)} "
           f"generated_tokens={n_gen} ttft={1000 * (t_first - t0):.1f}ms "
           f"decode={(n_gen - 1) / decode_time if n_gen > 1 else 0:.1f} tok/s "
-          f"total={n_gen / (t1 - t0):.1f} tok/s finish_reason={out.outputs[0].finish_reason}", file=sys.stderr)
+          f"total={n_gen / (t1 - t0):.1f} tok/s finish_reason={out.outputs[0].finish_reason} "
+          f"kv_blocks_peak={out.metrics.num_kv_blocks_peak} shifts={out.metrics.num_shifts}", file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,9 @@ Every attention layer does two things per step:
 A step mixes sequences freely: a decode token (1 query), a prefill chunk (many queries whose
 keys include earlier chunks), a whole prompt. Query token j of a sequence sits at absolute
 position context_len - query_len + j, and may see keys at positions <= its own (causal).
+With a sliding window W (EngineConfig.attention_window) it sees only the last W of them,
+positions p-W+1 .. p: a band mask. The scheduler then frees blocks that fell out of every
+future query's window; their block-table entries are holes (-1) that attention never reads.
 
 This file is the reference, written for clarity: K/V of all sequences in the step are gathered
 into one padded (S, T) layout and one SDPA call serves the whole batch, prefill and decode alike.
@@ -41,6 +44,8 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # (S+1,) int32: sequence s owns tokens [qsl[s], qsl[s+1])
     max_query_len: int             # host-side maxima, so kernels size their grids without a sync
     max_context_len: int
+    attention_window: int | None = None   # sliding window W: a query at position p sees keys
+                                          # p-W+1 .. p only; None: every earlier key
 
     @property
     def num_seqs(self) -> int:
@@ -91,7 +96,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Q, T = meta.max_query_len, meta.max_context_len
 
     # Gather each sequence's K/V through its block table into a padded (S, T) layout. A CUDA
-    # graph is captured with max_context_len = n_ctx over a narrower table: use the columns there are.
+    # graph is captured with max_context_len = n_ctx over a narrower table: use the columns there
+    # are. (Holes of evicted blocks, -1, gather the pool's last block: the band mask hides them.)
     blocks = meta.block_tables[:, :cdiv(T, BS)].long()         # (S, nb)
     T = min(T, blocks.shape[1] * BS)
     k = k_cache[blocks].flatten(1, 2)[:, :T]                   # (S, T, H, D)
@@ -107,6 +113,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q_pos = ctx[:, None] - q_lens[:, None] + j[None, :]        # (S, Q)
     t = torch.arange(T, device=dev)                            # (T,)
     mask = t[None, None, :] <= q_pos[:, :, None]               # (S, Q, T), also hides t >= ctx
+    if meta.attention_window is not None:                      # the band: t > q_pos - W
+        mask &= t[None, None, :] > q_pos[:, :, None] - meta.attention_window
     mask = mask & q_valid[:, :, None]
     # Fully masked rows (padding queries) would give NaN; let them see key 0 and drop them later.
     mask[:, :, 0] |= ~q_valid
@@ -122,8 +130,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           scale: float) -> torch.Tensor:
-    """One sequence, no cache: (T, H, D) x3 -> (T, H, D). The oracle for the paged path."""
+                           scale: float, window: int | None = None) -> torch.Tensor:
+    """One sequence, no cache: (T, H, D) x3 -> (T, H, D). The oracle for the paged path;
+    with a window, token i sees tokens i-window+1 .. i (the band mask)."""
+    T = q.shape[0]
+    i = torch.arange(T, device=q.device)
+    band = None if window is None else (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)   # (T, T)
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         is_causal=True, scale=scale)   # (H, T, D)
+                                         attn_mask=band, is_causal=band is None, scale=scale)   # (H, T, D)
     return out.transpose(0, 1)

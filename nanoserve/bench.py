@@ -79,11 +79,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def memory_usage(llm) -> dict:
+    """Peak KV (MiB) since the allocator's last reset_peak(), process peak RSS (MiB), and on
+    CUDA the caching allocator's peak allocated and current reserved bytes (MiB)."""
+    import resource
+    s = llm.engine.get_stats()
+    mem = {"peak_kv_blocks": s["peak_blocks_used"], "peak_kv_mib": s["peak_blocks_used"] * s["kv_block_bytes"] / 2**20,
+           "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}   # Linux reports KiB
+    if "cuda_memory_reserved" in s:
+        mem["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated(llm.engine.device) / 2**20
+        mem["cuda_reserved_mib"] = s["cuda_memory_reserved"] / 2**20
+    return mem
+
+
+def format_memory(mem: dict) -> str:
+    line = f"  memory: peak KV {mem['peak_kv_blocks']} blocks = {mem['peak_kv_mib']:.1f} MiB, " \
+           f"process peak RSS {mem['max_rss_mib']:.0f} MiB"
+    if "cuda_reserved_mib" in mem:
+        line += f", CUDA peak allocated {mem['cuda_peak_allocated_mib']:.0f} MiB, reserved {mem['cuda_reserved_mib']:.0f} MiB"
+    return line
+
+
 # ---- nanoserve and HF runners ------------------------------------------------------------------
 def run_nanoserve(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
     """Seconds and generated tokens for one generate() call over all prompts."""
     from .sequence import SamplingParams
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.engine.allocator.reset_peak()      # memory_usage() then reports this call's peak
     _sync(str(llm.engine.device))
     t0 = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
@@ -152,9 +174,11 @@ def bench_cpu(args: argparse.Namespace, ckpt: Path) -> list[dict]:
     for name, n, plen, olen, hf_bs in workloads:
         prompts = random_prompts(n, plen, plen)
         ours = run_nanoserve(llm, prompts, olen)
+        mem = memory_usage(llm)
         theirs = run_hf_generate(hf, prompts, olen, hf_bs) if hf else None
-        rows.append(_row(name, ours, theirs))
+        rows.append(_row(name, ours, theirs) | mem)
         _print_table(rows[-1:])
+        print(format_memory(mem))
     # KV cache against full recomputation (the same engine with the cache switched off).
     olen = 16 if q else 256
     prompts = random_prompts(1, 32, 32)

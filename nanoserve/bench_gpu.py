@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import hf_model, random_prompts
+from .bench import format_memory, hf_model, memory_usage, random_prompts
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -31,6 +31,8 @@ def _engine_run(llm, prompts: list[list[int]], max_tokens: int) -> dict:
     per request from the engine's own timestamps (RequestOutput.metrics)."""
     from .sequence import SamplingParams
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.engine.allocator.reset_peak()
+    torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     steps0 = llm.engine.runner.num_steps
@@ -44,7 +46,7 @@ def _engine_run(llm, prompts: list[list[int]], max_tokens: int) -> dict:
             "total_tok_s": (out_tokens + sum(map(len, prompts))) / wall,
             "steps": llm.engine.runner.num_steps - steps0,
             "ttft_ms_p50": _pct(ttft, 50), "ttft_ms_p99": _pct(ttft, 99),
-            "tpot_ms_p50": _pct(tpot, 50), "tpot_ms_p99": _pct(tpot, 99)}
+            "tpot_ms_p50": _pct(tpot, 50), "tpot_ms_p99": _pct(tpot, 99), **memory_usage(llm)}
 
 
 def _hf_generate_batch(model, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -152,6 +154,7 @@ def bench_throughput(args, ckpt: Path) -> list[dict]:
     row = {"workload": f"throughput: {n} requests, [32, 512] -> {olen}", **{f"nanoserve_{k}": v for k, v in ours.items()},
            "nanoserve_tok_s": ours["output_tok_s"]}
     print(json.dumps(row, indent=1))
+    print(format_memory(ours))
     row["profile"] = [profile_decode(llm, prompts[:n], 30), profile_decode(llm, prompts[:1], 30)]
     del llm                          # the other engines need the GPU memory our KV pool took
     gc.collect()
@@ -184,6 +187,7 @@ def bench_latency(args, ckpt: Path) -> list[dict]:
     row = {"workload": f"latency {args.model}: 1 request, 32 -> {olen}", "nanoserve_tok_s": best["output_tok_s"],
            "nanoserve_ms_per_token": 1000 * best["wall_s"] / olen, "nanoserve_tpot_ms": best["tpot_ms_p50"],
            "nanoserve_ttft_ms": best["ttft_ms_p50"], "runs_ms_per_token": [1000 * r["wall_s"] / olen for r in runs]}
+    print(format_memory(best))
     row["profile"] = profile_decode(llm, prompt, 30)
     del llm
     gc.collect()

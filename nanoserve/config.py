@@ -191,6 +191,11 @@ class EngineConfig:
     fused_decode: bool | None = None    # CUDA graphs capture the torch.compile'd decode step (fused.py);
                                         # None: when CUDA graphs are on, falling back to eager if it fails
     quiet: bool = False                 # no progress bars or info logs
+    log_stats_interval: float = 10.0    # seconds between one-line engine stats logs while busy; 0: none
+    context_overflow: str = "error"     # a sequence reaching n_ctx: "error" (refused up front) or "shift"
+    shift_window: int | None = None     # "shift": tokens kept as the new context; None: n_ctx // 2
+    attention_window: int | None = None # sliding window: each token attends to the last W positions
+                                        # only, and blocks behind every window are freed; None: full
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -203,6 +208,20 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
+        if self.context_overflow not in ("error", "shift"):
+            raise ValueError(f"context_overflow={self.context_overflow!r} must be 'error' (refuse requests "
+                             "longer than n_ctx) or 'shift' (keep the last shift_window tokens and go on)")
+        if self.shift_window is not None and (not isinstance(self.shift_window, int) or self.shift_window < 1):
+            raise ValueError(f"shift_window={self.shift_window!r} must be None (n_ctx // 2) or an int >= 1")
+        if self.shift_window is not None and self.context_overflow != "shift":
+            raise ValueError(f"shift_window={self.shift_window} does nothing with context_overflow="
+                             f"{self.context_overflow!r}; set context_overflow='shift' or drop shift_window")
+        if self.attention_window is not None and (not isinstance(self.attention_window, int)
+                                                  or self.attention_window < 1):
+            raise ValueError(f"attention_window={self.attention_window!r} must be None (full attention) or an "
+                             "int >= 1 (positions each token attends to, itself included)")
+        if self.log_stats_interval < 0:
+            raise ValueError(f"log_stats_interval={self.log_stats_interval} must be >= 0 seconds (0: no stats log)")
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -43,16 +43,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """paged_attention, with decode steps done block by block: q (N, H, D) -> (N, H, D)."""
     if not _is_decode_only(q, meta):
         return reference_attention(q, k_cache, v_cache, meta, scale)
-    BS = k_cache.shape[1]
-    blocks = _used_blocks(meta, BS)                            # (S, nb)
+    BS, W = k_cache.shape[1], meta.attention_window
+    # With a sliding window, blocks before every sequence's window are not read at all (on a
+    # CPU, context_lens is host memory: reading its minimum costs no sync).
+    first = 0 if W is None else max(0, int(meta.context_lens.min()) - W) // BS
+    blocks = _used_blocks(meta, BS)[:, first:]                 # (S, nb)
     nb = blocks.shape[1]
     kh, vh = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (NB, H, BS, D) head-major
     S, H, D = q.shape
     k, v = kh[blocks], vh[blocks]                              # (S, nb, H, BS, D) each
     scores = torch.matmul(k, q[:, None, :, :, None])[..., 0]   # (S, nb, H, BS)
     scores = scores.transpose(1, 2).reshape(S, H, nb * BS) * scale   # (S, H, T)
-    t = torch.arange(nb * BS, device=q.device)                 # (T,)
+    t = torch.arange(first * BS, (first + nb) * BS, device=q.device)   # (T,) key positions
     beyond = t[None, :] >= meta.context_lens[:, None]          # (S, T) keys not yet written
+    if W is not None:                                          # and keys before the window
+        beyond |= t[None, :] < meta.context_lens[:, None] - W
     probs = scores.masked_fill(beyond[:, None, :], float("-inf")).softmax(dim=-1)   # (S, H, T)
     probs = probs.view(S, H, nb, BS).transpose(1, 2)[..., None, :]   # (S, nb, H, 1, BS)
     return torch.matmul(probs, v)[..., 0, :].sum(dim=1)        # (S, H, D)
@@ -86,6 +91,8 @@ def compiled_attention() -> AttentionFn:
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if not _is_decode_only(q, meta):
             return reference_attention(q, k_cache, v_cache, meta, scale)
+        if meta.attention_window is not None:       # not fused: the eager path skips dead blocks
+            return decode_attention(q, k_cache, v_cache, meta, scale)
         blocks = _used_blocks(meta, k_cache.shape[1])                   # (S, nb)
         return fused(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), blocks,
                      meta.context_lens.long(), scale)                   # (S, H, D)

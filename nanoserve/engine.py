@@ -15,10 +15,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import sys
 import time
 from typing import Any
 
-from . import cpu_attention
+from . import cpu_attention, stats
 from .attention import paged_attention
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
 from .kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_per_block
@@ -54,6 +55,9 @@ class LLMEngine:
         if mc.eos_token_id >= self.vocab_size:
             raise ValueError(f"{self.model_dir / 'config.json'}: eos_token_id={mc.eos_token_id} is beyond the "
                              f"tokenizer's {self.tokenizer.vocab_size} tokens")
+        # Context shifting: a sequence whose context would pass n_ctx keeps its last shift_window
+        # tokens and goes on (see _apply), so n_ctx no longer ends a generation.
+        self.shift_window = self._shift_window()
 
         state_dict = load_state_dict(self.model_dir, mc)   # checks config.json against the file first
         self.model = GPT2(mc, num_logits=self.vocab_size)
@@ -68,9 +72,13 @@ class LLMEngine:
                                                                self.max_num_batched_tokens)
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.dtype, self.device)
         self.allocator = BlockAllocator(self.num_blocks)
+        # A sliding window turns prefix caching off: sharing full blocks would be sound (a block's
+        # K/V depend only on the tokens up to it and on W), but eviction would then free blocks
+        # that other sequences hold, and the two policies have not been tested together.
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
                                    self.max_num_batched_tokens, config.enable_kv_cache,
-                                   config.enable_prefix_caching)
+                                   config.enable_prefix_caching and config.attention_window is None,
+                                   config.attention_window)
         self.sampler = Sampler(self.vocab_size, mc.eos_token_id, self.device, config.seed)
         self.runner = ModelRunner(self.model, mc, config, self.kv_cache, self.sampler, self.device)
         if not config.quiet:
@@ -86,14 +94,29 @@ class LLMEngine:
         if use_graphs:
             self._capture_graphs()
 
-        self.outputs = OutputProcessor(self.tokenizer, mc.eos_token_id, mc.n_ctx)
+        self.outputs = OutputProcessor(self.tokenizer, mc.eos_token_id,
+                                       mc.n_ctx if self.shift_window is None else sys.maxsize)
         self.requests: dict[str, Request] = {}
         self._last_sched: SchedulerOutput | None = None     # see last_step
         self._seq_ids = itertools.count()
         self._arrival_order = itertools.count()
         self._request_ids = itertools.count()
+        self.num_prompt_tokens_computed = 0       # prefill and recompute tokens run, in all
+        self.num_generation_tokens = 0            # tokens sampled, in all
+        self.stats_logger = stats.StatsLogger(config.log_stats_interval)
 
     # ---- set-up helpers -------------------------------------------------------------------
+    def _shift_window(self) -> int | None:
+        """Tokens a context shift keeps (None: no shifting). It must leave room to grow."""
+        if self.config.context_overflow != "shift":
+            return None
+        n_ctx = self.model_config.n_ctx
+        W = self.config.shift_window or n_ctx // 2
+        if not 1 <= W < n_ctx:
+            raise ValueError(f"shift_window={W} must be in [1, n_ctx={n_ctx}): the kept context needs room "
+                             "for new tokens before the next shift")
+        return W
+
     def _use_kernels(self) -> None:
         """Swap a fast path into the model in place of attention.py's reference: the tuned
         decode attention on a CPU (cpu_attention.py), Triton kernels on CUDA when available."""
@@ -161,6 +184,8 @@ class LLMEngine:
         request_id = self._check_request(request_id, params, priority)
         params = dataclasses.replace(params)    # a copy, validated anew by __post_init__
         text, ids = self._prompt_ids(prompt)
+        if (k := params.truncate_prompt_tokens) is not None and len(ids) > k:
+            ids = ids[-k:]          # the end of a prompt matters most to its continuation
         self._check_fits(len(ids), params)
         # Everything is validated above, so from here on nothing can fail half-way: a rejected
         # request never leaves sequences or blocks behind.
@@ -204,11 +229,16 @@ class LLMEngine:
         if num_prompt == 0:
             raise ValueError("prompt is empty; give at least one token")
         total, n_ctx = num_prompt + params.max_tokens, self.model_config.n_ctx
+        if self.shift_window is not None:
+            if num_prompt > n_ctx:
+                raise ValueError(f"prompt is {num_prompt} tokens > n_ctx={n_ctx}; context shifting starts from a "
+                                 "prompt that fits: shorten it or set SamplingParams.truncate_prompt_tokens")
+            total = min(total, n_ctx)          # a context never holds more than n_ctx computed tokens
         num_run = total - 1                     # positions 0 .. total-2 go through the model
         if num_run > n_ctx:
             raise ValueError(f"prompt is {num_prompt} tokens and max_tokens is {params.max_tokens}: "
-                             f"{total} > n_ctx + 1 = {n_ctx + 1} (the last token is never fed back); "
-                             f"shorten the prompt or lower max_tokens")
+                             f"{total} > n_ctx + 1 = {n_ctx + 1} (n_ctx={n_ctx}; the last token is never fed back); shorten "
+                             "the prompt (SamplingParams.truncate_prompt_tokens keeps its end) or lower max_tokens")
         capacity = self.num_blocks * self.config.block_size
         if num_run > capacity:
             raise ValueError(f"prompt + max_tokens - 1 = {num_run} tokens need KV slots but the whole KV pool "
@@ -245,7 +275,10 @@ class LLMEngine:
                 raise RuntimeError("scheduler could not schedule any sequence; the KV pool is too small")
             return []
         result = self.runner.execute(sched)
-        return self._update(sched, result, finished_only)
+        outputs = self._update(sched, result, finished_only)
+        if self.config.log_stats_interval and not self.config.quiet:
+            self.stats_logger.maybe_log(self.get_stats)
+        return outputs
 
     @property
     def last_step(self) -> StepRecord | None:
@@ -268,9 +301,11 @@ class LLMEngine:
         (detokenizing, a stop check) fails alone: see _fail."""
         touched: dict[str, Request] = {}
         now = time.perf_counter()
+        num_decode = 0
         for seq, n in sched.scheduled:
             if seq.is_finished:
                 continue                       # its request failed earlier in this loop
+            num_decode += n == 1 and seq.num_computed_tokens + seq.num_dropped_tokens >= seq.num_prompt_tokens
             self.scheduler.computed(seq, n)       # and shares the blocks that filled up
             req = self.requests[seq.request_id]
             try:
@@ -280,6 +315,8 @@ class LLMEngine:
                 self._fail(req, e)
             touched[req.request_id] = req
             req.first_token_time = req.first_token_time or now
+        self.num_prompt_tokens_computed += sched.num_tokens - num_decode
+        self.num_generation_tokens += len(result.sampled)
         outputs = []
         for req in touched.values():
             if finished_only and not (req.seqs[-1].is_finished and req.is_finished):  # cheap test first
@@ -299,7 +336,10 @@ class LLMEngine:
             return False
         reason = self.outputs.append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
         if reason is not None:
-            self.scheduler.finish(seq, reason)
+            self.scheduler.finish(seq, reason)       # frees its blocks
+        elif self.shift_window is not None and seq.num_context_tokens > self.model_config.n_ctx:
+            # The new token would sit at position n_ctx, which GPT-2 has no embedding for.
+            self.scheduler.shift(seq, self.shift_window)
         return True
 
     def _fail(self, req: Request, error: Exception) -> None:
@@ -325,6 +365,19 @@ class LLMEngine:
             self._fail(req, e)
             req.finished_time = req.finished_time or now
             return self.outputs.output(req)
+
+    # ---- statistics ---------------------------------------------------------------------
+    def get_stats(self) -> dict[str, float | int]:
+        """The engine's state now, as plain numbers (what a server exports as gauges).
+
+        KV blocks: `num_blocks_total` = `num_blocks_used` (held by a sequence) +
+        `num_blocks_free`; `num_blocks_cached_free` of the free ones still hold a prefix the
+        prefix cache can hand back. `peak_blocks_used` is the most ever held at once.
+        Counters since start: preemptions, context shifts, blocks evicted by a sliding window,
+        prompt and generated tokens.
+        `prefix_cache_hit_rate`: tokens taken from the prefix cache / tokens looked up.
+        On CUDA, the allocator's `cuda_memory_allocated` / `cuda_memory_reserved` (bytes)."""
+        return stats.collect(self)
 
 
 class LLM:

@@ -56,27 +56,30 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 @torch.library.custom_op("nanoserve::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor,
-                     query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per sequence over its cached keys: (S, H, D) -> (S, H, D), a new tensor."""
+                     query_start_loc: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """One query per sequence over its cached keys: (S, H, D) -> (S, H, D), a new tensor.
+    window: EngineConfig.attention_window, or 0 for none (a custom op takes no Optional int)."""
     # A decode step's metadata, rebuilt from tensors (a custom op takes no dataclasses). The
     # Triton kernel reads lengths on the device; the reference needs a host-side bound on the
     # context, and the block table's width is one that never syncs.
     meta = AttentionMetadata(slot_mapping=context_lens[:0],   # attention does not read slots
                              block_tables=block_tables, context_lens=context_lens,
                              query_start_loc=query_start_loc, max_query_len=1,
-                             max_context_len=block_tables.shape[1] * k_cache.shape[1])
+                             max_context_len=block_tables.shape[1] * k_cache.shape[1],
+                             attention_window=window or None)
     return (kernels if _use_triton(q) else attention).paged_attention(q, k_cache, v_cache, meta, scale)
 
 
 @decode_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale):
+def _(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, window):
     return q.new_empty(q.shape)        # the shape and dtype Inductor plans the graph with
 
 
 def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float) -> torch.Tensor:
     """model.py's AttentionFn, over the custom op."""
-    return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale)
+    return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale,
+                            meta.attention_window or 0)
 
 
 def compile_decode(model: GPT2) -> DecodeFn:

@@ -9,7 +9,10 @@ Three kernels, each built around one idea:
                      the block table, one program per (sequence, head, BLOCK_M queries).
 
 They have the same semantics as attention.write_kv and attention.paged_attention, which the
-tests use as the oracle. This file does not cover ALiBi, sliding windows, GQA, or split-K
+tests use as the oracle. A sliding window (meta.attention_window) is a runtime argument: each
+program starts its key loop at the first tile of its window, so blocks before it (evicted ones
+included) are never read; without a window it is 2**30 and changes nothing.
+This file does not cover ALiBi, GQA, or split-K
 ("flash decoding"): GPT-2's n_ctx is 1024, so one program per (sequence, head) already fills
 the GPU at serving batch sizes.
 
@@ -43,6 +46,7 @@ except ImportError:  # CPU-only installs use attention.py; nothing here is launc
     HAS_TRITON = False
 
 LOG2E = 1.4426950408889634  # we fold log2(e) into the scale: exp2 is one instruction, exp is not
+NO_WINDOW = 1 << 30          # the window argument without a sliding window: longer than any context
 
 
 def _jit(fn=None, **kwargs):
@@ -107,7 +111,7 @@ def _zero_padding_rows(out_ptr, first_row, num_tokens, step, h, stride_on, strid
 @_jit(do_not_specialize=_DYNAMIC)
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                    block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-                   qk_scale, num_seqs, num_tokens,
+                   qk_scale, num_seqs, num_tokens, window,
                    stride_qn, stride_qh, stride_on, stride_oh,
                    stride_cb, stride_cs, stride_ch, stride_bt,
                    D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -138,10 +142,14 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)                # (BD,) running weighted sum of V
     # We gather one block id per token (each id repeats BS times, so these loads hit L1). Block ids
     # of tile i+1 are loaded during tile i, leaving one memory round trip per iteration, not two.
-    block = tl.load(bt_row + n // BS, mask=n < ctx, other=0)   # (BLOCK_N,) block ids of tile 0
-    for start in range(0, ctx, BLOCK_N):
+    # The query (at ctx - 1) sees keys lo .. ctx-1; the loop starts at the tile holding lo.
+    lo = tl.maximum(ctx - window, 0)
+    lo_tile = (lo // BLOCK_N) * BLOCK_N
+    t = lo_tile + n
+    block = tl.load(bt_row + t // BS, mask=(t >= lo) & (t < ctx), other=0)   # (BLOCK_N,) first tile's ids
+    for start in range(lo_tile, ctx, BLOCK_N):
         t = start + n                                          # (BLOCK_N,) key positions
-        t_mask = t < ctx
+        t_mask = (t >= lo) & (t < ctx)
         kv = _kv_offsets(block, t, h, d, stride_cb, stride_cs, stride_ch, BS)    # (BLOCK_N, BD)
         kv_mask = t_mask[:, None] & d_mask[None, :]            # (BLOCK_N, BD)
         k = tl.load(k_cache_ptr + kv, mask=kv_mask, other=0.0).to(tl.float32)   # (BLOCK_N, BD)
@@ -169,7 +177,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
 @_jit(do_not_specialize=_DYNAMIC)
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                     block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-                    qk_scale, num_seqs, num_tokens,
+                    qk_scale, num_seqs, num_tokens, window,
                     stride_qn, stride_qh, stride_on, stride_oh,
                     stride_cb, stride_cs, stride_ch, stride_bt,
                     D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -205,11 +213,15 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)   # finite, so a fully masked tile gives no NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)       # (BLOCK_M, BD)
-    block = tl.load(bt_row + n // BS, mask=n < hi, other=0)    # (BLOCK_N,) prefetched, as in decode
-    for start in range(0, hi, BLOCK_N):
+    # The window bounds it from below: the tile's first query sees keys from lo on.
+    lo = tl.maximum(ctx - q_len + mb * BLOCK_M - window + 1, 0)
+    lo_tile = (lo // BLOCK_N) * BLOCK_N
+    t = lo_tile + n
+    block = tl.load(bt_row + t // BS, mask=(t >= lo) & (t < hi), other=0)   # prefetched, as in decode
+    for start in range(lo_tile, hi, BLOCK_N):
         t = start + n                                          # (BLOCK_N,) key positions
         kv = _kv_offsets(block, t, h, d, stride_cb, stride_cs, stride_ch, BS)    # (BLOCK_N, BD)
-        kv_mask = (t < hi)[:, None] & d_mask[None, :]          # (BLOCK_N, BD)
+        kv_mask = ((t >= lo) & (t < hi))[:, None] & d_mask[None, :]   # (BLOCK_N, BD)
         # other=0 matters: a masked key gets p = 0, but 0 * NaN is NaN, so V must be defined.
         k = tl.load(k_cache_ptr + kv, mask=kv_mask, other=0.0)    # (BLOCK_N, BD)
         v = tl.load(v_cache_ptr + kv, mask=kv_mask, other=0.0)    # (BLOCK_N, BD)
@@ -217,8 +229,10 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         block = tl.load(bt_row + t_next // BS, mask=t_next < hi, other=0)
 
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale   # (BLOCK_M, BLOCK_N)
-        # Key t is visible to query j when t <= q_pos[j]. That also hides t >= ctx for real rows.
-        scores = tl.where(t[None, :] <= q_pos[:, None], scores, float("-inf"))
+        # Key t is visible to query j when q_pos[j] - window < t <= q_pos[j]. That also hides
+        # t >= ctx for real rows.
+        visible = (t[None, :] <= q_pos[:, None]) & (t[None, :] > q_pos[:, None] - window)
+        scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))        # (BLOCK_M,)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])                   # (BLOCK_M, BLOCK_N)
@@ -290,7 +304,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out.zero_()
     BLOCK_D = _block_d(D)
     args = (q, k_cache, v_cache, out, meta.block_tables, meta.context_lens, meta.query_start_loc,
-            scale * LOG2E, S, N,
+            scale * LOG2E, S, N, meta.attention_window or NO_WINDOW,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0))
     if meta.is_decode:

@@ -120,10 +120,20 @@ class BlockAllocator:
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
         self.cached: dict[bytes, int] = {}                 # content hash -> block id
         self.hash_of: dict[int, bytes] = {}                # block id -> content hash
+        self.peak_used = 0                                 # most blocks held at once, ever
+        self.num_cached_free = 0                           # free blocks that still hold a registered prefix
 
     @property
     def num_free(self) -> int:
         return len(self.free_ids)
+
+    def reset_peak(self) -> None:
+        """Start measuring the peak again from what is held now (benchmarks, per workload)."""
+        self.peak_used = self.num_blocks - len(self.free_ids)
+
+    def _note_peak(self) -> None:
+        # Every block not in free_ids is held by some sequence: used = total - free.
+        self.peak_used = max(self.peak_used, self.num_blocks - len(self.free_ids))
 
     @property
     def num_used(self) -> int:
@@ -141,8 +151,10 @@ class BlockAllocator:
             i, _ = self.free_ids.popitem(last=False)
             if (h := self.hash_of.pop(i, None)) is not None:
                 del self.cached[h]                         # its contents are about to change
+                self.num_cached_free -= 1
             self.ref_counts[i] = 1
             ids.append(i)
+        self._note_peak()
         return ids
 
     def free(self, ids: list[int]) -> None:
@@ -153,6 +165,7 @@ class BlockAllocator:
             self.ref_counts[i] -= 1
             if self.ref_counts[i] == 0:
                 self.free_ids[i] = None
+                self.num_cached_free += i in self.hash_of
 
     def take_cached(self, hashes: list[bytes]) -> list[int]:
         """Take (hold) the blocks registered under `hashes[0]`, `hashes[1]`, ... up to the
@@ -164,8 +177,10 @@ class BlockAllocator:
                 break
             if self.ref_counts[i] == 0:
                 del self.free_ids[i]
+                self.num_cached_free -= 1              # a cached block always has its hash
             self.ref_counts[i] += 1
             ids.append(i)
+        self._note_peak()
         return ids
 
     def register(self, block_id: int, h: bytes) -> None:

@@ -118,5 +118,8 @@ class OutputProcessor:
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
                              outputs=comps, finished=req.is_finished,
-                             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
+                             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time,
+                                                    num_kv_blocks_peak=sum(s.peak_num_blocks for s in req.seqs),
+                                                    num_preemptions=sum(s.num_preemptions for s in req.seqs),
+                                                    num_shifts=sum(s.num_shifts for s in req.seqs)),
                              error=req.error)

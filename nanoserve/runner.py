@@ -6,6 +6,7 @@ For each scheduled sequence with `n` new tokens, starting at `c = num_computed_t
     input_ids   += token_ids[c : c+n]        positions += c .. c+n-1
     slot_mapping += block_table[p // BS] * BS + p % BS   for each position p
     context_lens  = c + n                      query_start_loc: running sum of n
+(After a context shift, token_ids means the context: the tokens from num_dropped_tokens on.)
 Logits are computed only for rows that need them: the last token of a sequence whose prompt
 is now complete (it samples), and prompt rows whose prompt_logprobs were asked for.
 
@@ -101,7 +102,7 @@ class ModelRunner:
                 row = self.row_of[seq.seq_id] = self.free_rows.pop()
                 self.row_len[row] = 0
             have, bt = self.row_len[row], seq.block_table
-            if len(bt) > have:
+            if len(bt) > have:   # new blocks only: holes left by a sliding window are never copied
                 self.bt_host[row, have:len(bt)] = torch.tensor(bt[have:], dtype=torch.int32)
                 self.row_len[row] = len(bt)
             rows.append(row)
@@ -124,7 +125,8 @@ class ModelRunner:
             block_tables=to_device(block_tables, torch.int32, dev),         # (S, MB)
             context_lens=to_device(ctx_lens, torch.int32, dev),             # (S,)
             query_start_loc=to_device(qsl, torch.int32, dev),               # (S+1,)
-            max_query_len=max(q_lens), max_context_len=max(ctx_lens))
+            max_query_len=max(q_lens), max_context_len=max(ctx_lens),
+            attention_window=self.cfg.attention_window)
         inp = StepInputs(to_device(input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta)
         self._select_logit_rows(sched, qsl, inp)
         return inp
@@ -138,13 +140,14 @@ class ModelRunner:
         slots: list[int] = []
         for seq, n in sched.scheduled:
             c, bt = seq.num_computed_tokens, seq.block_table
+            i = c + seq.num_dropped_tokens               # token index; c is the position (context shifts)
             if n == 1:                                   # decode: avoid copying the token list
                 P = seq.num_prompt_tokens
-                input_ids.append(seq.prompt_token_ids[c] if c < P else seq.output_token_ids[c - P])
+                input_ids.append(seq.prompt_token_ids[i] if i < P else seq.output_token_ids[i - P])
                 positions.append(c)
                 slots.append(bt[c // BS] * BS + c % BS)
             else:
-                input_ids += seq.token_ids[c:c + n]
+                input_ids += seq.token_ids[i:i + n]
                 positions += range(c, c + n)
                 slots += [bt[p // BS] * BS + p % BS for p in range(c, c + n)]
         return input_ids, positions, slots
@@ -154,7 +157,7 @@ class ModelRunner:
         computed (a prompt, or the chunk that ends it); prompt_logprobs need more rows."""
         for (seq, n), row0 in zip(sched.scheduled, qsl):
             c = seq.num_computed_tokens
-            if c + n == seq.num_tokens:                  # prompt (or recompute) done: sample
+            if c + n == seq.num_context_tokens:          # prompt (or recompute) done: sample
                 inp.sample_rows.append(row0 + n - 1)
                 inp.sample_seqs.append(seq)
             if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is not None:
@@ -238,7 +241,8 @@ class ModelRunner:
             for g in reversed(sizes):          # largest first, so smaller ones reuse its memory
                 meta = AttentionMetadata(slot_mapping=b["slot_mapping"][:g], block_tables=b["block_tables"][:g],
                                          context_lens=b["context_lens"][:g], query_start_loc=b["query_start_loc"][:g + 1],
-                                         max_query_len=1, max_context_len=self.model_cfg.n_ctx)
+                                         max_query_len=1, max_context_len=self.model_cfg.n_ctx,
+                                         attention_window=self.cfg.attention_window)
                 fwd = lambda: decode(b["input_ids"][:g], b["positions"][:g], self.kv_cache, meta)   # noqa: E731
                 fwd()                           # warm-up: Triton compiles, cuBLAS picks kernels
                 torch.cuda.synchronize()

@@ -41,6 +41,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "frequency_penalty": (lambda v: -2.0 <= v <= 2.0, "must be in [-2, 2] (0 means no penalty)"),
     "logprobs": (lambda v: v is None or (_is_int(v) and v >= 0), "must be None or an int >= 0"),
     "prompt_logprobs": (lambda v: v is None or (_is_int(v) and v >= 0), "must be None or an int >= 0"),
+    "truncate_prompt_tokens": (lambda v: v is None or (_is_int(v) and v >= 1),
+                               "must be None or an int >= 1 (prompt tokens to keep, from the end)"),
     "logit_bias": (lambda d: all(_is_int(t) and _is_number(b) and -100 <= b <= 100 for t, b in d.items()),
                    "must map token ids (ints) to biases in [-100, 100]"),
     "stop": (lambda v: all(v), "must not contain an empty string (it would match everywhere)"),
@@ -67,6 +69,7 @@ class SamplingParams:
     presence_penalty: float = 0.0       # OpenAI's: subtracted once from each token the output holds
     frequency_penalty: float = 0.0      # OpenAI's: subtracted per time the output holds the token
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's, in [-100, 100])
+    truncate_prompt_tokens: int | None = None   # keep only the prompt's last k tokens (vLLM's); None: all
 
     def __post_init__(self) -> None:
         self._check_types()

@@ -19,6 +19,14 @@ up are registered for others (`computed`). A block's hash (SHA-256) covers its t
 through the previous block's hash, every token before them, so equal hashes mean equal
 prefixes.
 
+Sliding window (EngineConfig.attention_window = W): after each step, a sequence frees the blocks
+that lie wholly before its next query's window (`_evict`), so it holds about W / BS blocks
+however long it grows. Their entries in its block table become holes (-1).
+
+Context shifting (EngineConfig.context_overflow="shift"): a sequence about to pass n_ctx is
+preempted with its front dropped (`shift`); readmitted, it recomputes its last W tokens at
+positions 0..W-1. Positions, block tables and num_computed_tokens count within that context.
+
 The scheduler is plain Python over Sequence objects and a BlockAllocator: it is tested without
 a model. The "no KV cache" mode (for comparison) is one line here: every running sequence
 drops its cache before each step and recomputes all its tokens.
@@ -79,7 +87,7 @@ class SchedulerOutput:
         """This decision as plain values, from what was captured at schedule time."""
         rows = []
         for (seq, n), c in zip(self.scheduled, self.num_computed_before):
-            phase = "decode" if n == 1 and c >= seq.num_prompt_tokens else "prefill"
+            phase = "decode" if n == 1 and c + seq.num_dropped_tokens >= seq.num_prompt_tokens else "prefill"
             rows.append(ScheduledSeq(seq.seq_id, seq.request_id, c, n, phase,
                                      self.num_cached_tokens.get(seq.seq_id, 0)))
         return StepRecord(rows, [seq.seq_id for seq in self.preempted])
@@ -92,7 +100,7 @@ def _order(seq: Sequence) -> tuple[int, int]:
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, enable_kv_cache: bool = True,
-                 enable_prefix_caching: bool = False) -> None:
+                 enable_prefix_caching: bool = False, attention_window: int | None = None) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -100,10 +108,14 @@ class Scheduler:
         self.enable_kv_cache = enable_kv_cache
         # Without a KV cache nothing stays computed, so there is nothing to share.
         self.enable_prefix_caching = enable_prefix_caching and enable_kv_cache
+        self.attention_window = attention_window
+        self.num_evicted_blocks = 0         # blocks freed because they fell behind a sliding window
         self.num_cached_tokens = 0          # tokens taken from the prefix cache instead of computed
+        self.num_queried_tokens = 0         # tokens of admitted sequences looked up in the prefix cache
         self.waiting: list[Sequence] = []   # sorted by (priority, arrival_order)
         self.running: list[Sequence] = []   # sorted by (priority, arrival_order)
         self.num_preemptions = 0
+        self.num_shifts = 0                 # context shifts (see shift())
         self._freed: list[int] = []         # seq ids whose blocks were freed, for the runner
 
     # ---- queue management -------------------------------------------------------------
@@ -126,9 +138,9 @@ class Scheduler:
 
     def _free(self, seq: Sequence) -> None:
         self._freed.append(seq.seq_id)
-        self.allocator.free(seq.block_table)
+        self.allocator.free(seq.block_table[seq.num_evicted_blocks:])   # holes were freed already
         seq.block_table = []
-        seq.num_computed_tokens = seq.num_cached_blocks = 0
+        seq.num_computed_tokens = seq.num_cached_blocks = seq.num_evicted_blocks = 0
 
     # ---- prefix caching -------------------------------------------------------------------
     def _hash_blocks(self, seq: Sequence, num_blocks: int) -> None:
@@ -136,7 +148,7 @@ class Scheduler:
         hash(): a prompt crafted to collide with another client's would read that client's K/V."""
         BS, tokens = self.block_size, None
         for j in range(len(seq.block_hashes), num_blocks):
-            tokens = tokens or seq.token_ids
+            tokens = tokens or seq.context_token_ids     # K/V depend on the context, not on dropped tokens
             prev = seq.block_hashes[-1] if j else b""
             seq.block_hashes.append(hashlib.sha256(prev + array.array("q", tokens[j * BS:(j + 1) * BS]).tobytes())
                                     .digest())
@@ -148,10 +160,11 @@ class Scheduler:
         if seq.block_table or (seq.prompt_logprobs is not None
                                and len(seq.prompt_logprobs) < seq.num_prompt_tokens):
             return
-        num_full = (seq.num_tokens - 1) // self.block_size
+        num_full = (seq.num_context_tokens - 1) // self.block_size
         self._hash_blocks(seq, num_full)
         seq.block_table = self.allocator.take_cached(seq.block_hashes[:num_full])
         seq.num_cached_blocks = len(seq.block_table)
+        seq.peak_num_blocks = max(seq.peak_num_blocks, len(seq.block_table))
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
 
     def computed(self, seq: Sequence, num_tokens: int) -> None:
@@ -164,12 +177,41 @@ class Scheduler:
             for j in range(seq.num_cached_blocks, num_full):
                 self.allocator.register(seq.block_table[j], seq.block_hashes[j])
             seq.num_cached_blocks = num_full
+        if self.attention_window is not None:
+            self._evict(seq)
+
+    def _evict(self, seq: Sequence) -> None:
+        """Sliding window: free the blocks no later query of `seq` can see. The next query sits
+        at position num_computed_tokens and sees keys from num_computed_tokens - W + 1 on, as
+        does every query after it; blocks wholly before that are freed and their block-table
+        entries become holes (-1), so that positions stay absolute (slot = table[p // BS])."""
+        num_dead = (seq.num_computed_tokens - self.attention_window + 1) // self.block_size
+        if num_dead > seq.num_evicted_blocks:
+            bt = seq.block_table
+            self.allocator.free(bt[seq.num_evicted_blocks:num_dead])
+            self.num_evicted_blocks += num_dead - seq.num_evicted_blocks
+            bt[seq.num_evicted_blocks:num_dead] = [-1] * (num_dead - seq.num_evicted_blocks)
+            seq.num_evicted_blocks = num_dead
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._free(seq)
         self.add(seq)     # back to the waiting queue; its old arrival_order puts it near the front
         self.num_preemptions += 1
+        seq.num_preemptions += 1
+
+    def shift(self, seq: Sequence, num_keep: int) -> None:
+        """Context shift of a running sequence about to pass n_ctx: its context becomes its last
+        `num_keep` tokens. It is preempted (blocks freed, back to the waiting queue) and, when
+        readmitted, recomputes the kept tokens at positions 0..num_keep-1 like any preempted
+        sequence; its earlier tokens stay in its output, but the model no longer sees them."""
+        self.running.remove(seq)
+        self._free(seq)
+        seq.num_dropped_tokens = seq.num_tokens - num_keep
+        seq.block_hashes = []           # the blocks will hold other tokens at other positions
+        self.add(seq)
+        self.num_shifts += 1
+        seq.num_shifts += 1
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give `seq` enough blocks for `num_tokens` tokens in total; False if the pool is short."""
@@ -177,6 +219,7 @@ class Scheduler:
         if not self.allocator.can_allocate(need):
             return False
         seq.block_table.extend(self.allocator.allocate(need))
+        seq.peak_num_blocks = max(seq.peak_num_blocks, len(seq.block_table) - seq.num_evicted_blocks)
         return True
 
     def _grow_or_preempt(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
@@ -211,7 +254,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and (budget := self.max_num_batched_tokens - out.num_tokens) > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_context_tokens - seq.num_computed_tokens, budget)
             assert n > 0, f"running sequence {seq.seq_id} has nothing to compute"
             # The usual decode fits in its last block; the check here saves a call per sequence.
             needs_blocks = seq.num_computed_tokens + n > len(seq.block_table) * self.block_size
@@ -228,11 +271,13 @@ class Scheduler:
             seq = self.waiting[0]
             if self.enable_prefix_caching:
                 self._take_cached_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_context_tokens - seq.num_computed_tokens, budget)
             if not self._grow(seq, seq.num_computed_tokens + n):
                 if seq.block_table:             # give the cached blocks back; retry next step
                     self._free(seq)
                 return  # first come, first served: nobody overtakes the head of the queue
+            if self.enable_prefix_caching:
+                self.num_queried_tokens += seq.num_context_tokens
             if seq.num_cached_blocks:
                 out.num_cached_tokens[seq.seq_id] = seq.num_cached_blocks * self.block_size
                 self.num_cached_tokens += seq.num_cached_blocks * self.block_size

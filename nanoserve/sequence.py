@@ -52,6 +52,11 @@ class Sequence:
     stop_strings: Any = None             # outputs.StopStrings, built at the first stop check
     num_detok: int = 0                   # output tokens already turned into `text`
     generator: Any = None                # torch.Generator for seeded sampling, set by the engine
+    peak_num_blocks: int = 0             # most KV blocks this sequence held at once
+    num_preemptions: int = 0             # times it lost its blocks to make room for others
+    num_dropped_tokens: int = 0          # leading tokens shifted out of the model's context
+    num_shifts: int = 0                  # context shifts (EngineConfig.context_overflow="shift")
+    num_evicted_blocks: int = 0          # leading block_table entries freed by a sliding window (now -1)
 
     @property
     def token_ids(self) -> list[int]:
@@ -60,6 +65,16 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_context_tokens(self) -> int:
+        """Tokens the model sees: all but those a context shift dropped. K/V positions, the
+        block table and num_computed_tokens all count within this context."""
+        return self.num_tokens - self.num_dropped_tokens
+
+    @property
+    def context_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_dropped_tokens:]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -107,10 +122,14 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
-    """time.perf_counter() timestamps (seconds), as vLLM's RequestOutput.metrics."""
+    """time.perf_counter() timestamps (seconds), as vLLM's RequestOutput.metrics, and what the
+    request cost the KV pool. Counts are summed over the request's n sequences."""
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
+    num_kv_blocks_peak: int = 0          # each sequence's most KV blocks held at once, summed
+    num_preemptions: int = 0             # times a sequence was preempted (and recomputed)
+    num_shifts: int = 0                  # context shifts: times the context was cut to its last W tokens
 
 
 @dataclass

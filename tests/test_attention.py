@@ -110,3 +110,50 @@ def test_fused_decode_form_equals_the_reference():
     fused = cpu_attention._decode_fused(q, kc.transpose(1, 2), vc.transpose(1, 2), blocks,
                                         meta.context_lens.long(), 0.25)
     torch.testing.assert_close(fused, paged_attention(q, kc, vc, meta, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def _with_window(meta: AttentionMetadata, seqs: list[tuple[int, int]], W: int, BS: int) -> AttentionMetadata:
+    """Set a sliding window on the step and punch holes (-1, as the scheduler leaves them) where
+    blocks lie wholly before the window of the sequence's first query, i.e. were evicted."""
+    meta.attention_window = W
+    for s, (cached, _) in enumerate(seqs):
+        meta.block_tables[s, :max(0, (cached - W + 1) // BS)] = -1
+    return meta
+
+
+_WINDOWED = [
+    [(0, 13)],                                 # a prompt longer than the window
+    [(9, 1), (20, 1), (0, 1), (31, 1)],        # decode steps, three of them past the window
+    [(12, 6), (3, 1), (0, 11), (17, 9)],       # chunked prefill mixed with decodes
+]
+
+
+@pytest.mark.parametrize("W", [1, 5, 8])
+@pytest.mark.parametrize("seqs", _WINDOWED)
+def test_windowed_paged_attention_equals_band_masked_dense_attention(seqs, W):
+    """With attention_window W, each query sees only the last W positions (itself included):
+    the paged output equals dense SDPA under the same band mask, even with the evicted
+    blocks' table entries turned into holes."""
+    H, D, BS = 3, 16, 4
+    q, k, v, kc, vc, meta, fulls = _paged_step(seqs, H, D, BS, NB=64, seed=W, head_major=True)
+    write_kv(k, v, kc, vc, meta.slot_mapping)
+    out = paged_attention(q, kc, vc, _with_window(meta, seqs, W, BS), 1 / math.sqrt(D))
+    start = 0
+    for (cached, new), (fq, fk, fv) in zip(seqs, fulls):
+        ref = dense_causal_attention(fq, fk, fv, 1 / math.sqrt(D), window=W)[cached:]
+        torch.testing.assert_close(out[start:start + new], ref, atol=1e-5, rtol=1e-5)
+        start += new
+    wide = dense_causal_attention(fulls[0][0], fulls[0][1], fulls[0][2], 1 / math.sqrt(D))
+    assert not torch.allclose(wide[seqs[0][0]:], out[:seqs[0][1]], atol=1e-3), "the window must matter"
+
+
+@pytest.mark.parametrize("W", [3, 8])
+def test_cpu_decode_attention_honours_the_window(W):
+    """cpu_attention.decode_attention with a window (and holes for evicted blocks) gives the
+    reference's output."""
+    seqs = _WINDOWED[1]
+    q, k, v, kc, vc, meta, _ = _paged_step(seqs, 3, 16, 4, NB=64, seed=7, head_major=True)
+    write_kv(k, v, kc, vc, meta.slot_mapping)
+    meta = _with_window(meta, seqs, W, 4)
+    torch.testing.assert_close(cpu_attention.decode_attention(q, kc, vc, meta, 0.25),
+                               paged_attention(q, kc, vc, meta, 0.25), atol=1e-5, rtol=1e-5)

@@ -12,7 +12,7 @@ def test_generate_streams_text_and_prints_statistics(tiny_ckpt):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hello, my name is") and len(r.stdout) > len("Hello, my name is\n")
     stats = r.stderr.strip().splitlines()[-1]
-    for key in ("prompt_tokens=5", "generated_tokens=8", "ttft=", "tok/s"):
+    for key in ("prompt_tokens=5", "generated_tokens=8", "ttft=", "tok/s", "kv_blocks_peak=1 ", "shifts=0"):
         assert key in stats
 
 

@@ -76,13 +76,18 @@ def _make_step(seqs: list[tuple[int, int]], *, H: int, D: int, BS: int, dtype: t
 
 
 def _check_attention(seqs: list[tuple[int, int]], *, H: int, D: int, BS: int,
-                     dtype: torch.dtype, num_padding: int = 0) -> None:
+                     dtype: torch.dtype, num_padding: int = 0, window: int | None = None) -> None:
     """Write this step's K/V, then compare the kernel's attention with the reference's.
 
     We compute the reference in fp32 from the same (rounded) inputs, so the comparison measures
-    only the kernel's own error."""
+    only the kernel's own error. With a window, blocks wholly before a sequence's first query's
+    window become holes (-1) in its block table, as eviction leaves them."""
     q, k, v, k_cache, v_cache, meta = _make_step(seqs, H=H, D=D, BS=BS, dtype=dtype,
                                                  num_padding=num_padding)
+    if window is not None:
+        meta.attention_window = window
+        for s, (cached, _) in enumerate(seqs):
+            meta.block_tables[s, :max(0, (cached - window + 1) // BS)] = -1
     ref.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     scale = 1.0 / math.sqrt(D)
     got = kernels.paged_attention(q, k_cache, v_cache, meta, scale)                   # (N, H, D)
@@ -145,24 +150,62 @@ def test_filler_sequences_and_padding_tokens_get_zeros(decode: bool) -> None:
                      num_padding=4)
 
 
-def test_chunked_prefill_then_decode_matches_dense_causal_attention() -> None:
-    """A sequence fed as chunks (16 + 24 tokens) then 3 decode steps, through write_kv and
-    paged_attention of kernels.py only, gives dense causal attention over all 43 tokens."""
-    H, D, BS, T = 2, 48, 16, 43
+def _feed_in_chunks(chunks: list[tuple[int, int]], blocks: list[int], window: int | None = None) -> torch.Tensor:
+    """Feed one sequence's tokens as the given (start, end) steps through write_kv and
+    paged_attention of kernels.py only, and compare with dense attention over all of them
+    (band-masked with a window). With a window, blocks that no later query sees become holes
+    (-1) in the block table after each step, as the scheduler's eviction leaves them."""
+    H, D, BS, T = 2, 48, 16, chunks[-1][1]
     q, k, v = torch.randn(3, T, H, D, device=DEVICE).unbind(0)    # 3 x (T, H, D)
     k_cache = torch.randn(8, BS, H, D, device=DEVICE)              # (NB, BS, H, D) stale junk
     v_cache = torch.randn(8, BS, H, D, device=DEVICE)
-    block_table = torch.tensor([[5, 2, 7]], dtype=torch.int32, device=DEVICE)   # (1, MB)
+    block_table = torch.tensor([blocks], dtype=torch.int32, device=DEVICE)   # (1, MB)
+    ids = block_table.clone()                                      # slots stay known after eviction
     outs = []
-    for start, end in [(0, 16), (16, 40), (40, 41), (41, 42), (42, 43)]:
+    for start, end in chunks:
         pos = torch.arange(start, end, device=DEVICE)
         meta = AttentionMetadata(
-            slot_mapping=block_table[0, pos // BS].long() * BS + pos % BS,
+            slot_mapping=ids[0, pos // BS].long() * BS + pos % BS,
             block_tables=block_table,
             context_lens=torch.tensor([end], dtype=torch.int32, device=DEVICE),
             query_start_loc=torch.tensor([0, end - start], dtype=torch.int32, device=DEVICE),
-            max_query_len=end - start, max_context_len=end)
+            max_query_len=end - start, max_context_len=end, attention_window=window)
         kernels.write_kv(k[start:end], v[start:end], k_cache, v_cache, meta.slot_mapping)
         outs.append(kernels.paged_attention(q[start:end], k_cache, v_cache, meta, D ** -0.5))
-    want = ref.dense_causal_attention(q, k, v, D ** -0.5)           # (T, H, D)
+        if window is not None:
+            block_table[0, :max(0, (end - window + 1) // BS)] = -1
+    want = ref.dense_causal_attention(q, k, v, D ** -0.5, window=window)   # (T, H, D)
     torch.testing.assert_close(torch.cat(outs), want, atol=1e-4, rtol=1e-4)
+    return block_table                                              # (1, MB) with its holes
+
+
+def test_chunked_prefill_then_decode_matches_dense_causal_attention() -> None:
+    """A sequence fed as chunks (16 + 24 tokens) then 3 decode steps, through write_kv and
+    paged_attention of kernels.py only, gives dense causal attention over all 43 tokens."""
+    _feed_in_chunks([(0, 16), (16, 40), (40, 41), (41, 42), (42, 43)], [5, 2, 7])
+
+
+@pytest.mark.parametrize("window", [1, 20, 64])
+@pytest.mark.parametrize("D, BS", [(64, 16), (48, 16), (16, 32)])
+def test_windowed_decode_matches_reference(D: int, BS: int, window: int) -> None:
+    """With a sliding window, the decode kernel sees only each query's last `window` keys (the
+    reference's band mask) and never reads the holes of evicted blocks."""
+    seqs = [(0, 1), (16, 1), (2 * BS - 1, 1), (3 * BS + 4, 1), (150, 1)]
+    _check_attention(seqs, H=2, D=D, BS=BS, dtype=torch.float32, num_padding=2, window=window)
+
+
+@pytest.mark.parametrize("window", [1, 20, 64])
+@pytest.mark.parametrize("D, BS", [(64, 16), (48, 16), (16, 32)])
+def test_windowed_prefill_matches_reference(D: int, BS: int, window: int) -> None:
+    """The prefill kernel with a window: a prompt spanning query tiles, chunks with earlier
+    chunks cached (and evicted), a decode token, a short prompt, all in one step."""
+    seqs = [(0, 70), (45, 20), (100, 37), (33, 1), (0, 5)]
+    _check_attention(seqs, H=2, D=D, BS=BS, dtype=torch.float32, num_padding=3, window=window)
+
+
+def test_windowed_chunked_prefill_then_decode_matches_band_masked_dense_attention() -> None:
+    """A sequence fed in chunks then decoded, with a window of 20 and its evicted blocks turned
+    into holes (-1) after each step, through kernels.py only, gives dense attention under the
+    same band mask."""
+    table = _feed_in_chunks([(0, 16), (16, 40), (40, 72), (72, 73), (73, 74), (74, 75)], [5, 2, 7, 0, 3], window=20)
+    assert table[0].tolist()[:3] == [-1, -1, -1], "the test should read past evicted blocks"

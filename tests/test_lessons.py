@@ -153,3 +153,17 @@ def test_benchmarking_lesson_measures_latency_throughput_and_a_profile(run_lesso
     assert len(lesson["profile_rows"]) > 0
     assert lesson["gpu_rows"] and all(row.get(lesson["ours"]) and row.get(lesson["hf"]) for row in lesson["gpu_rows"])
     assert lesson["figure_path"].is_file()
+
+
+def test_long_sequences_lesson_shifts_past_n_ctx_and_a_window_bounds_memory(run_lesson):
+    """Lesson 10: 1000 prompt tokens + 300 new cross n_ctx twice, each shift counted and the
+    sequence never above cdiv(n_ctx, block_size) blocks; after the first shift the tokens equal
+    a fresh continuation of the kept window; a sliding window of 128 holds at most 9 blocks
+    where full attention grows past it; the pool-usage figure is written."""
+    lesson = run_lesson("10_long_sequences")
+    assert lesson["out_shift"].metrics.num_shifts == len(lesson["shift_steps"]) == 2
+    assert max(lesson["used_shift"]) == 64 and 0 in lesson["used_shift"]
+    assert lesson["fresh"].outputs[0].token_ids == lesson["after_shift"] and len(lesson["after_shift"]) == 16
+    assert max(lesson["used_window"]) <= 9 < max(lesson["used_full"])
+    assert lesson["evicted"] > 0
+    assert lesson["figure_path"].is_file()

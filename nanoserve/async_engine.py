@@ -53,9 +53,19 @@ class Metrics:
         self.waiting = gauge("num_requests_waiting", "Requests waiting for a batch slot or KV blocks.")
         self.blocks_used = gauge("kv_blocks_used", "KV cache blocks in use.")
         self.blocks_free = gauge("kv_blocks_free", "KV cache blocks free.")
+        self.blocks_cached_free = gauge("kv_blocks_cached_free", "Free KV blocks that still hold a prefix the "
+                                        "prefix cache can hand back.")
+        self.blocks_peak = gauge("kv_blocks_peak", "The most KV cache blocks in use at once since start.")
+        self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of the KV cache's blocks in use (0 to 1).")
+        self.hit_rate = gauge("prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / tokens looked up.")
+        self.cuda_allocated = gauge("cuda_memory_allocated_bytes", "torch's CUDA allocator: bytes allocated (0 on CPU).")
+        self.cuda_reserved = gauge("cuda_memory_reserved_bytes", "torch's CUDA allocator: bytes reserved (0 on CPU).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.")
         self.generation_tokens = counter("generation_tokens", "Output tokens generated.")
         self.preemptions = counter("num_preemptions", "Sequences preempted (their KV is recomputed later).")
+        self.shifts = counter("context_shifts", "Context shifts: a sequence past n_ctx kept its last tokens "
+                              "(context_overflow='shift').")
+        self.evictions = counter("kv_blocks_evicted", "KV blocks freed behind a sliding attention window.")
         self.cache_hits = counter("prefix_cache_hit_tokens", "Tokens whose KV came from the prefix cache instead "
                                   "of being computed (prompts, and recomputation after a preemption).")
         self.finished = counter("requests_finished", "Completions finished, by finish reason.", "finish_reason")
@@ -120,7 +130,7 @@ class EngineThread:
         self.ready = threading.Event()           # set after warm-up: GET /health says 200
         self.error: BaseException | None = None  # why the thread died; None while it lives
         self.on_death = on_death                 # called (on this thread) once it has answered everyone
-        self._counted = {"preemptions": 0, "cache_hits": 0}   # the scheduler's totals already in the counters
+        self._counted: dict[str, int] = {}   # the engine's totals already added to the counters
         self.thread = threading.Thread(target=self._run, name="nanoserve-engine", daemon=True)
 
     def add(self, batch: list[tuple[str, list[int]]], params: SamplingParams, sink: OutputSink,
@@ -244,14 +254,23 @@ class EngineThread:
             m.finished.labels(finish_reason=c.finish_reason).inc()
 
     def _update_gauges(self) -> None:
-        m, sched, free = self.metrics, self.engine.scheduler, self.engine.allocator.num_free
+        """Copy the engine's state (LLMEngine.get_stats) into the Prometheus metrics."""
+        m, sched, stats = self.metrics, self.engine.scheduler, self.engine.get_stats()
         m.running.set(len({s.request_id for s in sched.running}))
         m.waiting.set(len({s.request_id for s in sched.waiting}))
-        m.blocks_used.set(self.engine.num_blocks - free)
-        m.blocks_free.set(free)
-        # The scheduler keeps running totals; a counter only goes up, so add what is new.
-        for name, total in (("preemptions", sched.num_preemptions), ("cache_hits", sched.num_cached_tokens)):
-            getattr(m, name).inc(total - self._counted[name])
+        m.blocks_used.set(stats["num_blocks_used"])
+        m.blocks_free.set(stats["num_blocks_free"])
+        m.blocks_cached_free.set(stats["num_blocks_cached_free"])
+        m.blocks_peak.set(stats["peak_blocks_used"])
+        m.kv_usage.set(stats["kv_cache_usage"])
+        m.hit_rate.set(stats["prefix_cache_hit_rate"])
+        m.cuda_allocated.set(stats.get("cuda_memory_allocated", 0))
+        m.cuda_reserved.set(stats.get("cuda_memory_reserved", 0))
+        # The engine keeps running totals; a counter only goes up, so add what is new.
+        totals = {"preemptions": stats["num_preemptions"], "shifts": stats["num_shifts"],
+                  "evictions": stats["num_evicted_blocks"], "cache_hits": sched.num_cached_tokens}
+        for name, total in totals.items():
+            getattr(m, name).inc(total - self._counted.get(name, 0))
             self._counted[name] = total
 
     @staticmethod

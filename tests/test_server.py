@@ -1110,6 +1110,25 @@ def test_skip_special_tokens_false_puts_generated_end_of_text_in_the_text(server
     assert streamed == "<|endoftext|>" * 3
 
 
+def test_metrics_export_the_engines_memory_stats_and_context_shifts(tiny_ckpt):
+    """/metrics carries LLMEngine.get_stats(): peak and cached-free KV blocks, usage, the prefix
+    cache's hit rate, and a counter of context shifts that a generation past n_ctx makes."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_ckpt), device="cpu", quiet=True, num_blocks=64,
+                                    context_overflow="shift"))
+    n_ctx = engine.model_config.n_ctx
+    with _in_process(engine) as (base, _):
+        resp = httpx.post(base + "/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2 * n_ctx, "temperature": 0, "ignore_eos": True})
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 2 * n_ctx
+        stats, m = engine.get_stats(), _metrics(base)
+    assert stats["num_shifts"] >= 1 and m["nanoserve_context_shifts_total"] == stats["num_shifts"]
+    assert m["nanoserve_kv_blocks_peak"] == stats["peak_blocks_used"] > 0
+    assert m["nanoserve_kv_blocks_cached_free"] == stats["num_blocks_cached_free"]
+    assert m["nanoserve_kv_cache_usage_ratio"] == 0 == stats["num_blocks_used"]
+    assert m["nanoserve_prefix_cache_hit_rate"] == pytest.approx(stats["prefix_cache_hit_rate"])
+    assert m["nanoserve_kv_blocks_evicted_total"] == 0 and m["nanoserve_cuda_memory_allocated_bytes"] == 0
+
+
 def test_a_request_the_engine_gives_up_on_gets_a_500_and_the_others_are_served(tiny_ckpt, monkeypatch):
     """When one request's bookkeeping raises inside the engine (RequestOutput.error), its client
     gets a 500 naming the error, not a 503 'shutting down'; a request beside it completes and

@@ -1,10 +1,12 @@
 """nanoserve: a from-scratch GPT-2 inference runtime (paged KV cache, continuous batching).
 
-Reading order: config, tokenizer, weights, model, attention, kernels, kv_cache, sequence,
-scheduler, runner, sampler, engine, stats (then server, bench, __main__).
+Reading order: config, tokenizer, weights, model, attention, kv_cache, sampling_params,
+sequence, scheduler, runner, sampler, inputs, outputs, engine, llm, stats; then the fast paths
+(kernels, cpu_attention, fused) and serving (async_engine, protocol, server).
 """
 from .config import EngineConfig, GPT2Config
-from .engine import LLM, LLMEngine
+from .engine import LLMEngine
+from .llm import LLM
 from .sequence import CompletionOutput, RequestMetrics, RequestOutput, SamplingParams
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics",

@@ -88,7 +88,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         sequence's end) get zeros.
     """
     N, H, D = q.shape
-    S, BS = meta.num_seqs, k_cache.shape[1]
+    BS = k_cache.shape[1]
     dev = q.device
     qsl = meta.query_start_loc.long()                          # (S+1,)
     q_lens = qsl[1:] - qsl[:-1]                                # (S,)

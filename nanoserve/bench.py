@@ -153,7 +153,7 @@ def _print_table(rows: list[dict]) -> None:
 
 # ---- CPU workloads -----------------------------------------------------------------------------
 def bench_cpu(args: argparse.Namespace, ckpt: Path) -> list[dict]:
-    from .engine import LLM
+    from .llm import LLM
     q = args.quick
     # Prompts repeat across workloads and HF has no prefix cache: prefill every token on both sides.
     llm = LLM(str(ckpt), device="cpu", dtype="float32", quiet=True, compile_cpu_attention=args.compile,

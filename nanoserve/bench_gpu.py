@@ -138,7 +138,7 @@ def vllm_compare(ckpt: Path, prompts: list[list[int]], max_tokens: int, warm: li
 
 
 def _new_llm(args, ckpt: Path, **kw):
-    from .engine import LLM
+    from .llm import LLM
     # The workloads repeat prompts across warm-up and timed runs, and HF has no prefix cache:
     # measure without ours, so that every prompt token is prefilled on both sides.
     return LLM(str(ckpt), device="cuda", dtype=args.dtype or "float16", enforce_eager=args.enforce_eager,

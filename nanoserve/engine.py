@@ -1,5 +1,5 @@
-"""The engine: requests in, tokens out. LLMEngine is the step-by-step core (what a server
-drives); LLM is the offline convenience wrapper with vLLM's `generate`.
+"""The engine: requests in, tokens out. LLMEngine is the step-by-step core that a server
+drives (llm.py wraps it in vLLM's offline `LLM.generate`).
 
 One `LLMEngine.step()`:
     scheduler.schedule()  -> which sequences, how many tokens each
@@ -8,22 +8,21 @@ One `LLMEngine.step()`:
 and returns a RequestOutput for every request that made progress, so callers can stream.
 `last_step` shows what the scheduler decided in the latest step.
 
-References: vLLM `LLMEngine` / `LLM`, nano-vllm `llm_engine.py`.
+References: vLLM `LLMEngine`, nano-vllm `llm_engine.py`.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import sys
 import time
-from typing import Any
 
 from . import cpu_attention, stats
 from .attention import paged_attention
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
 from .kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_per_block
 from .model import GPT2
+from .inputs import InputProcessor, PromptType
 from .outputs import OutputProcessor
 from .runner import ModelRunner, StepResult
 from .sampler import Sampler
@@ -34,7 +33,6 @@ from .weights import load_state_dict, resolve_model
 
 log = logging.getLogger("nanoserve")
 
-PromptType = str | list[int] | dict
 
 
 class LLMEngine:
@@ -94,6 +92,9 @@ class LLMEngine:
         if use_graphs:
             self._capture_graphs()
 
+        kv_capacity = self.num_blocks * config.block_size
+        self.inputs = InputProcessor(self.tokenizer, self.vocab_size, mc.n_ctx, kv_capacity, self.shift_window,
+                                     None if config.enable_kv_cache else self.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer, mc.eos_token_id,
                                        mc.n_ctx if self.shift_window is None else sys.maxsize)
         self.requests: dict[str, Request] = {}
@@ -152,41 +153,15 @@ class LLMEngine:
                 raise
 
     # ---- requests -----------------------------------------------------------------------
-    def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
-        """(text or None, token ids) for the prompt forms the API accepts; raises on others."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = prompt["prompt_token_ids"]
-                if not isinstance(prompt, (list, tuple)):   # a str here would be tokenized as text
-                    raise TypeError(f"prompt_token_ids must be a list of token ids (ints), "
-                                    f"got {type(prompt).__name__} {prompt!r:.40}")
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise TypeError(f"a dict prompt needs 'prompt' or 'prompt_token_ids', got keys {list(prompt)}")
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            V = self.vocab_size
-            bad = [t for t in prompt if not 0 <= t < V]
-            if bad:
-                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
-            return None, list(prompt)
-        raise TypeError(f"prompt must be a str, a list of token ids, or a dict with 'prompt_token_ids'; "
-                        f"got {type(prompt).__name__}")
-
     def add_request(self, request_id: str | None, prompt: PromptType,
                     params: SamplingParams | None = None, priority: int = 0) -> str:
         """Queue a request; returns its id. Raises ValueError/TypeError (and changes nothing)
-        if it is invalid. The request keeps its own copy of `params`, checked again: changing
-        the caller's object afterwards does not reach a queued request."""
-        params = params if params is not None else SamplingParams()
-        request_id = self._check_request(request_id, params, priority)
-        params = dataclasses.replace(params)    # a copy, validated anew by __post_init__
-        text, ids = self._prompt_ids(prompt)
-        if (k := params.truncate_prompt_tokens) is not None and len(ids) > k:
-            ids = ids[-k:]          # the end of a prompt matters most to its continuation
-        self._check_fits(len(ids), params)
+        if it is invalid (inputs.py says what is checked). The request keeps its own copy of
+        `params`: changing the caller's object afterwards does not reach a queued request."""
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        text, ids, params = self.inputs.process(prompt, params if params is not None else SamplingParams())
+        request_id = self._new_request_id(request_id)
         # Everything is validated above, so from here on nothing can fail half-way: a rejected
         # request never leaves sequences or blocks behind.
         arrival_order = next(self._arrival_order)
@@ -206,14 +181,8 @@ class LLMEngine:
             self.scheduler.add(seq)
         return request_id
 
-    def _check_request(self, request_id: str | None, params: SamplingParams, priority: int) -> str:
-        """Check the arguments' types and the params against the vocabulary; return the
-        request id to use (a fresh one for None)."""
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        if not isinstance(priority, int):
-            raise TypeError(f"priority must be an int, got {priority!r}")
-        params.check_vocab(self.vocab_size)
+    def _new_request_id(self, request_id: str | None) -> str:
+        """The id to use: the caller's, if free, or the next free number for None."""
         if request_id is None:      # the next free number: a caller may have taken "0" already
             while (request_id := str(next(self._request_ids))) in self.requests:
                 pass
@@ -221,32 +190,6 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         return request_id
-
-    def _check_fits(self, num_prompt: int, params: SamplingParams) -> None:
-        """The tokens that run through the model must fit n_ctx, the KV pool, and (without a
-        KV cache) one step. That is prompt + max_tokens - 1: the last sampled token is never
-        fed back. So a full n_ctx-token window can be scored (prompt_logprobs, max_tokens=1)."""
-        if num_prompt == 0:
-            raise ValueError("prompt is empty; give at least one token")
-        total, n_ctx = num_prompt + params.max_tokens, self.model_config.n_ctx
-        if self.shift_window is not None:
-            if num_prompt > n_ctx:
-                raise ValueError(f"prompt is {num_prompt} tokens > n_ctx={n_ctx}; context shifting starts from a "
-                                 "prompt that fits: shorten it or set SamplingParams.truncate_prompt_tokens")
-            total = min(total, n_ctx)          # a context never holds more than n_ctx computed tokens
-        num_run = total - 1                     # positions 0 .. total-2 go through the model
-        if num_run > n_ctx:
-            raise ValueError(f"prompt is {num_prompt} tokens and max_tokens is {params.max_tokens}: "
-                             f"{total} > n_ctx + 1 = {n_ctx + 1} (n_ctx={n_ctx}; the last token is never fed back); shorten "
-                             "the prompt (SamplingParams.truncate_prompt_tokens keeps its end) or lower max_tokens")
-        capacity = self.num_blocks * self.config.block_size
-        if num_run > capacity:
-            raise ValueError(f"prompt + max_tokens - 1 = {num_run} tokens need KV slots but the whole KV pool "
-                             f"has {capacity}; raise num_blocks or lower max_tokens")
-        if not self.config.enable_kv_cache and num_run > self.max_num_batched_tokens:
-            raise ValueError(f"without a KV cache every step recomputes the whole sequence, and prompt + max_tokens "
-                             f"- 1 = {num_run} tokens exceeds max_num_batched_tokens="
-                             f"{self.max_num_batched_tokens}; raise it or lower max_tokens")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; its blocks go back to the pool. Unknown ids are ignored."""
@@ -379,72 +322,3 @@ class LLMEngine:
         On CUDA, the allocator's `cuda_memory_allocated` / `cuda_memory_reserved` (bytes)."""
         return stats.collect(self)
 
-
-class LLM:
-    """Offline inference, vLLM-style:  LLM("gpt2").generate(prompts, SamplingParams(...))."""
-
-    def __init__(self, model: str = "gpt2", **kwargs: Any) -> None:
-        unknown = set(kwargs) - set(EngineConfig.field_names())
-        if unknown:
-            raise TypeError(f"LLM() got unknown keyword(s) {sorted(unknown)}; known: {EngineConfig.field_names()[1:]}")
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
-        self.tokenizer = self.engine.tokenizer
-
-    def generate(self, prompts: PromptType | list[PromptType],
-                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion; results in input order.
-
-        All prompts are validated before any runs: one bad prompt raises and queues nothing.
-        Requests added through `self.engine` and still unfinished make it raise RuntimeError:
-        generate would have to run them to completion and could return their outputs to no one.
-        Drive those with `engine.step()` (or abort them) first."""
-        self._check_no_foreign_requests()
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                               and all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a str or a list, got {type(prompts).__name__}")
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(prompts):
-                raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
-            params = list(sampling_params)
-        else:
-            params = [sampling_params or SamplingParams()] * len(prompts)
-        eng = self.engine
-        ids = []
-        try:
-            for prompt, p in zip(prompts, params):
-                ids.append(eng.add_request(None, prompt, p))
-        except Exception:
-            for rid in ids:                   # leave the engine as we found it
-                eng.abort_request(rid)
-            raise
-        results: dict[str, RequestOutput] = {}
-        bar = None
-        if use_tqdm and len(ids) > 1 and not eng.config.quiet:
-            from tqdm import tqdm
-            bar = tqdm(total=len(ids), desc="generate", unit="req")
-        try:
-            while eng.has_unfinished_requests():
-                for out in eng.step(finished_only=True):
-                    if out.finished:
-                        results[out.request_id] = out
-                        if bar:
-                            bar.update(1)
-        except BaseException:                 # an error or Ctrl-C mid-run: free what we queued
-            for rid in ids:
-                eng.abort_request(rid)
-            raise
-        finally:
-            if bar:
-                bar.close()
-        return [results[r] for r in ids]
-
-    def _check_no_foreign_requests(self) -> None:
-        if n := self.engine.get_num_unfinished_requests():
-            some = list(self.engine.requests)[:3]
-            raise RuntimeError(f"LLM.generate: {n} request(s) added through llm.engine are unfinished "
-                               f"(e.g. {some}); generate would run them and drop their outputs. Call "
-                               f"llm.engine.step() until llm.engine.has_unfinished_requests() is False, "
-                               f"or llm.engine.abort_request(id), before generate")

@@ -29,6 +29,7 @@ _ENGINE_HELP = {
     "enforce_eager": "no CUDA graphs", "compile_cpu_attention": "torch.compile the CPU decode attention "
     "(fused gather + softmax; ~10 s compile on first use; needs a C++ compiler)", "use_triton": "Triton attention kernels on CUDA (default: when installed)",
     "quiet": "no progress bars or info logs",
+    "quantization": "int8: per-channel int8 weights made at load (CPU only; see linear.py)",
 }
 
 

@@ -154,6 +154,7 @@ class EngineConfig:
     enforce_eager: bool = False         # True: no CUDA graphs
     use_triton: bool | None = None      # None: Triton kernels on CUDA when triton imports
     compile_cpu_attention: bool = False # CPU: torch.compile the decode attention (needs a C++ compiler)
+    quantization: str | None = None     # "int8": per-channel int8 weights, made at load (CPU; linear.py)
     quiet: bool = False                 # no progress bars or info logs
 
     def __post_init__(self) -> None:
@@ -167,6 +168,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization={self.quantization!r} is not supported; use None or 'int8'")
 
     @classmethod
     def field_names(cls) -> list[str]:

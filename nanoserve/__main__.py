@@ -35,6 +35,7 @@ _ENGINE_HELP = {
     "shift_window tokens, recompute them, go on)", "shift_window": "tokens kept by a context shift; default n_ctx // 2",
     "attention_window": "sliding-window attention over the last W positions, with blocks behind it freed; "
     "default: full attention",
+    "quantization": "int8: per-channel int8 weights made at load (CPU only; see linear.py)",
 }
 
 

@@ -1,6 +1,8 @@
 """Benchmarks: nanoserve beside Hugging Face transformers, in the same process and run.
 
     python -m nanoserve bench cpu                      # the CPU workloads (2 cores, fp32)
+    python -m nanoserve bench cpu --dtype bfloat16     # ... bf16 weights (HF in bf16 too)
+    python -m nanoserve bench cpu --quantization int8  # ... int8 weights (HF in fp32)
     python -m nanoserve bench throughput --device cuda --compare-hf
     python -m nanoserve bench latency --device cuda --model gpt2-xl --compare-hf
     python -m nanoserve bench throughput --device cuda --compare vllm   # vLLM too, if importable
@@ -20,14 +22,15 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS
+from .config import PRESETS, resolve_dtype
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("workload", choices=["cpu", "throughput", "latency", "sweep"], nargs="?", default="cpu")
     p.add_argument("--model", default="gpt2", help="preset name (random weights of that size) or checkpoint dir")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")
+    p.add_argument("--quantization", default=None, choices=["int8"], help="cpu: int8 weights (linear.py)")
     p.add_argument("--compare-hf", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--output-len", type=int, default=None)
@@ -156,10 +159,11 @@ def bench_cpu(args: argparse.Namespace, ckpt: Path) -> list[dict]:
     from .llm import LLM
     q = args.quick
     # Prompts repeat across workloads and HF has no prefix cache: prefill every token on both sides.
-    llm = LLM(str(ckpt), device="cpu", dtype="float32", quiet=True, compile_cpu_attention=args.compile,
-              enable_prefix_caching=False)
-    nocache = LLM(str(ckpt), device="cpu", dtype="float32", quiet=True, enable_kv_cache=False)
-    hf = hf_model(ckpt, "cpu", torch.float32) if args.compare_hf else None
+    dtype = args.dtype or "float32"
+    kw = dict(device="cpu", dtype=dtype, quantization=args.quantization, quiet=True)
+    llm = LLM(str(ckpt), compile_cpu_attention=args.compile, enable_prefix_caching=False, **kw)
+    nocache = LLM(str(ckpt), enable_kv_cache=False, **kw)
+    hf = hf_model(ckpt, "cpu", resolve_dtype(dtype, torch.device("cpu"))) if args.compare_hf else None
     # Warm-up, also compiling the decode attention for one and for several sequences (torch
     # treats a size of 1 as a special case) and for several blocks per sequence.
     warm = random_prompts(2, 40, 40, seed=1)
@@ -210,8 +214,12 @@ def main(args: argparse.Namespace) -> int:
             rows = bench_gpu.run(args, ckpt)
     info = {"workload": args.workload, "model": args.model, "date": time.strftime("%Y-%m-%d"),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
-    (out_dir / f"bench_{args.workload}_{Path(args.model).name}.json").write_text(json.dumps(info, indent=2))
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,
+            "quantization": args.quantization, "rows": rows}
+    if Path("/proc/loadavg").exists():          # other work on a small machine skews CPU numbers
+        info["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
+    mode = "".join(f"_{m}" for m in (args.dtype, args.quantization) if m)
+    (out_dir / f"bench_{args.workload}_{Path(args.model).name}{mode}.json").write_text(json.dumps(info, indent=2))
     print()
     _print_table(rows)
     return 0

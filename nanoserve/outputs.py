@@ -86,7 +86,7 @@ class OutputProcessor:
         if seq.params.skip_special_tokens:
             return [t for t in out[start:] if t != eos]
         ids = out[start:]
-        if ids and ids[-1] == eos and seq.finish_reason == "stop" and not seq.params.ignore_eos:
+        if ids and ids[-1] == eos and seq.finish_reason == "stop":   # EOS, or a stop token id (ignore_eos too)
             ids = ids[:-1]
         return ids
 

@@ -266,3 +266,24 @@ def test_a_full_n_ctx_prompt_under_a_narrow_window_scores_every_position(ckpt):
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
     for g, w in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
         assert g.keys() == w.keys() and list(g.values()) == pytest.approx(list(w.values()), abs=1e-5)
+
+
+# ---- skip_special_tokens=False with stop conditions ---------------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_eos_that_a_stop_token_id_ended_is_not_text_even_with_ignore_eos(ckpt, stream):
+    """With skip_special_tokens=False, an <|endoftext|> that ended the sequence is left out of
+    the text whether EOS itself or stop_token_ids=[eos] (with ignore_eos=True) stopped it: the
+    same tokens and finish reason give the same text, streamed or not."""
+    llm = _llm(ckpt)
+    eos = llm.engine.model_config.eos_token_id
+
+    def run(**kw):
+        params = SamplingParams(temperature=0, max_tokens=3, logit_bias={eos: 100}, skip_special_tokens=False, **kw)
+        if not stream:
+            c = llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0]
+        else:
+            llm.engine.add_request("r", [1, 2, 3], params)
+            c = _drive(llm.engine)["r"].outputs[0]
+        return c.text, c.finish_reason, c.token_ids
+    assert run(ignore_eos=True, stop_token_ids=[eos]) == run() == ("", "stop", [eos])
+    _check_stats_and_empty(llm)

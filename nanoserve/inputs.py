@@ -82,16 +82,19 @@ class InputProcessor:
             if num_prompt > n_ctx:
                 raise ValueError(f"prompt is {num_prompt} tokens > n_ctx={n_ctx}; context shifting starts from a "
                                  "prompt that fits: shorten it or set SamplingParams.truncate_prompt_tokens")
-            total = min(total, n_ctx)          # a context never holds more than n_ctx computed tokens
+            # A context grows to n_ctx computed tokens (positions 0..n_ctx-1) before it shifts:
+            # the shift comes when a token would be fed at position n_ctx.
+            total = min(total, n_ctx + 1)
         num_run = total - 1                     # positions 0 .. total-2 go through the model
+        what = "prompt + max_tokens - 1" if self.shift_window is None else "min(prompt + max_tokens - 1, n_ctx)"
         if num_run > n_ctx:
             raise ValueError(f"prompt is {num_prompt} tokens and max_tokens is {params.max_tokens}: {total} > "
                              f"n_ctx + 1 = {n_ctx + 1} (n_ctx={n_ctx}; the last token is never fed back); shorten "
                              "the prompt (SamplingParams.truncate_prompt_tokens keeps its end) or lower max_tokens")
         if num_run > self.kv_capacity:
-            raise ValueError(f"prompt + max_tokens - 1 = {num_run} tokens need KV slots but the whole KV pool "
+            raise ValueError(f"{what} = {num_run} tokens need KV slots but the whole KV pool "
                              f"has {self.kv_capacity}; raise num_blocks or lower max_tokens")
         if self.max_tokens_per_step is not None and num_run > self.max_tokens_per_step:
-            raise ValueError(f"without a KV cache every step recomputes the whole sequence, and prompt + max_tokens "
-                             f"- 1 = {num_run} tokens exceeds max_num_batched_tokens={self.max_tokens_per_step}; "
+            raise ValueError(f"without a KV cache every step recomputes the whole sequence, and {what} = "
+                             f"{num_run} tokens exceeds max_num_batched_tokens={self.max_tokens_per_step}; "
                              "raise it or lower max_tokens")

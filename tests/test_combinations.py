@@ -287,3 +287,25 @@ def test_an_eos_that_a_stop_token_id_ended_is_not_text_even_with_ignore_eos(ckpt
         return c.text, c.finish_reason, c.token_ids
     assert run(ignore_eos=True, stop_token_ids=[eos]) == run() == ("", "stop", [eos])
     _check_stats_and_empty(llm)
+
+
+# ---- context shifting at the edge of the KV pool -------------------------------------------------
+@pytest.mark.parametrize("short, fits", [
+    (dict(block_size=1, num_blocks=N_CTX - 1), dict(block_size=1, num_blocks=N_CTX)),
+    (dict(enable_kv_cache=False, max_num_batched_tokens=N_CTX - 1),
+     dict(enable_kv_cache=False, max_num_batched_tokens=N_CTX)),
+])
+def test_under_shift_a_context_needs_n_ctx_slots_so_one_fewer_is_refused_up_front(ckpt, short, fits):
+    """A shifting sequence computes n_ctx tokens (positions 0..n_ctx-1) before its shift, so a
+    KV pool (or, without a KV cache, a step budget) of n_ctx - 1 tokens is refused when the
+    request is added, naming the limit, instead of failing the engine mid-generation; one of
+    exactly n_ctx tokens runs through its shifts."""
+    p = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    llm = LLM(ckpt, device="cpu", quiet=True, context_overflow="shift", **short)
+    with pytest.raises(ValueError, match=rf"n_ctx\) = {N_CTX} tokens"):
+        llm.generate([[1, 2, 3]], p, use_tqdm=False)
+    _check_stats_and_empty(llm)
+    llm = LLM(ckpt, device="cpu", quiet=True, context_overflow="shift", **fits)
+    out = llm.generate([[1, 2, 3]], p, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 80 and out.metrics.num_shifts >= 1
+    _check_stats_and_empty(llm)

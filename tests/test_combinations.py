@@ -36,6 +36,7 @@ def _check_stats_and_empty(llm: LLM) -> None:
     eng, s = llm.engine, llm.engine.get_stats()
     assert s["num_blocks_used"] + s["num_blocks_free"] == s["num_blocks_total"] == eng.num_blocks
     assert s["peak_blocks_used"] >= s["num_blocks_used"] and s["peak_blocks_used"] <= eng.num_blocks
+    assert 0 <= s["num_blocks_cached_free"] <= s["num_blocks_free"]
     assert s["num_blocks_used"] == 0 and eng.allocator.num_free == eng.num_blocks, "KV blocks leaked"
     assert s["num_running"] == s["num_waiting"] == 0 and not eng.requests
 
@@ -49,6 +50,7 @@ def _drive(eng, check_stats: bool = True) -> dict:
             s = eng.get_stats()
             assert s["num_blocks_used"] + s["num_blocks_free"] == s["num_blocks_total"]
             assert s["peak_blocks_used"] >= s["num_blocks_used"]
+            assert 0 <= s["num_blocks_cached_free"] <= s["num_blocks_free"]
     return final
 
 

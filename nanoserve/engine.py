@@ -57,15 +57,7 @@ class LLMEngine:
         # tokens and goes on (see _apply), so n_ctx no longer ends a generation.
         self.shift_window = self._shift_window()
 
-        state_dict = load_state_dict(self.model_dir, mc)   # checks config.json against the file first
-        self.model = GPT2(mc, num_logits=self.vocab_size)
-        self.model.load_weights(state_dict)
-        del state_dict
-        self.model.to(device=self.device, dtype=self.dtype).eval()
-        self._use_kernels()
-        linear.check_quantization(config.quantization, self.device, self.dtype)
-        if linear.is_supported(self.device, self.dtype):
-            linear.use_cpu_linears(self.model, config.quantization)   # oneDNN-packed or int8 weights
+        self._load_model()
         # Bigger steps amortise a GPU's fixed per-step cost; on a CPU they only add latency.
         self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
 
@@ -83,10 +75,10 @@ class LLMEngine:
         self.sampler = Sampler(self.vocab_size, mc.eos_token_id, self.device, config.seed)
         self.runner = ModelRunner(self.model, mc, config, self.kv_cache, self.sampler, self.device)
         if not config.quiet:
+            block_mib = bytes_per_block(mc, config.block_size, self.dtype) / 2**20
             log.info("nanoserve: %s on %s (%s); KV pool: %d blocks x %d tokens, %.2f MiB per block, %.0f MiB in all",
                      self.model_dir, self.device, self.dtype, self.num_blocks, config.block_size,
-                     bytes_per_block(mc, config.block_size, self.dtype) / 2**20,
-                     self.num_blocks * bytes_per_block(mc, config.block_size, self.dtype) / 2**20)
+                     block_mib, self.num_blocks * block_mib)
         # CUDA graphs need kernels that never synchronise with the host: the Triton ones.
         use_graphs = self.device.type == "cuda" and not config.enforce_eager and self.model.attn_fn is not paged_attention
         if config.fused_decode and not use_graphs:
@@ -110,6 +102,18 @@ class LLMEngine:
         self.stats_logger = stats.StatsLogger(config.log_stats_interval)
 
     # ---- set-up helpers -------------------------------------------------------------------
+    def _load_model(self) -> None:
+        """self.model: the checkpoint's GPT-2 on our device and dtype, with the fast paths swapped in."""
+        state_dict = load_state_dict(self.model_dir, self.model_config)   # checks config.json against the file first
+        model = GPT2(self.model_config, num_logits=self.vocab_size)
+        model.load_weights(state_dict)
+        del state_dict
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self._use_kernels()
+        linear.check_quantization(self.config.quantization, self.device, self.dtype)
+        if linear.is_supported(self.device, self.dtype):
+            linear.use_cpu_linears(model, self.config.quantization)   # oneDNN-packed or int8 weights
+
     def _shift_window(self) -> int | None:
         """Tokens a context shift keeps (None: no shifting). It must leave room to grow."""
         if self.config.context_overflow != "shift":

@@ -39,17 +39,7 @@ class LLM:
         generate would have to run them to completion and could return their outputs to no one.
         Drive those with `engine.step()` (or abort them) first."""
         self._check_no_foreign_requests()
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                               and all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a str or a list, got {type(prompts).__name__}")
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(prompts):
-                raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
-            params = list(sampling_params)
-        else:
-            params = [sampling_params or SamplingParams()] * len(prompts)
+        prompts, params = _pair_up(prompts, sampling_params)
         eng = self.engine
         ids = []
         try:
@@ -87,3 +77,19 @@ class LLM:
                                f"(e.g. {some}); generate would run them and drop their outputs. Call "
                                f"llm.engine.step() until llm.engine.has_unfinished_requests() is False, "
                                f"or llm.engine.abort_request(id), before generate")
+
+
+def _pair_up(prompts: PromptType | list[PromptType], sampling_params: SamplingParams | list[SamplingParams] | None
+             ) -> tuple[list[PromptType], list[SamplingParams]]:
+    """generate's arguments as two equal lists: one prompt (a str, a dict or one list of token
+    ids) becomes a list of one; one SamplingParams (or None: the defaults) serves every prompt."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                           and all(isinstance(t, int) for t in prompts)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a str or a list, got {type(prompts).__name__}")
+    if isinstance(sampling_params, (list, tuple)):
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
+        return list(prompts), list(sampling_params)
+    return list(prompts), [sampling_params or SamplingParams()] * len(prompts)

@@ -93,42 +93,8 @@ def load_state_dict(model_dir: Path, config: GPT2Config) -> dict[str, torch.Tens
     Refuses, naming the file and the tensor: a config.json that implies more parameters than
     the file can hold (checked before anything is read or allocated), missing or misshapen
     tensors, dtypes other than float16/bfloat16/float32, and NaN or infinite values."""
-    st = model_dir / "model.safetensors"
-    _check_file_can_hold(config, st if st.is_file() else model_dir / "pytorch_model.bin", model_dir)
-    if st.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            raw = load_file(str(st))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{st}: cannot read safetensors file ({e}); re-download it") from None
-    elif (model_dir / "pytorch_model.bin").is_file():   # older fine-tunes ship only this
-        raw = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{model_dir}: no model.safetensors (or pytorch_model.bin) found")
-
-    sd: dict[str, torch.Tensor] = {}
-    for name, t in raw.items():
-        if name.endswith(_IGNORED_SUFFIXES):
-            continue
-        if t.dtype not in _FLOAT_DTYPES:     # int8 or bool would load as nonsense numbers
-            raise ValueError(f"{model_dir}: tensor {name} is {t.dtype}; nanoserve loads float16, bfloat16 "
-                             "or float32 weights only (quantized checkpoints are not supported)")
-        if name.startswith("transformer."):
-            name = name[len("transformer."):]
-        sd[name] = t
-    C, L, V = config.n_embd, config.n_layer, config.vocab_size
-    expected = {"wte.weight": (V, C), "wpe.weight": (config.n_ctx, C),
-                "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    for i in range(L):
-        p = f"h.{i}."
-        expected.update({
-            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,), p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
-            p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_attn.bias": (3 * C,),
-            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
-            p + "mlp.c_fc.weight": (C, 4 * C), p + "mlp.c_fc.bias": (4 * C,),
-            p + "mlp.c_proj.weight": (4 * C, C), p + "mlp.c_proj.bias": (C,),
-        })
+    sd = _read_tensors(model_dir, config)
+    expected = _expected_shapes(config)
     missing = [k for k in expected if k not in sd]
     if missing:
         raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; "
@@ -151,6 +117,49 @@ def load_state_dict(model_dir: Path, config: GPT2Config) -> dict[str, torch.Tens
         if not torch.isfinite(v).all():
             raise ValueError(f"{model_dir}: tensor {k} holds NaN or infinite values; the checkpoint is corrupt")
     return sd
+
+
+def _read_tensors(model_dir: Path, config: GPT2Config) -> dict[str, torch.Tensor]:
+    """The file's float tensors under unprefixed names, without the mask buffers we ignore."""
+    st = model_dir / "model.safetensors"
+    _check_file_can_hold(config, st if st.is_file() else model_dir / "pytorch_model.bin", model_dir)
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            raw = load_file(str(st))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{st}: cannot read safetensors file ({e}); re-download it") from None
+    elif (model_dir / "pytorch_model.bin").is_file():   # older fine-tunes ship only this
+        raw = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors (or pytorch_model.bin) found")
+    sd: dict[str, torch.Tensor] = {}
+    for name, t in raw.items():
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if t.dtype not in _FLOAT_DTYPES:     # int8 or bool would load as nonsense numbers
+            raise ValueError(f"{model_dir}: tensor {name} is {t.dtype}; nanoserve loads float16, bfloat16 "
+                             "or float32 weights only (quantized checkpoints are not supported)")
+        sd[name.removeprefix("transformer.")] = t
+    return sd
+
+
+def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor a GPT-2 of this config has (the tied lm_head aside), with its shape."""
+    C, V = config.n_embd, config.vocab_size
+    expected = {"wte.weight": (V, C), "wpe.weight": (config.n_ctx, C),
+                "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    for i in range(config.n_layer):
+        p = f"h.{i}."
+        expected.update({
+            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,), p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
+            p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_attn.bias": (3 * C,),
+            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
+            p + "mlp.c_fc.weight": (C, 4 * C), p + "mlp.c_fc.bias": (4 * C,),
+            p + "mlp.c_proj.weight": (4 * C, C), p + "mlp.c_proj.bias": (C,),
+        })
+    return expected
 
 
 def _check_file_can_hold(config: GPT2Config, path: Path, model_dir: Path) -> None:

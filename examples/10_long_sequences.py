@@ -1,6 +1,6 @@
 """Lesson 10: long sequences. Generation past n_ctx by context shifting, and a sliding window
 that frees the blocks behind it; the KV pool's usage over time. Read beside it: nanoserve/
-scheduler.py (shift, _evict) and nanoserve/engine.py (_update, get_stats). Try: SHIFT_WINDOW, WINDOW.
+scheduler.py (shift, _evict) and nanoserve/engine.py (_apply, get_stats). Try: SHIFT_WINDOW, WINDOW.
 """
 # %%
 import inspect

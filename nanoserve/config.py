@@ -191,6 +191,8 @@ class EngineConfig:
     fused_decode: bool | None = None    # CUDA graphs capture the torch.compile'd decode step (fused.py);
                                         # None: when CUDA graphs are on, falling back to eager if it fails
     quantization: str | None = None     # "int8": per-channel int8 weights, made at load (CPU; linear.py)
+    async_scheduling: bool | None = None  # schedule step k+1 while the device runs step k (engine.py);
+                                        # None: on CUDA (on a CPU nothing runs meanwhile)
     quiet: bool = False                 # no progress bars or info logs
     log_stats_interval: float = 10.0    # seconds between one-line engine stats logs while busy; 0: none
     context_overflow: str = "error"     # a sequence reaching n_ctx: "error" (refused up front) or "shift"
@@ -223,6 +225,9 @@ class EngineConfig:
                              "int >= 1 (positions each token attends to, itself included)")
         if self.log_stats_interval < 0:
             raise ValueError(f"log_stats_interval={self.log_stats_interval} must be >= 0 seconds (0: no stats log)")
+        if self.async_scheduling and not self.enable_kv_cache:
+            raise ValueError("async_scheduling=True needs the KV cache: with enable_kv_cache=False every step "
+                             "recomputes whole sequences, which needs every token's value on the host")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization={self.quantization!r} is not supported; use None or 'int8'")
 

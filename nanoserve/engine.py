@@ -3,9 +3,12 @@ drives (llm.py wraps it in vLLM's offline `LLM.generate`).
 
 One `LLMEngine.step()`:
     scheduler.schedule()  -> which sequences, how many tokens each
-    runner.execute()      -> model forward on the paged cache + sampling (one host sync)
-    _update()             -> append tokens, check stop conditions (outputs.py), free blocks
+    runner.launch()       -> model forward on the paged cache + sampling, queued on the device
+    _finish()             -> read the tokens back (one host sync), append them, check stop
+                             conditions (outputs.py), free blocks
 and returns a RequestOutput for every request that made progress, so callers can stream.
+With async scheduling (the default on CUDA) step k+1 is launched before step k is finished,
+so the host's work overlaps the device's; see "async scheduling" below.
 `last_step` shows what the scheduler decided in the latest step.
 
 References: vLLM `LLMEngine`, nano-vllm `llm_engine.py`.
@@ -24,7 +27,7 @@ from .kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_
 from .model import GPT2
 from .inputs import InputProcessor, PromptType
 from .outputs import OutputProcessor
-from .runner import ModelRunner, StepResult
+from .runner import LaunchedStep, ModelRunner, StepResult
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerOutput, StepRecord
 from .sequence import Request, RequestOutput, SamplingParams, Sequence
@@ -94,6 +97,10 @@ class LLMEngine:
                                        mc.n_ctx if self.shift_window is None else sys.maxsize)
         self.requests: dict[str, Request] = {}
         self._last_sched: SchedulerOutput | None = None     # see last_step
+        # Async scheduling pays where a device runs the step while the host goes on (CUDA).
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda" and config.enable_kv_cache)
+        self._in_flight: LaunchedStep | None = None         # launched, results not read back yet
         self._seq_ids = itertools.count()
         self._arrival_order = itertools.count()
         self._request_ids = itertools.count()
@@ -217,15 +224,32 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one step. Returns a RequestOutput for every request that made progress (or,
-        with finished_only, only for those that finished: cheaper when nobody streams)."""
-        sched = self._last_sched = self.scheduler.schedule()
+        with finished_only, only for those that finished: cheaper when nobody streams).
+
+        With async scheduling the step launched here is read back by the next call, so the
+        outputs returned are the previous step's: while the device computes step k+1, the
+        host applies step k's tokens (see _held and _can_run_ahead for when it waits)."""
+        outputs: list[RequestOutput] = []
+        prev = self._in_flight
+        if prev is not None and not self._can_run_ahead(prev):
+            outputs, prev = self._finish(prev, finished_only), None
+        self._in_flight = None
+        sched = self._last_sched = self.scheduler.schedule(self._held(prev))
         if sched.is_empty:
             self.runner.release_rows(sched.freed_seq_ids)   # sequences aborted since the last step
+            if prev is not None:                            # what is held waits for prev's tokens
+                return outputs + self._finish(prev, finished_only)
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler could not schedule any sequence; the KV pool is too small")
-            return []
-        result = self.runner.execute(sched)
-        outputs = self._update(sched, result, finished_only)
+            return outputs
+        launched = self.runner.launch(sched, prev)
+        self._advance(sched, launched)
+        if prev is not None:
+            outputs += self._finish(prev, finished_only)    # the device works on `launched` meanwhile
+        if self.async_scheduling:
+            self._in_flight = launched
+        else:
+            outputs += self._finish(launched, finished_only)
         if self.config.log_stats_interval and not self.config.quiet:
             self.stats_logger.maybe_log(self.get_stats)
         return outputs
@@ -241,22 +265,52 @@ class LLMEngine:
         costs the engine nothing per step."""
         return self._last_sched.record() if self._last_sched is not None else None
 
-    def _update(self, sched: SchedulerOutput, result: StepResult,
-                finished_only: bool = False) -> list[RequestOutput]:
-        """Apply one step's results to the sequences, in the scheduler's order.
+    # ---- async scheduling -----------------------------------------------------------------
+    # The next step is scheduled before the last one's tokens are known: each sequence that
+    # sampled is counted one token longer (Sequence.num_pending_tokens), and the runner feeds
+    # that token from the device. Stop conditions are checked one step late, so a sequence that
+    # stopped may have run one step too many; that step's token is dropped, as are its K/V
+    # (its blocks were freed when it stopped; the device finishes the step before any later one
+    # reuses them, as one stream runs in order). Outputs stay those of the synchronous engine.
+    def _can_run_ahead(self, prev: LaunchedStep) -> bool:
+        """Whether the next step may be scheduled before `prev`'s tokens are read: not if a
+        sequence's next logits depend on its output so far (penalties, min_tokens)."""
+        return not any(s.params.needs_output_history for s in prev.sample_seqs)
 
-        Every scheduled sequence advances its cache counter by the tokens it ran. Only those
-        whose prompt (or recompute) is now complete got a sampled token; a prefill chunk that
-        stopped mid-prompt just waits for its next chunk. A request whose bookkeeping raises
-        (detokenizing, a stop check) fails alone: see _fail."""
-        touched: dict[str, Request] = {}
-        now = time.perf_counter()
+    def _held(self, prev: LaunchedStep | None) -> frozenset[int]:
+        """Sequences whose pending token is their last (max_tokens): scheduling them would
+        compute a step only to throw it away. (A context shift needs no hold: num_tokens counts
+        the pending token, so _apply shifts a sequence as soon as it would pass n_ctx.)"""
+        if prev is None:
+            return frozenset()
+        return frozenset(s.seq_id for s in prev.sample_seqs
+                         if len(s.output_token_ids) + s.num_pending_tokens >= s.params.max_tokens)
+
+    def _advance(self, sched: SchedulerOutput, launched: LaunchedStep) -> None:
+        """Count a launched step's work as done: the tokens whose K/V it writes, and the
+        token each sampling sequence will get."""
         num_decode = 0
         for seq, n in sched.scheduled:
-            if seq.is_finished:
-                continue                       # its request failed earlier in this loop
             num_decode += n == 1 and seq.num_computed_tokens + seq.num_dropped_tokens >= seq.num_prompt_tokens
-            self.scheduler.computed(seq, n)       # and shares the blocks that filled up
+            self.scheduler.computed(seq, n)
+        for seq in launched.sample_seqs:
+            seq.num_pending_tokens += 1
+        self.num_prompt_tokens_computed += sched.num_tokens - num_decode
+
+    def _finish(self, launched: LaunchedStep, finished_only: bool = False) -> list[RequestOutput]:
+        """Read a launched step's results back and apply them to the sequences, in the
+        scheduler's order.
+
+        Only sequences whose prompt (or recompute) is complete got a sampled token; a prefill
+        chunk that stopped mid-prompt just waits for its next chunk. Full blocks are offered to
+        the prefix cache once their tokens are known. A request whose bookkeeping raises
+        (detokenizing, a stop check) fails alone: see _fail."""
+        result = self.runner.collect(launched)
+        touched: dict[str, Request] = {}
+        now = time.perf_counter()
+        for seq, _ in launched.sched.scheduled:
+            if seq.is_finished:
+                continue                       # stopped or aborted since: its token is dropped
             req = self.requests[seq.request_id]
             try:
                 if not self._apply(seq, result):
@@ -265,8 +319,6 @@ class LLMEngine:
                 self._fail(req, e)
             touched[req.request_id] = req
             req.first_token_time = req.first_token_time or now
-        self.num_prompt_tokens_computed += sched.num_tokens - num_decode
-        self.num_generation_tokens += len(result.sampled)
         outputs = []
         for req in touched.values():
             if finished_only and not (req.seqs[-1].is_finished and req.is_finished):  # cheap test first
@@ -284,7 +336,11 @@ class LLMEngine:
             seq.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
         if seq.seq_id not in result.sampled:
             return False
+        seq.num_pending_tokens -= 1
         reason = self.outputs.append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
+        self.num_generation_tokens += 1
+        if self.async_scheduling:        # a block that waited for this token's value can be shared now
+            self.scheduler.cache_blocks(seq)
         if reason is not None:
             self.scheduler.finish(seq, reason)       # frees its blocks
         elif self.shift_window is not None and seq.num_context_tokens > self.model_config.n_ctx:

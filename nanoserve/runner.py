@@ -13,8 +13,12 @@ is now complete (it samples), and prompt rows whose prompt_logprobs were asked f
 On CUDA, decode-only steps (every sequence has one new token) replay a CUDA graph captured
 at warm-up for the next-larger batch size; this removes the CPU cost of launching ~10 kernels
 per layer, which dominates a small GPT-2 step. By default the graphs capture fused.py's
-compiled forward (the same model, fewer and larger kernels). The step's only host
-synchronisation is reading the sampled tokens back.
+compiled forward (the same model, fewer and larger kernels).
+
+A step is launched (`launch`: queued on the device) and collected (`collect`: the sampled
+tokens read back, the step's only host synchronisation) separately, so that the engine can
+launch step k+1 before it collects step k (async scheduling). A token of step k that step k+1
+feeds back is then taken from step k's output tensor on the device, never from the host.
 
 N = tokens in this step   S = sequences in batch   MB = max blocks per sequence   V = vocab_size
 
@@ -59,6 +63,20 @@ class StepInputs:
     prompt_rows: list[int] = field(default_factory=list)      # rows whose logits give prompt logprobs
     prompt_targets: list[int] = field(default_factory=list)   # the prompt token each such row predicts
     prompt_owner: list[Sequence] = field(default_factory=list)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose work is queued on the device. Its sampled tokens stay there, in
+    `token_ids`, where the next step can read them as inputs (async scheduling), while copies
+    travel to the host; `collect` waits for those copies, and only for them."""
+    sched: SchedulerOutput
+    sample_seqs: list[Sequence]
+    row_of: dict[int, int]                   # seq_id -> its row in token_ids
+    token_ids: torch.Tensor | None = None    # (S,) int64 on the device
+    host: list[torch.Tensor] = field(default_factory=list)   # token ids [, logprobs, their ids] on the host
+    ready: torch.cuda.Event | None = None    # recorded after the copies to the host
+    result: StepResult = field(default_factory=StepResult)   # prompt logprobs are filled in at launch
 
 
 class ModelRunner:
@@ -110,10 +128,11 @@ class ModelRunner:
         return rows, MB
 
     # ---- Sequences -> tensors -----------------------------------------------------------
-    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+    def prepare(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> StepInputs:
         """Flatten the scheduler's decision into the model's inputs, in three parts: the tokens
-        (ids, positions, cache slots), the attention metadata, and the rows that need logits."""
-        input_ids, positions, slots = self._flatten_tokens(sched)
+        (ids, positions, cache slots), the attention metadata, and the rows that need logits.
+        `prev`: the step still in flight, whose sampled tokens some of this step's rows take."""
+        input_ids, positions, slots, from_prev = self._flatten_tokens(sched, prev)
         q_lens = [n for _, n in sched.scheduled]                            # (S,) tokens this step
         qsl = [0, *itertools.accumulate(q_lens)]                           # (S+1,) query_start_loc
         ctx_lens = [seq.num_computed_tokens + n for seq, n in sched.scheduled]   # (S,) after the write
@@ -128,29 +147,40 @@ class ModelRunner:
             max_query_len=max(q_lens), max_context_len=max(ctx_lens),
             attention_window=self.cfg.attention_window)
         inp = StepInputs(to_device(input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta)
+        if from_prev:      # the previous step's tokens, copied on the device: the host never waits for them
+            dst, src = zip(*from_prev)
+            inp.input_ids[to_device(dst, torch.int64, dev)] = prev.token_ids[to_device(src, torch.int64, dev)]
         self._select_logit_rows(sched, qsl, inp)
         return inp
 
-    def _flatten_tokens(self, sched: SchedulerOutput) -> tuple[list[int], list[int], list[int]]:
+    def _flatten_tokens(self, sched: SchedulerOutput,
+                        prev: LaunchedStep | None) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
         """(input_ids, positions, slots), each (N,): every scheduled sequence's next n tokens,
-        back to back. Position p of a sequence lives in cache slot block_table[p // BS] * BS + p % BS."""
+        back to back. Position p of a sequence lives in cache slot block_table[p // BS] * BS + p % BS.
+        A token still pending on the device (sampled by `prev`, async scheduling) gets a
+        placeholder id and an entry (its row here, its row in prev.token_ids) in the fourth list."""
         BS = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        from_prev: list[tuple[int, int]] = []
         for seq, n in sched.scheduled:
             c, bt = seq.num_computed_tokens, seq.block_table
             i = c + seq.num_dropped_tokens               # token index; c is the position (context shifts)
             if n == 1:                                   # decode: avoid copying the token list
-                P = seq.num_prompt_tokens
-                input_ids.append(seq.prompt_token_ids[i] if i < P else seq.output_token_ids[i - P])
+                P, out = seq.num_prompt_tokens, seq.output_token_ids
+                if i - P >= len(out):                    # pending: its value is on the device
+                    from_prev.append((len(input_ids), prev.row_of[seq.seq_id]))
+                    input_ids.append(0)
+                else:
+                    input_ids.append(seq.prompt_token_ids[i] if i < P else out[i - P])
                 positions.append(c)
                 slots.append(bt[c // BS] * BS + c % BS)
             else:
                 input_ids += seq.token_ids[i:i + n]
                 positions += range(c, c + n)
                 slots += [bt[p // BS] * BS + p % BS for p in range(c, c + n)]
-        return input_ids, positions, slots
+        return input_ids, positions, slots, from_prev
 
     def _select_logit_rows(self, sched: SchedulerOutput, qsl: list[int], inp: StepInputs) -> None:
         """Fill inp's row lists. A sequence samples from its last row once all its tokens are
@@ -171,32 +201,57 @@ class ModelRunner:
                     inp.prompt_owner.append(seq)
 
     # ---- run ---------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
+        """Run one step and wait for its results (the synchronous engine's step)."""
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue the step's forward and sampling on the device and start copying the sampled
+        tokens to the host; return without waiting for them (on a CPU everything has run by
+        then). `prev`: the step before, if its tokens have not been read back yet."""
         self.num_steps += 1
-        inp = self.prepare(sched)
-        result = StepResult()
+        inp = self.prepare(sched, prev)
+        step = LaunchedStep(sched, inp.sample_seqs, {seq.seq_id: row for row, seq in enumerate(inp.sample_seqs)})
         graph_bs = self._graph_size(inp)
         if graph_bs is not None:
             logits = self._replay(inp, graph_bs)                            # (S, V)
         else:
             hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (N, C)
-            logits = self.model.compute_logits(hidden[inp.sample_rows]) if inp.sample_rows else None
-            if inp.prompt_rows:
-                self._prompt_logprobs(hidden[inp.prompt_rows], inp, result)
+            rows = to_device(inp.sample_rows, torch.int64, self.device)
+            logits = self.model.compute_logits(hidden[rows]) if inp.sample_rows else None
+            if inp.prompt_rows:          # reads values back now: a step that scores its prompt waits
+                self._prompt_logprobs(hidden[inp.prompt_rows], inp, step.result)
         if inp.sample_seqs:
             out = self.sampler(logits, inp.sample_seqs)
-            tokens = out.token_ids.tolist()                                 # the step's host sync
-            for seq, tok in zip(inp.sample_seqs, tokens):
-                result.sampled[seq.seq_id] = tok
-            if out.logprobs is not None:
-                lps, ids = out.logprobs.tolist(), out.logprob_ids.tolist()
-                for row, seq in enumerate(inp.sample_seqs):
-                    k = seq.params.logprobs
-                    if k is not None:
-                        # the top k, plus the sampled token (which may be among them)
-                        result.logprobs[seq.seq_id] = dict(zip(ids[row][1:k + 1], lps[row][1:k + 1])) | {
-                            ids[row][0]: lps[row][0]}
+            step.token_ids = out.token_ids
+            device_side = [out.token_ids] + ([out.logprobs, out.logprob_ids] if out.logprobs is not None else [])
+            # non_blocking copies to the host land in pinned memory; the event marks their end.
+            step.host = [t.to("cpu", non_blocking=True) for t in device_side]
+            if self.device.type == "cuda":
+                step.ready = torch.cuda.Event()
+                step.ready.record()
+        return step
+
+    def collect(self, step: LaunchedStep) -> StepResult:
+        """Wait for a launched step's sampled tokens (the step's one host synchronisation) and
+        return them, with their logprobs, as Python values."""
+        result = step.result
+        if not step.sample_seqs:
+            return result
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = step.host[0].tolist()
+        for seq, tok in zip(step.sample_seqs, tokens):
+            result.sampled[seq.seq_id] = tok
+        if len(step.host) > 1:
+            lps, ids = step.host[1].tolist(), step.host[2].tolist()
+            for row, seq in enumerate(step.sample_seqs):
+                k = seq.params.logprobs
+                if k is not None:
+                    # the top k, plus the sampled token (which may be among them)
+                    result.logprobs[seq.seq_id] = dict(zip(ids[row][1:k + 1], lps[row][1:k + 1])) | {
+                        ids[row][0]: lps[row][0]}
         return result
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inp: StepInputs, result: StepResult) -> None:

@@ -137,5 +137,12 @@ class SamplingParams:
                 raise ValueError(f"{name}={k} asks for more tokens than the vocabulary has ({V})")
 
     @property
+    def needs_output_history(self) -> bool:
+        """Whether the next token's logits depend on the output so far (penalties, min_tokens):
+        such a sequence cannot be scheduled before its last token is known (async scheduling)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.min_tokens > 0)
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE

@@ -168,17 +168,26 @@ class Scheduler:
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
 
     def computed(self, seq: Sequence, num_tokens: int) -> None:
-        """`num_tokens` more of `seq`'s tokens have their K/V in the cache now. Blocks that
-        became full are registered, so later sequences can share them."""
+        """`num_tokens` more of `seq`'s tokens have their K/V in the cache: counted as soon as
+        the step that computes them is launched (the next schedule must see it; any later step
+        that reads them runs after it on the device). Blocks that became full are registered,
+        so later sequences can share them, and a sliding window frees what it left behind."""
         seq.num_computed_tokens += num_tokens
-        num_full = seq.num_computed_tokens // self.block_size
+        self.cache_blocks(seq)
+        if self.attention_window is not None:
+            self._evict(seq)
+
+    def cache_blocks(self, seq: Sequence) -> None:
+        """Register `seq`'s computed blocks that are full, for the prefix cache. A block's hash
+        needs its tokens' values, so a token still pending on the device (async scheduling)
+        keeps its block out until the step that sampled it has been read back."""
+        known = min(seq.num_computed_tokens, seq.num_context_tokens - seq.num_pending_tokens)
+        num_full = known // self.block_size
         if self.enable_prefix_caching and num_full > seq.num_cached_blocks:
             self._hash_blocks(seq, num_full)
             for j in range(seq.num_cached_blocks, num_full):
                 self.allocator.register(seq.block_table[j], seq.block_hashes[j])
             seq.num_cached_blocks = num_full
-        if self.attention_window is not None:
-            self._evict(seq)
 
     def _evict(self, seq: Sequence) -> None:
         """Sliding window: free the blocks no later query of `seq` can see. The next query sits
@@ -205,7 +214,9 @@ class Scheduler:
         `num_keep` tokens. It is preempted (blocks freed, back to the waiting queue) and, when
         readmitted, recomputes the kept tokens at positions 0..num_keep-1 like any preempted
         sequence; its earlier tokens stay in its output, but the model no longer sees them."""
-        self.running.remove(seq)
+        # A running sequence, or (async scheduling) one preempted while its last token was
+        # still on the device: it waits with its blocks freed already.
+        (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)
         self._free(seq)
         seq.num_dropped_tokens = seq.num_tokens - num_keep
         seq.block_hashes = []           # the blocks will hold other tokens at other positions
@@ -234,26 +245,31 @@ class Scheduler:
         return True
 
     # ---- the policy -------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, hold: frozenset[int] = frozenset()) -> SchedulerOutput:
         """Decide the next step: running sequences first, then (if nobody was preempted)
-        waiting ones, within max_num_batched_tokens tokens and max_num_seqs sequences."""
+        waiting ones, within max_num_batched_tokens tokens and max_num_seqs sequences.
+        Running sequences whose ids are in `hold` sit this step out, keeping their blocks
+        (async scheduling: their pending token will end or shift them)."""
         if not self.enable_kv_cache:
             # Comparison mode: forget every cached K/V, so each step recomputes whole sequences.
             for seq in self.running:
                 self._free(seq)
         out = SchedulerOutput()
-        self._schedule_running(out)
+        self._schedule_running(out, hold)
         if not out.preempted:           # a full pool admits nobody new
             self._schedule_waiting(out)
         out.freed_seq_ids, self._freed = self._freed, []
         return out
 
-    def _schedule_running(self, out: SchedulerOutput) -> None:
+    def _schedule_running(self, out: SchedulerOutput, hold: frozenset[int]) -> None:
         """Each running sequence, in order, gets its next tokens: 1 for a decode, the rest of
         its prompt (up to the budget) for a prefill; preempt from the back when blocks run out."""
         i = 0
         while i < len(self.running) and (budget := self.max_num_batched_tokens - out.num_tokens) > 0:
             seq = self.running[i]
+            if seq.seq_id in hold:
+                i += 1
+                continue
             n = min(seq.num_context_tokens - seq.num_computed_tokens, budget)
             assert n > 0, f"running sequence {seq.seq_id} has nothing to compute"
             # The usual decode fits in its last block; the check here saves a call per sequence.
@@ -269,6 +285,8 @@ class Scheduler:
         while (self.waiting and len(self.running) < self.max_num_seqs
                and (budget := self.max_num_batched_tokens - out.num_tokens) > 0):
             seq = self.waiting[0]
+            if seq.num_pending_tokens:
+                return  # preempted with a token still on the device: recompute needs its value
             if self.enable_prefix_caching:
                 self._take_cached_prefix(seq)
             n = min(seq.num_context_tokens - seq.num_computed_tokens, budget)

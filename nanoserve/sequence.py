@@ -57,6 +57,10 @@ class Sequence:
     num_dropped_tokens: int = 0          # leading tokens shifted out of the model's context
     num_shifts: int = 0                  # context shifts (EngineConfig.context_overflow="shift")
     num_evicted_blocks: int = 0          # leading block_table entries freed by a sliding window (now -1)
+    # Async scheduling: tokens already sampled by a step still running on the device, not yet
+    # in output_token_ids. They count in num_tokens (the next step feeds them from the device)
+    # but not in token_ids, whose values the host does not know yet.
+    num_pending_tokens: int = 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -64,7 +68,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def num_context_tokens(self) -> int:

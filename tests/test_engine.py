@@ -207,19 +207,19 @@ def test_a_failing_step_leaves_the_engine_clean(tiny_llm, monkeypatch):
     """If a step raises (a device error, Ctrl-C) inside generate, the requests it queued are
     aborted: no blocks stay taken and the next generate works."""
     eng = tiny_llm.engine
-    real, calls = eng.runner.execute, []
+    real, calls = eng.runner.launch, []
 
-    def failing(sched):
+    def failing(sched, prev=None):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("device lost")
-        return real(sched)
-    monkeypatch.setattr(eng.runner, "execute", failing)
+        return real(sched, prev)
+    monkeypatch.setattr(eng.runner, "launch", failing)
     with pytest.raises(RuntimeError, match="device lost"):
         tiny_llm.generate([[1, 2, 3], [4, 5]], GREEDY)
     assert not eng.has_unfinished_requests()
     _assert_pool_free(tiny_llm)
-    monkeypatch.setattr(eng.runner, "execute", real)
+    monkeypatch.setattr(eng.runner, "launch", real)
     assert tiny_llm.generate([[1, 2, 3]], GREEDY)[0].finished
 
 

@@ -96,3 +96,42 @@ def test_fused_fp16_decode_logprobs_within_2e2_of_fp32(tiny_ckpt, cpu_ref):
             assert abs(g.logprobs[i][g.token_ids[i]] - r.logprobs[i][r.token_ids[i]]) < 2e-2
             compared += 1
     assert compared >= 8
+
+
+def _outputs(llm, prompts, params) -> list:
+    return [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in o.outputs]
+            for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def test_async_scheduling_on_gpu_equals_sync_with_preemption_stops_and_seeds(tiny_ckpt):
+    """On CUDA, where async scheduling is the default and the host really runs ahead of the
+    device: greedy tokens in a pool small enough to preempt, seeded samples with logprobs, and
+    stop strings / stop token ids equal the synchronous engine's (fp32, fused CUDA graphs)."""
+    kw = dict(device="cuda", dtype="float32", quiet=True, block_size=16, num_blocks=14,
+              max_num_batched_tokens=64, max_num_seqs=8)
+    on, off = LLM(str(tiny_ckpt), **kw), LLM(str(tiny_ckpt), async_scheduling=False, **kw)
+    assert on.engine.async_scheduling and not off.engine.async_scheduling
+    prompts = _prompts(16, seed=6)
+    first = off.generate(prompts[:1], GREEDY, use_tqdm=False)[0].outputs[0]
+    for params in [GREEDY,
+                   SamplingParams(temperature=0.8, top_p=0.9, seed=11, n=2, max_tokens=20, logprobs=2, ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=24, stop=[first.text[5:9]], stop_token_ids=[first.token_ids[9]])]:
+        assert _outputs(on, prompts, params) == _outputs(off, prompts, params)
+    assert on.engine.scheduler.num_preemptions > 0
+    on.engine.step()
+    assert on.engine.allocator.num_free == on.engine.num_blocks
+
+
+@pytest.mark.parametrize("kw", [dict(attention_window=24), dict(context_overflow="shift", shift_window=40)])
+def test_sliding_window_and_context_shift_on_gpu_equal_the_cpu_reference(tmp_path, kw):
+    """The windowed Triton kernels inside CUDA graphs (and the fused step), and context
+    shifting, give the CPU reference's tokens in fp32 (a model with n_ctx 64)."""
+    from conftest import make_hf_model, save_checkpoint
+    ckpt = str(save_checkpoint(make_hf_model(seed=7, n_positions=64), tmp_path / "hub"))
+    prompts = [p[:40] for p in _prompts(6, seed=8)]
+    # Without shifting a request must fit n_ctx + 1 = 65 tokens; with it, it runs past them.
+    params = SamplingParams(temperature=0, max_tokens=25 if "attention_window" in kw else 70, ignore_eos=True)
+    gpu = LLM(ckpt, device="cuda", dtype="float32", quiet=True, block_size=8, **kw)
+    cpu = LLM(ckpt, device="cpu", quiet=True, block_size=8, **kw)
+    assert _outputs(gpu, prompts, params) == _outputs(cpu, prompts, params)
+    assert gpu.engine.runner.graphs

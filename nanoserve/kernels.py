@@ -415,7 +415,7 @@ def decode_partitions(num_seqs: int, num_heads: int, max_context_len: int, windo
     programs = num_seqs * num_heads
     max_tiles = cdiv(max_context_len, block_n)
     if window is not None:
-        max_tiles = min(max_tiles, cdiv(window, block_n) + 1)
+        max_tiles = min(max_tiles, cdiv(window - 1, block_n) + 1)   # W keys from any offset
     if programs >= num_sms or max_tiles < 2:
         return 1
     return min(max_tiles, cdiv(PROGRAMS_PER_SM * num_sms, programs), MAX_PARTITIONS)

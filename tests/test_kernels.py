@@ -284,6 +284,7 @@ def test_decode_partitions_split_only_small_batches_within_the_tiles_a_query_see
     assert rule(1, 25, 1024, None, 64, 132) == 16                   # GPT-2 XL, batch 1: all 16 tiles
     assert rule(4, 25, 1024, None, 64, 132) == 6                    # 100 programs: ceil(528 / 100)
     assert rule(1, 25, 1024, 100, 64, 132) == 3                     # a 100-key window spans <= 3 tiles
+    assert rule(1, 25, 1024, 1, 64, 132) == 1                       # a 1-key window, one tile
     assert rule(1, 1, 1 << 20, None, 64, 1024) == kernels.MAX_PARTITIONS
 
 

@@ -1,41 +1,58 @@
 """Triton kernels for the paged KV cache: the GPU fast path of attention.py.
 
-Three kernels, each built around one idea:
+Three kernels, each built around one idea, and a split variant of the second:
   _write_kv_kernel   a scatter: one program per token copies that token's (H, D) K and V rows
                      into its cache slot, or does nothing for a padding token (slot -1).
   _decode_kernel     one query per sequence: one program per (sequence, head) walks the
                      sequence's block table, a BLOCK_N-token tile at a time, with an online softmax.
   _prefill_kernel    many queries per sequence (a prompt, or a chunk of one): flash attention over
                      the block table, one program per (sequence, head, BLOCK_M queries).
+  _split_decode_kernel + _split_decode_reduce_kernel
+                     split-K decode ("flash decoding"), for small batches on a big GPU: below.
 
 They have the same semantics as attention.write_kv and attention.paged_attention, which the
 tests use as the oracle. A sliding window (meta.attention_window) is a runtime argument: each
 program starts its key loop at the first tile of its window, so blocks before it (evicted ones
 included) are never read; without a window it is 2**30 and changes nothing.
-This file does not cover ALiBi, GQA, or split-K
-("flash decoding"): GPT-2's n_ctx is 1024, so one program per (sequence, head) already fills
-the GPU at serving batch sizes.
+This file does not cover ALiBi or GQA.
 
-The decode kernel follows two rules so that a CUDA graph can capture it once and replay it
+Split-K decode. At batch 1 the decode kernel has only S*H programs (25 for GPT-2 XL) for an
+H200's 132 SMs, and each walks its whole context one tile after another: the step waits on a
+chain of memory round trips while most of the GPU idles. So when S*H is small, we cut each
+query's keys into P partitions, one program per (sequence, head, partition). Each runs the same
+online softmax over its share of the tiles and stores its running max, sum and unnormalised
+weighted V; a second, tiny kernel rescales the P partials to a common max and adds them (the
+log-sum-exp trick): the same softmax as one pass, up to rounding. decode_partitions chooses P; for
+large batches P = 1 and the one-pass kernel runs alone, without the second launch.
+(Flash-Decoding: Dao, Haziza, Massa, Sizov 2023; vLLM's paged_attention_v2 kernel.)
+
+The decode kernels follow two rules so that a CUDA graph can capture them once and replay them
 with other context lengths:
-  - its grid and constexprs depend only on S, H, D and BS, never on max_context_len;
-  - it reads every length on the device (context_lens, query_start_loc). No kernel here
+  - their grids and constexprs depend only on S, H, D, BS and host-side bounds
+    (max_context_len, which is n_ctx in a captured graph, and the window), never on the real
+    lengths; P partitions the device-side length, so partitions past a short sequence's end
+    just store a neutral partial;
+  - they read every length on the device (context_lens, query_start_loc). No kernel here
     synchronises with the host.
 
 N = tokens in this step   S = sequences   H = n_head   D = head_dim   BD = D padded to a power of 2
 NB = KV blocks in pool   BS = tokens per block   MB = max blocks per sequence
-BLOCK_M = queries per prefill program   BLOCK_N = keys per loop iteration
+BLOCK_M = queries per prefill program   BLOCK_N = keys per loop iteration   P = decode partitions
 
 References: FlashAttention-2 (Dao 2023), Triton's fused-attention tutorial,
-vLLM PagedAttention (Kwon et al. 2023) and its Triton unified-attention kernel.
+vLLM PagedAttention (Kwon et al. 2023) and its Triton unified-attention kernel,
+Flash-Decoding (Dao et al. 2023, "Flash-Decoding for long-context inference").
 """
 # Keep annotations as strings: `tl.constexpr` is then not evaluated at import, so this file
 # imports without triton. (Triton reads string annotations the same way.)
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .attention import AttentionMetadata
+from .config import cdiv
 
 try:
     import triton
@@ -108,6 +125,79 @@ def _zero_padding_rows(out_ptr, first_row, num_tokens, step, h, stride_on, strid
         tl.store(out_ptr + row * stride_on + h * stride_oh + d, zeros, mask=d < D)
 
 
+@_jit
+def _query_row(query_start_loc_ptr, s, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Sequence s's row in q and out, and the lanes a program reads and writes there: D of them,
+    # or none for a "filler" sequence. A filler has no query this step (query_start_loc[s+1] ==
+    # query_start_loc[s]): a caller may list one to keep a batch's shape, and it must write no
+    # output row. (A count compared with the lanes, not `d_mask & has_query`: see _write_kv_kernel.)
+    q_row = tl.load(query_start_loc_ptr + s)
+    has_query = tl.load(query_start_loc_ptr + s + 1) > q_row
+    d = tl.arange(0, BLOCK_D)                                  # (BD,) the padded lanes are masked off
+    return q_row, d < tl.where(has_query, D, 0)
+
+
+@_jit
+def _attend_partition(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                      query_start_loc_ptr, s, h, part, num_parts, qk_scale, window,
+                      stride_qn, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
+                      D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Sequence s's single query, head h, against partition `part` of the keys it sees, out of
+    # `num_parts` (1: all of them). Returns the online softmax's state: the running max m_i and
+    # sum l_i of the log2-scaled scores, and acc (BD,), the sum of V weighted by exp2(score - m_i),
+    # not yet divided by l_i. One pass divides; split-K first combines it with the other parts'.
+    q_row, d_io = _query_row(query_start_loc_ptr, s, D, BLOCK_D)
+    ctx = tl.load(context_lens_ptr + s)
+    d = tl.arange(0, BLOCK_D)                                  # (BD,)
+    d_mask = d < D
+    q = tl.load(q_ptr + q_row * stride_qn + h * stride_qh + d, mask=d_io, other=0.0)
+    q = q.to(tl.float32) * qk_scale                            # (BD,) scale once, not per score
+
+    # The query (at ctx - 1) sees keys lo .. ctx-1; they span the BLOCK_N-token tiles from the
+    # one holding lo. Each partition takes an equal run of whole tiles, computed here from the
+    # device-side ctx, so every key falls in exactly one partition. A partition past the last
+    # tile (a short sequence, or ctx == 0) runs no iteration and returns the neutral state
+    # m_i = -1e30, l_i = 0, acc = 0.
+    lo = tl.maximum(ctx - window, 0)
+    lo_tile = (lo // BLOCK_N) * BLOCK_N
+    tiles_per_part = tl.cdiv(tl.cdiv(ctx - lo_tile, BLOCK_N), num_parts)
+    start = lo_tile + part * tiles_per_part * BLOCK_N
+    end = tl.minimum(start + tiles_per_part * BLOCK_N, ctx)
+
+    # A single query row gives no matrix for tl.dot (it needs M >= 16), so we score the tile with
+    # a broadcast multiply and a row sum in fp32. Decode is bound by memory, not compute.
+    n = tl.arange(0, BLOCK_N)                                  # (BLOCK_N,)
+    bt_row = block_tables_ptr + s * stride_bt
+    m_i = tl.full([], -1e30, tl.float32)   # running max; finite, so m_i - m_new is never inf - inf
+    l_i = tl.full([], 0.0, tl.float32)     # running softmax denominator
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)                # (BD,) running weighted sum of V
+    # We gather one block id per token (each id repeats BS times, so these loads hit L1). Block ids
+    # of tile i+1 are loaded during tile i, leaving one memory round trip per iteration, not two.
+    # The masks keep t >= lo: the holes (-1) of evicted blocks before the window are never read.
+    t = start + n
+    block = tl.load(bt_row + t // BS, mask=(t >= lo) & (t < end), other=0)   # (BLOCK_N,) first tile's ids
+    for tile_start in range(start, end, BLOCK_N):
+        t = tile_start + n                                     # (BLOCK_N,) key positions
+        t_mask = (t >= lo) & (t < end)
+        kv = _kv_offsets(block, t, h, d, stride_cb, stride_cs, stride_ch, BS)    # (BLOCK_N, BD)
+        kv_mask = t_mask[:, None] & d_mask[None, :]            # (BLOCK_N, BD)
+        k = tl.load(k_cache_ptr + kv, mask=kv_mask, other=0.0).to(tl.float32)   # (BLOCK_N, BD)
+        v = tl.load(v_cache_ptr + kv, mask=kv_mask, other=0.0).to(tl.float32)   # (BLOCK_N, BD)
+        t_next = t + BLOCK_N
+        block = tl.load(bt_row + t_next // BS, mask=t_next < end, other=0)
+
+        scores = tl.sum(k * q[None, :], axis=1)                # (BLOCK_N,) log2-scaled logits
+        scores = tl.where(t_mask, scores, float("-inf"))
+        # Online softmax: rescale what we have so far by exp2(old max - new max).
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new)                            # (BLOCK_N,)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)     # (BD,)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
 @_jit(do_not_specialize=_DYNAMIC)
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                    block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
@@ -120,58 +210,74 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     # blocks each), so one compiled kernel serves every context length.
     s = tl.program_id(0)
     h = tl.program_id(1)
-    q_row = tl.load(query_start_loc_ptr + s)
-    # A "filler" sequence has no query this step (query_start_loc[s+1] == query_start_loc[s]):
-    # a caller may list one to keep a batch's shape, and it must write no output row.
-    has_query = tl.load(query_start_loc_ptr + s + 1) > q_row
-    ctx = tl.load(context_lens_ptr + s)
-    d = tl.arange(0, BLOCK_D)                                  # (BD,) the padded lanes are masked off
-    d_mask = d < D
-    # The lanes this program reads and writes: D of them, none for a filler sequence. (A count
-    # compared with the block, not `d_mask & has_query`: see _write_kv_kernel.)
-    d_io = d < tl.where(has_query, D, 0)
-    q = tl.load(q_ptr + q_row * stride_qn + h * stride_qh + d, mask=d_io, other=0.0)
-    q = q.to(tl.float32) * qk_scale                            # (BD,) scale once, not per score
-
-    # A single query row gives no matrix for tl.dot (it needs M >= 16), so we score the tile with
-    # a broadcast multiply and a row sum in fp32. Decode is bound by memory, not compute.
-    n = tl.arange(0, BLOCK_N)                                  # (BLOCK_N,)
-    bt_row = block_tables_ptr + s * stride_bt
-    m_i = tl.full([], -1e30, tl.float32)   # running max; finite, so m_i - m_new is never inf - inf
-    l_i = tl.full([], 0.0, tl.float32)     # running softmax denominator
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)                # (BD,) running weighted sum of V
-    # We gather one block id per token (each id repeats BS times, so these loads hit L1). Block ids
-    # of tile i+1 are loaded during tile i, leaving one memory round trip per iteration, not two.
-    # The query (at ctx - 1) sees keys lo .. ctx-1; the loop starts at the tile holding lo.
-    lo = tl.maximum(ctx - window, 0)
-    lo_tile = (lo // BLOCK_N) * BLOCK_N
-    t = lo_tile + n
-    block = tl.load(bt_row + t // BS, mask=(t >= lo) & (t < ctx), other=0)   # (BLOCK_N,) first tile's ids
-    for start in range(lo_tile, ctx, BLOCK_N):
-        t = start + n                                          # (BLOCK_N,) key positions
-        t_mask = (t >= lo) & (t < ctx)
-        kv = _kv_offsets(block, t, h, d, stride_cb, stride_cs, stride_ch, BS)    # (BLOCK_N, BD)
-        kv_mask = t_mask[:, None] & d_mask[None, :]            # (BLOCK_N, BD)
-        k = tl.load(k_cache_ptr + kv, mask=kv_mask, other=0.0).to(tl.float32)   # (BLOCK_N, BD)
-        v = tl.load(v_cache_ptr + kv, mask=kv_mask, other=0.0).to(tl.float32)   # (BLOCK_N, BD)
-        t_next = t + BLOCK_N
-        block = tl.load(bt_row + t_next // BS, mask=t_next < ctx, other=0)
-
-        scores = tl.sum(k * q[None, :], axis=1)                # (BLOCK_N,) log2-scaled logits
-        scores = tl.where(t_mask, scores, float("-inf"))
-        # Online softmax: rescale what we have so far by exp2(old max - new max).
-        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new)                            # (BLOCK_N,)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)     # (BD,)
-        m_i = m_new
-
+    m_i, l_i, acc = _attend_partition(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                                      query_start_loc_ptr, s, h, 0, 1, qk_scale, window,
+                                      stride_qn, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
+                                      D, BS, BLOCK_N, BLOCK_D)
     out = acc / tl.where(l_i > 0, l_i, 1.0)                    # ctx == 0 gives zeros, not NaN
+    q_row, d_io = _query_row(query_start_loc_ptr, s, D, BLOCK_D)
+    d = tl.arange(0, BLOCK_D)
     tl.store(out_ptr + q_row * stride_on + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
              mask=d_io)
     first_pad = tl.load(query_start_loc_ptr + num_seqs)
     _zero_padding_rows(out_ptr, first_pad + s, num_tokens, num_seqs, h, stride_on, stride_oh, D, BLOCK_D)
+
+
+@_jit(do_not_specialize=_DYNAMIC)
+def _split_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+                         block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
+                         qk_scale, num_seqs, num_tokens, window,
+                         stride_qn, stride_qh, stride_on, stride_oh,
+                         stride_cb, stride_cs, stride_ch, stride_bt,
+                         part_max_ptr, part_sum_ptr, part_acc_ptr,
+                         D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Split-K, first pass. Program (s, h, p) runs the decode loop over partition p of sequence s's
+    # keys and stores its unnormalised state: part_max and part_sum (S, H, P), part_acc (S, H, P, D),
+    # all fp32. _split_decode_reduce_kernel then combines the P partials of each (s, h).
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.program_id(2)
+    P = tl.num_programs(2)
+    m_i, l_i, acc = _attend_partition(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                                      query_start_loc_ptr, s, h, p, P, qk_scale, window,
+                                      stride_qn, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
+                                      D, BS, BLOCK_N, BLOCK_D)
+    i = (s * tl.num_programs(1) + h) * P + p                   # this program's partial, row-major
+    d = tl.arange(0, BLOCK_D)
+    tl.store(part_max_ptr + i, m_i)
+    tl.store(part_sum_ptr + i, l_i)
+    tl.store(part_acc_ptr + i * D + d, acc, mask=d < D)
+    # The reduce writes only real rows; the padding rows are shared out among these S*P programs.
+    first_pad = tl.load(query_start_loc_ptr + num_seqs)
+    _zero_padding_rows(out_ptr, first_pad + s * P + p, num_tokens, num_seqs * P, h, stride_on, stride_oh,
+                       D, BLOCK_D)
+
+
+@_jit(do_not_specialize=["num_partitions"])
+def _split_decode_reduce_kernel(out_ptr, query_start_loc_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
+                                num_partitions, stride_on, stride_oh,
+                                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Split-K, second pass. Program (s, h) merges the P partials of its row with the log-sum-exp
+    # trick: partition i holds sums scaled by exp2(-m_i); rescaled to the largest max M they add
+    # up to the one-pass sums, out = sum_i acc_i * exp2(m_i - M) / sum_i l_i * exp2(m_i - M).
+    # A neutral partial (m_i = -1e30, l_i = 0, acc_i = 0) adds nothing, and a row whose partials
+    # are all neutral (ctx == 0) gives zeros, as in one pass. No exp2 here sees inf - inf.
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.arange(0, BLOCK_P)                                  # (BLOCK_P,) BLOCK_P >= num_partitions
+    p_mask = p < num_partitions
+    i = (s * tl.num_programs(1) + h) * num_partitions + p      # (BLOCK_P,) partial indices
+    d = tl.arange(0, BLOCK_D)
+    m = tl.load(part_max_ptr + i, mask=p_mask, other=-1e30)    # (BLOCK_P,)
+    l = tl.load(part_sum_ptr + i, mask=p_mask, other=0.0)      # (BLOCK_P,)
+    acc = tl.load(part_acc_ptr + i[:, None] * D + d[None, :],
+                  mask=p_mask[:, None] & (d < D)[None, :], other=0.0)   # (BLOCK_P, BD)
+    scale = tl.exp2(m - tl.max(m, axis=0))                     # (BLOCK_P,) in (0, 1]
+    l_all = tl.sum(l * scale, axis=0)
+    out = tl.sum(acc * scale[:, None], axis=0) / tl.where(l_all > 0, l_all, 1.0)   # (BD,)
+    q_row, d_io = _query_row(query_start_loc_ptr, s, D, BLOCK_D)
+    tl.store(out_ptr + q_row * stride_on + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d_io)
 
 
 @_jit(do_not_specialize=_DYNAMIC)
@@ -281,20 +387,60 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D), num_warps=4)
 
 
+# Split-K decode. The grid is (S, H, P), with P chosen on the host from values a CUDA graph fixes
+# (S, H, the SM count, max_context_len: n_ctx under graphs), never from the real lengths.
+MAX_PARTITIONS = 32      # static bound on P: the reduce kernel's tile is this wide (one compiled variant)
+PROGRAMS_PER_SM = 4      # split until about this many decode programs per SM: 4 warps each, so 16
+                         # of an SM's 64 warp slots; a latency-bound loop wants many in flight
+INTERPRETER_SMS = 4      # "SMs" of a CPU running Triton's interpreter: small, so tiny test batches split
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count   # a host query, no sync
+
+
+def decode_partitions(num_seqs: int, num_heads: int, max_context_len: int, window: int | None,
+                      block_n: int, num_sms: int) -> int:
+    """How many partitions split-K decode cuts each query's keys into; 1 means one pass.
+
+    The rule: split only when the S*H one-pass programs leave SMs idle (S*H < num_sms), into
+    enough partitions for about PROGRAMS_PER_SM programs per SM, but no more than the BLOCK_N
+    tiles a query can see (the longest context, or the window, which may straddle one extra
+    tile), and at most MAX_PARTITIONS. One tile of keys (max_context_len <= block_n) never
+    splits. Every input is known on the host, so the choice never waits on the GPU.
+    """
+    programs = num_seqs * num_heads
+    max_tiles = cdiv(max_context_len, block_n)
+    if window is not None:
+        max_tiles = min(max_tiles, cdiv(window - 1, block_n) + 1)   # W keys from any offset
+    if programs >= num_sms or max_tiles < 2:
+        return 1
+    return min(max_tiles, cdiv(PROGRAMS_PER_SM * num_sms, programs), MAX_PARTITIONS)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, *, num_partitions: int | None = None) -> torch.Tensor:
     """Causal attention of each sequence's queries over its cached keys (see attention.py).
 
     Args:
         q: (N, H, D) this step's queries, sequences back to back (meta.query_start_loc).
         k_cache, v_cache: (NB, BS, H, D) the pool, already holding this step's K/V.
-        meta: the step's layout; only max_query_len is read on the host.
+        meta: the step's layout; only max_query_len and max_context_len (a bound) are read on
+            the host.
         scale: usually 1/sqrt(D).
+        num_partitions: decode steps only: split each query's keys into this many partitions
+            (1: the one-pass kernel); None lets decode_partitions choose.
     Returns:
         (N, H, D) in q's dtype. Rows past query_start_loc[-1] (padding tokens) are zeros.
     """
     _check_inputs(q, k_cache, v_cache)
     assert q.dtype == k_cache.dtype, f"q is {q.dtype} but the cache is {k_cache.dtype}"
+    if num_partitions is not None and not 1 <= num_partitions <= MAX_PARTITIONS:
+        raise ValueError(f"num_partitions={num_partitions} must be between 1 and {MAX_PARTITIONS}; "
+                         "pass None to let paged_attention choose")
     N, H, D = q.shape
     S, BS = meta.num_seqs, k_cache.shape[1]
     out = torch.empty((N, H, D), dtype=q.dtype, device=q.device)   # (N, H, D) every row gets written
@@ -311,7 +457,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         # 64 keys per iteration (4 GPT-2 blocks): the (64, 64) K and V tiles fill 4 warps with
         # 16-byte loads. With D padded to 128 we halve the tile to keep registers in check.
         BLOCK_N = max(BS, 64 if BLOCK_D <= 64 else 32)
-        _decode_kernel[(S, H)](*args, D=D, BS=BS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4)
+        P = num_partitions or decode_partitions(S, H, meta.max_context_len, meta.attention_window, BLOCK_N,
+                                                _num_sms(q.device))
+        if P == 1:
+            _decode_kernel[(S, H)](*args, D=D, BS=BS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4)
+            return out
+        # Per-call scratch: inside a CUDA graph, the graph's memory pool holds it.
+        part_max = torch.empty((S, H, P), dtype=torch.float32, device=q.device)     # (S, H, P)
+        part_sum = torch.empty((S, H, P), dtype=torch.float32, device=q.device)     # (S, H, P)
+        part_acc = torch.empty((S, H, P, D), dtype=torch.float32, device=q.device)  # (S, H, P, D)
+        _split_decode_kernel[(S, H, P)](*args, part_max, part_sum, part_acc,
+                                        D=D, BS=BS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4)
+        _split_decode_reduce_kernel[(S, H)](out, meta.query_start_loc, part_max, part_sum, part_acc,
+                                            P, out.stride(0), out.stride(1),
+                                            D=D, BLOCK_D=BLOCK_D, BLOCK_P=MAX_PARTITIONS, num_warps=1)
     else:
         if q.dtype == torch.float32:
             # tl.dot on fp32 defaults to TF32 (10-bit mantissa), far from the torch reference,

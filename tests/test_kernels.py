@@ -76,21 +76,26 @@ def _make_step(seqs: list[tuple[int, int]], *, H: int, D: int, BS: int, dtype: t
 
 
 def _check_attention(seqs: list[tuple[int, int]], *, H: int, D: int, BS: int,
-                     dtype: torch.dtype, num_padding: int = 0, window: int | None = None) -> None:
+                     dtype: torch.dtype, num_padding: int = 0, window: int | None = None,
+                     num_partitions: int | None = None, max_context_len: int | None = None) -> None:
     """Write this step's K/V, then compare the kernel's attention with the reference's.
+    num_partitions goes to kernels.paged_attention; max_context_len replaces the step's own
+    (a bound, as a CUDA graph's n_ctx is).
 
     We compute the reference in fp32 from the same (rounded) inputs, so the comparison measures
     only the kernel's own error. With a window, blocks wholly before a sequence's first query's
     window become holes (-1) in its block table, as eviction leaves them."""
     q, k, v, k_cache, v_cache, meta = _make_step(seqs, H=H, D=D, BS=BS, dtype=dtype,
                                                  num_padding=num_padding)
+    if max_context_len is not None:
+        meta.max_context_len = max_context_len
     if window is not None:
         meta.attention_window = window
         for s, (cached, _) in enumerate(seqs):
             meta.block_tables[s, :max(0, (cached - window + 1) // BS)] = -1
     ref.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     scale = 1.0 / math.sqrt(D)
-    got = kernels.paged_attention(q, k_cache, v_cache, meta, scale)                   # (N, H, D)
+    got = kernels.paged_attention(q, k_cache, v_cache, meta, scale, num_partitions=num_partitions)  # (N, H, D)
     want = ref.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale)
     assert got.dtype == dtype and got.shape == q.shape
     torch.testing.assert_close(got.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
@@ -117,9 +122,11 @@ def test_write_kv_writes_exactly_the_slots_of_real_tokens(H: int, D: int, BS: in
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("D, BS", SHAPES)
 def test_decode_matches_reference(D: int, BS: int, dtype: torch.dtype) -> None:
-    """One query per sequence. Contexts end mid-block, on a block edge, and past one BLOCK_N tile."""
+    """One query per sequence, through the one-pass kernel (num_partitions=1; on a GPU the
+    automatic rule would split a batch this small). Contexts end mid-block, on a block edge, and
+    past one BLOCK_N tile."""
     seqs = [(0, 1), (16, 1), (2 * BS - 1, 1), (3 * BS + 4, 1), (69, 1)]
-    _check_attention(seqs, H=2, D=D, BS=BS, dtype=dtype, num_padding=2)
+    _check_attention(seqs, H=2, D=D, BS=BS, dtype=dtype, num_padding=2, num_partitions=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -188,10 +195,11 @@ def test_chunked_prefill_then_decode_matches_dense_causal_attention() -> None:
 @pytest.mark.parametrize("window", [1, 20, 64])
 @pytest.mark.parametrize("D, BS", [(64, 16), (48, 16), (16, 32)])
 def test_windowed_decode_matches_reference(D: int, BS: int, window: int) -> None:
-    """With a sliding window, the decode kernel sees only each query's last `window` keys (the
-    reference's band mask) and never reads the holes of evicted blocks."""
+    """With a sliding window, the one-pass decode kernel sees only each query's last `window` keys
+    (the reference's band mask) and never reads the holes of evicted blocks."""
     seqs = [(0, 1), (16, 1), (2 * BS - 1, 1), (3 * BS + 4, 1), (150, 1)]
-    _check_attention(seqs, H=2, D=D, BS=BS, dtype=torch.float32, num_padding=2, window=window)
+    _check_attention(seqs, H=2, D=D, BS=BS, dtype=torch.float32, num_padding=2, window=window,
+                     num_partitions=1)
 
 
 @pytest.mark.parametrize("window", [1, 20, 64])
@@ -209,3 +217,80 @@ def test_windowed_chunked_prefill_then_decode_matches_band_masked_dense_attentio
     same band mask."""
     table = _feed_in_chunks([(0, 16), (16, 40), (40, 72), (72, 73), (73, 74), (74, 75)], [5, 2, 7, 0, 3], window=20)
     assert table[0].tolist()[:3] == [-1, -1, -1], "the test should read past evicted blocks"
+
+
+# Split-K decode. These contexts (1, 17, 32, 53 and 151 tokens: mid-block and on a block edge)
+# span 1 to 3 tiles of BLOCK_N = 64 keys (D <= 64), or 1 to 5 tiles of 32 (D = 80). So the
+# 151-token context splits into busy partitions of unequal size (5 tiles in 3 partitions: 2, 2, 1)
+# and every short one leaves partitions with no keys at all.
+SPLIT_SEQS = [(0, 1), (16, 1), (31, 1), (52, 1), (150, 1)]
+
+
+@pytest.fixture
+def _no_one_pass_decode(monkeypatch):
+    """Take the one-pass decode kernel away, so a test that passes ran the split-K path."""
+    monkeypatch.setattr(kernels, "_decode_kernel", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D, BS, num_partitions", [(64, 16, 4), (80, 32, 3), (16, 32, 2)])
+def test_split_decode_matches_reference(D: int, BS: int, num_partitions: int, dtype: torch.dtype,
+                                        _no_one_pass_decode) -> None:
+    """Split-K decode equals the reference for contexts of 1 token, mid-block and past several
+    tiles, including partitions that get no keys because the sequence is shorter than P tiles."""
+    _check_attention(SPLIT_SEQS, H=2, D=D, BS=BS, dtype=dtype, num_padding=2, num_partitions=num_partitions)
+
+
+def test_split_decode_with_more_partitions_than_tiles_matches_reference(_no_one_pass_decode) -> None:
+    """With P = MAX_PARTITIONS, every sequence has more partitions than tiles (most partials are
+    neutral), and the reduce still gives the reference, with no NaN."""
+    _check_attention(SPLIT_SEQS, H=2, D=64, BS=16, dtype=torch.float32,
+                     num_partitions=kernels.MAX_PARTITIONS)
+
+
+@pytest.mark.parametrize("window", [1, 20, 53, 151, 500])
+@pytest.mark.parametrize("D, BS", [(64, 16), (80, 32)])
+def test_windowed_split_decode_matches_reference(D: int, BS: int, window: int, _no_one_pass_decode) -> None:
+    """With a sliding window smaller than, equal to and larger than the contexts, split-K decode
+    sees only each query's last `window` keys, like the one-pass kernel and the reference, and
+    never reads the holes (-1) of evicted blocks."""
+    _check_attention(SPLIT_SEQS, H=2, D=D, BS=BS, dtype=torch.float32, num_padding=2, window=window,
+                     num_partitions=3)
+
+
+def test_split_decode_of_filler_sequences_and_padding_tokens_gives_zeros(_no_one_pass_decode) -> None:
+    """Under split-K, CUDA-graph padding rows come out as zeros and sequences with no query this
+    step (one with no context at all among them) write no row."""
+    _check_attention([(70, 1), (0, 0), (5, 0)], H=2, D=64, BS=16, dtype=torch.float32, num_padding=5,
+                     num_partitions=3)
+
+
+def test_split_decode_is_chosen_for_a_small_batch_under_a_context_bound(_no_one_pass_decode) -> None:
+    """Without num_partitions, a batch of S*H programs below the SM count (INTERPRETER_SMS on a
+    CPU) takes the split path, sized by the host-side bound max_context_len (n_ctx in a CUDA
+    graph) while the real contexts are far shorter, and still matches the reference."""
+    assert kernels.decode_partitions(1, 2, 1024, None, 64, kernels.INTERPRETER_SMS) > 1
+    _check_attention([(150, 1)], H=2, D=64, BS=16, dtype=torch.float32, num_padding=1,
+                     max_context_len=1024)
+
+
+def test_decode_partitions_split_only_small_batches_within_the_tiles_a_query_sees() -> None:
+    """The rule: one pass once S*H programs fill the SMs or the keys fit one tile; otherwise
+    about PROGRAMS_PER_SM programs per SM, capped by the context's (or window's) tiles and
+    MAX_PARTITIONS."""
+    rule = kernels.decode_partitions
+    assert rule(8, 25, 1024, None, 64, 132) == 1                    # 200 programs fill 132 SMs
+    assert rule(1, 25, 64, None, 64, 132) == 1                      # one tile of keys
+    assert rule(1, 25, 1024, None, 64, 132) == 16                   # GPT-2 XL, batch 1: all 16 tiles
+    assert rule(4, 25, 1024, None, 64, 132) == 6                    # 100 programs: ceil(528 / 100)
+    assert rule(1, 25, 1024, 100, 64, 132) == 3                     # a 100-key window spans <= 3 tiles
+    assert rule(1, 25, 1024, 1, 64, 132) == 1                       # a 1-key window, one tile
+    assert rule(1, 1, 1 << 20, None, 64, 1024) == kernels.MAX_PARTITIONS
+
+
+def test_num_partitions_out_of_range_is_rejected() -> None:
+    """num_partitions outside 1..MAX_PARTITIONS raises ValueError naming the limit."""
+    q, _, _, k_cache, v_cache, meta = _make_step([(10, 1)], H=2, D=16, BS=16, dtype=torch.float32)
+    for bad in (0, kernels.MAX_PARTITIONS + 1):
+        with pytest.raises(ValueError, match=f"between 1 and {kernels.MAX_PARTITIONS}"):
+            kernels.paged_attention(q, k_cache, v_cache, meta, 0.25, num_partitions=bad)

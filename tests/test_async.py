@@ -50,14 +50,22 @@ def _run(ckpt: str, requests: list, async_scheduling: bool, **kw) -> tuple[list,
 
 
 def _visible(out) -> list:
-    """Everything a user sees in a finished RequestOutput, but the timings."""
-    return [out.prompt_logprobs] + [(c.index, c.token_ids, c.text, c.finish_reason, c.logprobs,
-                                     c.cumulative_logprob) for c in out.outputs]
+    """Everything a user sees in a finished RequestOutput but the timings and the logprob values."""
+    return [[None if d is None else sorted(d) for d in out.prompt_logprobs or []]] + [
+        (c.index, c.token_ids, c.text, c.finish_reason, [sorted(d) for d in c.logprobs or []]) for c in out.outputs]
+
+
+def _logprob_values(out) -> list[float]:
+    return [v for d in out.prompt_logprobs or [] if d for v in d.values()] + [
+        v for c in out.outputs for d in c.logprobs or [] for v in d.values()] + [
+        c.cumulative_logprob for c in out.outputs if c.logprobs is not None]
 
 
 def _assert_same(ckpt: str, requests: list, expect_ahead: bool = True, same_work: bool = False, **kw) -> list:
-    """Async == sync for everything a user sees; with same_work (requests that end only at
-    max_tokens), also no token run through the model in vain."""
+    """Async == sync for everything a user sees: the same tokens, texts, finish reasons and
+    logprob keys, and logprob values within 1e-4 (holding a sequence, or a different
+    preemption, changes which rows share a step, and so the last bits of a matmul's rounding);
+    with same_work (requests that end only at max_tokens), no token run through the model in vain."""
     sync, ahead0, work0 = _run(ckpt, requests, False, **kw)
     got, ahead, work = _run(ckpt, requests, True, **kw)
     assert ahead0 == 0
@@ -65,6 +73,7 @@ def _assert_same(ckpt: str, requests: list, expect_ahead: bool = True, same_work
     assert (ahead > 0) == expect_ahead, f"{ahead} steps ran ahead"
     for a, b in zip(got, sync):
         assert _visible(a) == _visible(b)
+        assert _logprob_values(a) == pytest.approx(_logprob_values(b), abs=1e-4)
     return sync
 
 
@@ -104,14 +113,16 @@ def test_stop_strings_and_stop_token_ids_found_one_step_late_are_unchanged(ckpt)
 
 
 def test_preemption_in_a_small_pool_is_unchanged(ckpt):
-    """Twelve requests in a 14-block pool: sequences are preempted while their last token is
-    still pending, wait, and recompute; tokens equal the synchronous engine's."""
+    """Twelve requests in a 14-block pool, greedy and then seeded with n=2: sequences are
+    preempted while their last token is still pending, wait, and recompute; the outputs equal
+    the synchronous engine's."""
     reqs = [(_ids(5 + 3 * i, 20 + i), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)) for i in range(12)]
-    sync = _assert_same(ckpt, reqs, num_blocks=14)
+    _assert_same(ckpt, reqs, num_blocks=14)
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=11, n=2, max_tokens=20, logprobs=2, ignore_eos=True)
+    _assert_same(ckpt, [(r[0], seeded) for r in reqs], num_blocks=14, max_num_seqs=8)
     llm = LLM(ckpt, device="cpu", quiet=True, block_size=BS, num_blocks=14, async_scheduling=True)
     llm.generate([r[0] for r in reqs], reqs[0][1], use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0
-    assert len(sync) == 12
 
 
 def test_penalties_and_min_tokens_wait_for_the_last_token(ckpt):

@@ -45,8 +45,8 @@ MAX_M = 8
 
 # Tile shapes (BLOCK_N, BLOCK_K, num_warps) that scratch/gemv_bench.py times against cuBLAS.
 # The default rule (pick_config) uses one of them per M; the others are there to measure.
-CONFIGS = [(1, 1024, 4), (2, 512, 4), (2, 1024, 4), (4, 256, 4), (4, 512, 4), (8, 256, 4),
-           (8, 512, 4), (2, 2048, 8), (4, 1024, 8)]
+CONFIGS = [(1, 1024, 4), (2, 256, 4), (2, 512, 4), (2, 1024, 4), (4, 256, 4), (4, 512, 4),
+           (8, 256, 4), (8, 512, 4), (2, 2048, 8), (4, 1024, 8)]
 # fp32 accumulators per thread the deferred reduction may hold: BM * BLOCK_N * BLOCK_K / threads.
 # At M = 1 on XL, tiles holding 16-32 of them ran fastest (2 x 1024 on 4 warps holds 16);
 # 64 leaves registers for little else.
@@ -73,13 +73,20 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
-        # Rows past N and columns past K load zeros, which add nothing.
-        w = tl.load(w_rows + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)    # (BLOCK_N, BLOCK_K)
-        x = tl.load(x_rows + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)    # (BM, BLOCK_K)
+        w_mask = (n[:, None] < N) & (k[None, :] < K)                                               # (BLOCK_N, BLOCK_K)
         if BLOCK_M == 1:
-            acc += w.to(tl.float32) * x.to(tl.float32)                                 # (1, BK) broadcasts
+            w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)                               # (BLOCK_N, BLOCK_K)
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0)                                          # (BLOCK_K,)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         else:
-            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]         # (BM, BLOCK_N, BLOCK_K)
+            # Both tiles are loaded as 3D, so they arrive in the accumulator's layout (which
+            # thread holds which elements). A 2D W tile broadcast to 3D after loading made the
+            # compiler move it through shared memory every iteration (its TTGIR for sm_90 showed
+            # a convert_layout in the loop); loaded as 3D, the loop has none.
+            w = tl.load((w_rows + k[None, :])[None, :, :], mask=w_mask[None, :, :], other=0.0)     # (1, BLOCK_N, BLOCK_K)
+            x = tl.load(x_rows[:, :, None] + k[None, None, :],
+                        mask=(m[:, None, None] < M) & (k[None, None, :] < K), other=0.0)           # (BM, 1, BLOCK_K)
+            acc += x.to(tl.float32) * w.to(tl.float32)                                             # (BM, BLOCK_N, BLOCK_K)
     if BLOCK_M == 1:
         y = tl.sum(acc, axis=1)[None, :]                       # (1, BLOCK_N)
     else:

@@ -76,8 +76,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
         w_mask = (n[:, None] < N) & (k[None, :] < K)                                               # (BLOCK_N, BLOCK_K)
         if BLOCK_M == 1:
             w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)                               # (BLOCK_N, BLOCK_K)
-            x = tl.load(x_ptr + k, mask=k < K, other=0.0)                                          # (BLOCK_K,)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x = tl.load(x_ptr + k[None, :], mask=k[None, :] < K, other=0.0)                        # (1, BLOCK_K)
+            acc += w.to(tl.float32) * x.to(tl.float32)
         else:
             # Both tiles are loaded as 3D, so they arrive in the accumulator's layout (which
             # thread holds which elements). A 2D W tile broadcast to 3D after loading made the
@@ -104,6 +104,14 @@ def pick_config(M: int) -> tuple[int, int, int]:
     warps streamed W fastest (2.2 TB/s; 4 x 512 was within 2%). For more rows we keep 2 x K
     tiles on 4 warps and narrow K so that the accumulators stay within MAX_ACC_PER_THREAD
     (BM * 2 * BLOCK_K <= 32 * 128): 1024 for M <= 2, 512 for 3-4, 256 for 5-8.
+
+    Compiled for sm_90 (scratch/gemv_sm90_check.py) these use 40-72 registers per thread and
+    never spill. A fp16 tile 1024 wide on 4 warps gives each thread 8 contiguous elements of
+    every row, in W's tile and x's alike, so the loop moves nothing between threads; narrower
+    tiles (M >= 3) make the compiler route one of the two tiles through shared memory each
+    iteration. We took that over the alternatives without having measured either: 1 x 1024
+    tiles re-read x from L1 once per output row (8x W's bytes at M = 8), wider ones pass 100
+    registers. Whether it is right for M > 1 is for scratch/gemv_bench.py to say.
     """
     BM = triton.next_power_of_2(M)
     BLOCK_N, num_warps = 2, 4

@@ -152,7 +152,7 @@ def bench_model(model: str, t0: float) -> tuple[list[dict], list[dict]]:
         steps.append(dict(model=model, M=M, weights_gb=gb, ms=res))
         print(f"{model:8} step M={M:2}: " + "  ".join(f"{k} {v:.3f} ms ({gb / v:.2f} TB/s)" for k, v in res.items()),
               flush=True)
-    del weights
+    weights.clear()                                       # free the GPU memory for the next model
     if not DRY:
         torch.cuda.empty_cache()
     return rows, steps

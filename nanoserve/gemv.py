@@ -16,8 +16,8 @@ TB/s) with two output rows per program and 1024-wide K tiles; a device-to-device
                  has no cross-thread reduction in it.
 
 For more rows (M > MAX_M, i.e. prefill and large decode batches) cuBLAS's tiled GEMMs win: they
-read W once per tile of 64-128 rows, where ours would keep M accumulators per weight. The
-bound comes from the benchmark in scratch/gemv_bench.py (cuBLAS vs this kernel per M).
+read W once per tile of 64-128 rows, where ours would keep M accumulators per weight. MAX_M
+= 8 is our estimate until scratch/gemv_bench.py (cuBLAS against this kernel, per M) has run.
 
 The engine plugs the kernel in the way linear.py plugs in the CPU linears: every Conv1D becomes
 a GemvLinear (same name, same weight tensors, no copy) and model.fast_head reads the lm_head
@@ -44,12 +44,12 @@ from .kernels import HAS_TRITON, _jit, tl, triton
 MAX_M = 8
 
 # Tile shapes (BLOCK_N, BLOCK_K, num_warps) that scratch/gemv_bench.py times against cuBLAS.
-# The default rule (pick_config) uses one of them per M; the others are there to measure.
+# pick_config uses one of them for each M up to MAX_M; the others are there to be measured.
 CONFIGS = [(1, 1024, 4), (2, 256, 4), (2, 512, 4), (2, 1024, 4), (4, 256, 4), (4, 512, 4),
            (8, 256, 4), (8, 512, 4), (2, 2048, 8), (4, 1024, 8)]
 # fp32 accumulators per thread the deferred reduction may hold: BM * BLOCK_N * BLOCK_K / threads.
-# At M = 1 on XL, tiles holding 16-32 of them ran fastest (2 x 1024 on 4 warps holds 16);
-# 64 leaves registers for little else.
+# The two fastest tiles at M = 1 in gemv.log (2 x 1024 and 4 x 512, 4 warps) hold 16; we allow
+# twice that for several rows (72 registers per thread for sm_90, no spills).
 MAX_ACC_PER_THREAD = 32
 
 

@@ -112,6 +112,10 @@ def pick_config(M: int) -> tuple[int, int, int]:
     iteration. We took that over the alternatives without having measured either: 1 x 1024
     tiles re-read x from L1 once per output row (8x W's bytes at M = 8), wider ones pass 100
     registers. Whether it is right for M > 1 is for scratch/gemv_bench.py to say.
+
+    N and K do not enter the rule: gemv.log timed whole decode steps, not shapes. Every GPT-2
+    size has N and K in the thousands (hundreds of programs, K a multiple of 16), and
+    gemv_bench's per-shape table will show whether one shape wants another tile.
     """
     BM = triton.next_power_of_2(M)
     BLOCK_N, num_warps = 2, 4

@@ -38,6 +38,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--fused-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="GPU: CUDA graphs of the compiled decode step (EngineConfig.fused_decode; default: on)")
+    p.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPU: decode linears of few rows through gemv.py's Triton kernel (EngineConfig.gemv; default: on)")
     p.add_argument("--compare", choices=["vllm"], default=None,
                    help="GPU: also run vLLM on the same checkpoint and prompts (when `import vllm` works)")
     p.add_argument("--quick", action="store_true", help="smaller workloads (smoke test)")

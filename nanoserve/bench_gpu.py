@@ -103,6 +103,7 @@ def profile_decode(llm, prompts: list[list[int]], num_steps: int = 30) -> dict:
     for rid in list(eng.requests):
         eng.abort_request(rid)
     res = {"batch": len(prompts), "fused_decode": eng.runner.decode_logits is not None,
+           "gemv": type(eng.model.fast_head).__name__ == "GemvLinear",      # gemv.py's decode linears
            "wall_ms_per_step": 1000 * wall, "profiled_wall_ms_per_step": 1000 * profiled_wall,
            "gpu_kernel_ms_per_step": gpu_ms, "gpu_busy_fraction": gpu_ms / (1000 * wall),
            "host_ms_per_step": 1000 * wall - gpu_ms,
@@ -142,7 +143,7 @@ def _new_llm(args, ckpt: Path, **kw):
     # The workloads repeat prompts across warm-up and timed runs, and HF has no prefix cache:
     # measure without ours, so that every prompt token is prefilled on both sides.
     return LLM(str(ckpt), device="cuda", dtype=args.dtype or "float16", enforce_eager=args.enforce_eager,
-               fused_decode=args.fused_decode, quiet=False, enable_prefix_caching=False, **kw)
+               fused_decode=args.fused_decode, gemv=args.gemv, quiet=False, enable_prefix_caching=False, **kw)
 
 
 def bench_throughput(args, ckpt: Path) -> list[dict]:

@@ -190,6 +190,8 @@ class EngineConfig:
     compile_cpu_attention: bool = False # CPU: torch.compile the decode attention (needs a C++ compiler)
     fused_decode: bool | None = None    # CUDA graphs capture the torch.compile'd decode step (fused.py);
                                         # None: when CUDA graphs are on, falling back to eager if it fails
+    gemv: bool | None = None            # decode linears with few rows run gemv.py's Triton kernel, not cuBLAS;
+                                        # None: where it applies (CUDA graphs on, Triton kernels in use)
     quantization: str | None = None     # "int8": per-channel int8 weights, made at load (CPU; linear.py)
     async_scheduling: bool | None = None  # schedule step k+1 while the device runs step k (engine.py);
                                         # None: on CUDA (on a CPU nothing runs meanwhile)

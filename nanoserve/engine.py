@@ -87,7 +87,15 @@ class LLMEngine:
         if config.fused_decode and not use_graphs:
             raise ValueError("fused_decode=True needs CUDA graphs (device='cuda', enforce_eager=False, triton "
                              "installed); leave fused_decode=None to use it only where it applies")
+        if config.gemv and not use_graphs:
+            raise ValueError("gemv=True needs CUDA graphs (device='cuda', enforce_eager=False, triton installed); "
+                             "leave gemv=None to use it only where it applies")
         if use_graphs:
+            if config.gemv is not False:
+                # Decode steps read every weight once per token: a GEMV that streams them faster
+                # than cuBLAS shortens the step (gemv.py). Larger M still goes to cuBLAS.
+                from .gemv import use_gemv_linears
+                use_gemv_linears(self.model)
             self._capture_graphs()
 
         kv_capacity = self.num_blocks * config.block_size

@@ -53,6 +53,17 @@ def save_checkpoint(model, path: Path, layout: str = "hub") -> Path:
     return path
 
 
+def load_model(ckpt: Path):
+    """nanoserve's GPT2 over a checkpoint directory, in eval mode on the CPU (no engine)."""
+    from nanoserve.config import GPT2Config
+    from nanoserve.model import GPT2
+    from nanoserve.weights import load_state_dict
+    cfg = GPT2Config.from_json(ckpt / "config.json")
+    model = GPT2(cfg)
+    model.load_weights(load_state_dict(ckpt, cfg))
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_hf():
     return make_hf_model()

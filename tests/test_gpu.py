@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanoserve import LLM, SamplingParams
 
@@ -137,3 +138,32 @@ def test_sliding_window_and_context_shift_on_gpu_equal_the_cpu_reference(tmp_pat
     cpu = LLM(ckpt, device="cpu", quiet=True, block_size=8, **kw)
     assert _outputs(gpu, prompts, params) == _outputs(cpu, prompts, params)
     assert gpu.engine.runner.graphs
+
+
+def test_gemv_decode_linears_give_cublas_tokens_fp32(tiny_ckpt, cpu_ref):
+    """With gemv.py's kernel in the decode linears (the default on CUDA) the engine gives the
+    tokens of cuBLAS linears (gemv=False) and of the CPU reference, in fused and eager graphs."""
+    from nanoserve.gemv import GemvLinear
+    kw = dict(device="cuda", dtype="float32", quiet=True, num_blocks=256)
+    prompts = _prompts(12, seed=6)
+    engines = {"gemv fused": LLM(str(tiny_ckpt), **kw), "gemv eager graphs": LLM(str(tiny_ckpt), fused_decode=False, **kw),
+               "cublas": LLM(str(tiny_ckpt), gemv=False, **kw), "cpu": cpu_ref}
+    assert isinstance(engines["gemv fused"].engine.model.fast_head, GemvLinear), "gemv should be on by default"
+    assert engines["cublas"].engine.model.fast_head is None
+    tokens = {name: [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+              for name, llm in engines.items()}
+    for name in ("gemv fused", "gemv eager graphs", "cublas"):
+        assert tokens[name] == tokens["cpu"], f"{name} differs from the CPU reference"
+
+
+def test_gemv_linear_above_the_bound_is_cublas_on_cuda():
+    """On CUDA, linear() with more than MAX_M rows is F.linear bit for bit (prefill is unchanged),
+    and with MAX_M rows or fewer it runs the kernel, within fp16 rounding of F.linear."""
+    from nanoserve import gemv
+    w = torch.randn(300, 200, device="cuda", dtype=torch.float16) / 200 ** 0.5
+    b = torch.randn(300, device="cuda", dtype=torch.float16)
+    big = torch.randn(gemv.MAX_M + 1, 200, device="cuda", dtype=torch.float16)
+    assert torch.equal(gemv.linear(big, w, b), F.linear(big, w, b))
+    small = big[:gemv.MAX_M]
+    assert gemv.uses_kernel(small)
+    torch.testing.assert_close(gemv.linear(small, w, b), F.linear(small, w, b), atol=2e-3, rtol=2e-3)

@@ -7,17 +7,9 @@ import torch
 from nanoserve import kv_cache
 from nanoserve.config import EngineConfig, GPT2Config
 from nanoserve.kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_per_block
-from nanoserve.model import GPT2
-from nanoserve.weights import load_state_dict
+from conftest import load_model
 
 GiB = 2**30
-
-
-def _model(ckpt) -> GPT2:
-    mc = GPT2Config.from_json(ckpt / "config.json")
-    model = GPT2(mc)
-    model.load_weights(load_state_dict(ckpt, mc))
-    return model.eval()
 
 
 def test_pool_is_indexed_token_major_and_stored_head_major(tiny_ckpt):
@@ -56,7 +48,7 @@ def test_gpu_pool_gets_what_the_profile_run_leaves(tiny_ckpt, monkeypatch):
     profile = kv_cache._profile_free_gpu_memory
     monkeypatch.setattr(kv_cache, "_profile_free_gpu_memory",
                         lambda model, config, dtype, device, n: profile(model, config, dtype, torch.device("cpu"), n))
-    model = _model(tiny_ckpt)
+    model = load_model(tiny_ckpt)
     forwards = []
     model.register_forward_hook(lambda m, args, out: forwards.append(tuple(out.shape)))
     config = EngineConfig(model=str(tiny_ckpt), gpu_memory_utilization=0.9, block_size=16)
@@ -70,7 +62,7 @@ def test_gpu_pool_gets_what_the_profile_run_leaves(tiny_ckpt, monkeypatch):
 
 def test_pool_too_small_for_one_full_sequence_is_an_error(tiny_ckpt):
     """A budget under one n_ctx-token sequence fails at start-up, naming the settings to change."""
-    model = _model(tiny_ckpt)
+    model = load_model(tiny_ckpt)
     config = EngineConfig(model=str(tiny_ckpt), cpu_kv_cache_gb=1e-6, block_size=16)
     with pytest.raises(RuntimeError, match="less than one .*-token sequence.*cpu_kv_cache_gb"):
         auto_num_blocks(model, config, torch.float32, torch.device("cpu"), max_num_batched_tokens=64)

@@ -138,18 +138,24 @@ class ModelRunner:
         ctx_lens = [seq.num_computed_tokens + n for seq, n in sched.scheduled]   # (S,) after the write
         rows, MB = self._block_table_rows(sched)
         block_tables = self.bt_host[:, :MB].index_select(0, torch.tensor(rows))   # (S, MB)
-        dev = self.device
+        dst, src = zip(*from_prev) if from_prev else ((), ())
+        # Two host-to-device copies for the whole step, one per dtype: each small copy costs
+        # the host ~20 us (pinning, a launch), more than at batch 1 the GPU needs for a layer.
+        N, S = len(input_ids), len(q_lens)
+        longs = to_device([*input_ids, *positions, *slots, *dst, *src], torch.int64, self.device)
+        ints = to_device(torch.cat([torch.tensor([*ctx_lens, *qsl], dtype=torch.int32), block_tables.view(-1)]),
+                         torch.int32, self.device)
+        input_ids_d, positions_d, slots_d, dst_d, src_d = longs.split([N, N, N, len(dst), len(src)])
         meta = AttentionMetadata(
-            slot_mapping=to_device(slots, torch.int64, dev),                # (N,)
-            block_tables=to_device(block_tables, torch.int32, dev),         # (S, MB)
-            context_lens=to_device(ctx_lens, torch.int32, dev),             # (S,)
-            query_start_loc=to_device(qsl, torch.int32, dev),               # (S+1,)
+            slot_mapping=slots_d,                                           # (N,)
+            block_tables=ints[2 * S + 1:].view(S, MB),                      # (S, MB)
+            context_lens=ints[:S],                                          # (S,)
+            query_start_loc=ints[S:2 * S + 1],                              # (S+1,)
             max_query_len=max(q_lens), max_context_len=max(ctx_lens),
             attention_window=self.cfg.attention_window)
-        inp = StepInputs(to_device(input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta)
+        inp = StepInputs(input_ids_d, positions_d, meta)
         if from_prev:      # the previous step's tokens, copied on the device: the host never waits for them
-            dst, src = zip(*from_prev)
-            inp.input_ids[to_device(dst, torch.int64, dev)] = prev.token_ids[to_device(src, torch.int64, dev)]
+            inp.input_ids[dst_d] = prev.token_ids[src_d]
         self._select_logit_rows(sched, qsl, inp)
         return inp
 

@@ -15,9 +15,12 @@ TB/s) with two output rows per program and 1024-wide K tiles; a device-to-device
                  summed elementwise in fp32 and reduced across K once, at the end, so the loop
                  has no cross-thread reduction in it.
 
-For more rows (M > MAX_M, i.e. prefill and large decode batches) cuBLAS's tiled GEMMs win: they
-read W once per tile of 64-128 rows, where ours would keep M accumulators per weight. MAX_M
-= 8 is our estimate until scratch/gemv_bench.py (cuBLAS against this kernel, per M) has run.
+For more rows (M > MAX_M, i.e. prefill and larger decode batches) cuBLAS's tiled GEMMs win.
+Measured on an H200 (docs/bench/2026-11-30-h200-async/gemv_bench.py, a whole decode step's
+linears in one CUDA graph, ms, cuBLAS against this kernel):
+    GPT-2 XL:   M=1 1.61 vs 1.30   M=2 1.61 vs 1.50   M=4 1.64 vs 2.38   M=8 1.58 vs 3.26
+    GPT-2 124M: M=1 0.27 vs 0.18   M=2 0.28 vs 0.22   M=4 0.30 vs 0.32   M=8 0.30 vs 0.38
+With M rows the kernel holds M times the accumulators and falls off past two rows, so MAX_M = 2.
 
 The engine plugs the kernel in the way linear.py plugs in the CPU linears: every Conv1D becomes
 a GemvLinear (same name, same weight tensors, no copy) and model.fast_head reads the lm_head
@@ -40,10 +43,10 @@ import torch.nn.functional as F
 
 from .kernels import HAS_TRITON, _jit, tl, triton
 
-# The kernel serves 1 <= M <= MAX_M rows; larger M goes to cuBLAS (F.linear).
-MAX_M = 8
+# The kernel serves 1 <= M <= MAX_M rows; larger M goes to cuBLAS (F.linear). Measured: above.
+MAX_M = 2
 
-# Tile shapes (BLOCK_N, BLOCK_K, num_warps) that scratch/gemv_bench.py times against cuBLAS.
+# Tile shapes (BLOCK_N, BLOCK_K, num_warps) that docs/bench/2026-11-30-h200-async/gemv_bench.py times against cuBLAS.
 # pick_config uses one of them for each M up to MAX_M; the others are there to be measured.
 CONFIGS = [(1, 1024, 4), (2, 256, 4), (2, 512, 4), (2, 1024, 4), (4, 256, 4), (4, 512, 4),
            (8, 256, 4), (8, 512, 4), (2, 2048, 8), (4, 1024, 8)]
@@ -105,13 +108,13 @@ def pick_config(M: int) -> tuple[int, int, int]:
     tiles on 4 warps and narrow K so that the accumulators stay within MAX_ACC_PER_THREAD
     (BM * 2 * BLOCK_K <= 32 * 128): 1024 for M <= 2, 512 for 3-4, 256 for 5-8.
 
-    Compiled for sm_90 (scratch/gemv_sm90_check.py) these use 40-72 registers per thread and
-    never spill. A fp16 tile 1024 wide on 4 warps gives each thread 8 contiguous elements of
+    Compiled for sm_90 (docs/bench/2026-11-30-h200-async/gemv_sm90_check.py) these use 40-72
+    registers per thread and never spill. A fp16 tile 1024 wide on 4 warps gives each thread 8 contiguous elements of
     every row, in W's tile and x's alike, so the loop moves nothing between threads; narrower
     tiles (M >= 3) make the compiler route one of the two tiles through shared memory each
     iteration. We took that over the alternatives without having measured either: 1 x 1024
     tiles re-read x from L1 once per output row (8x W's bytes at M = 8), wider ones pass 100
-    registers. Whether it is right for M > 1 is for scratch/gemv_bench.py to say.
+    registers. Measured (gemv_bench.py), the kernel beats cuBLAS at M = 1 and 2 only: MAX_M.
 
     N and K do not enter the rule: gemv.log timed whole decode steps, not shapes. Every GPT-2
     size has N and K in the thousands (hundreds of programs, K a multiple of 16), and

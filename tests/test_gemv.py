@@ -42,10 +42,11 @@ def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("M", range(1, gemv.MAX_M + 1))
-def test_kernel_equals_f_linear_in_float32_for_every_m_up_to_the_bound(M, bias):
-    """For 1 <= M <= MAX_M rows, with or without bias, the kernel gives F.linear's fp32 result
-    (to summation order) when no tile divides N or K."""
+@pytest.mark.parametrize("M", range(1, 9))
+def test_kernel_equals_f_linear_in_float32_for_every_m_up_to_8(M, bias):
+    """For 1 to 8 rows (the engine uses it up to MAX_M, but the kernel serves any M), with or
+    without bias, the kernel gives F.linear's fp32 result (to summation order) when no tile
+    divides N or K."""
     x, w, b = _operands(M, torch.float32, bias, seed=M)
     got = gemv.gemv(x, w, b, SMALL_TILE)
     assert got.shape == (M, N) and got.dtype == torch.float32

@@ -2,8 +2,8 @@
 and print per tile: registers per thread, local-memory spills, and layout conversions in the
 TTGIR (a convert_layout inside the K loop means a trip through shared memory every iteration).
 
-    PYTHONPATH=. python scratch/gemv_sm90_check.py            # every tile gemv_bench.py times
-    PYTHONPATH=. python scratch/gemv_sm90_check.py 2 2 1024 4 # BM BLOCK_N BLOCK_K warps: print its TTGIR
+    PYTHONPATH=. python docs/bench/2026-11-30-h200-async/gemv_sm90_check.py            # every tile gemv_bench.py times
+    PYTHONPATH=. python docs/bench/2026-11-30-h200-async/gemv_sm90_check.py 2 2 1024 4 # BM BLOCK_N BLOCK_K warps: print its TTGIR
 
 Uses triton's compiler API (ASTSource, GPUTarget) and the ptxas/cuobjdump shipped in its wheel;
 written against triton 3.7.

@@ -1,9 +1,9 @@
 """Split-K vs one-pass Triton decode attention on a GPU: time per call, and agreement.
 
 Run from the repository root on the GPU machine:
-    PYTHONPATH=$PWD python scratch/splitk_bench.py               # full sweep (about a minute)
-    PYTHONPATH=$PWD python scratch/splitk_bench.py --quick       # XL batch 1 only
-    PYTHONPATH=$PWD python scratch/splitk_bench.py --out $OUT/splitk.json
+    PYTHONPATH=$PWD python docs/bench/2026-11-30-h200-async/splitk_bench.py               # full sweep (about a minute)
+    PYTHONPATH=$PWD python docs/bench/2026-11-30-h200-async/splitk_bench.py --quick       # XL batch 1 only
+    PYTHONPATH=$PWD python docs/bench/2026-11-30-h200-async/splitk_bench.py --out $OUT/splitk.json
 
 What it measures: kernels.paged_attention on one decode step (every sequence at the same
 context), fp16, block size 16, the engine's cache layout (kv_cache.py: head-major blocks), for

@@ -2,7 +2,7 @@
 against nanoserve.gemv's kernel, for each tile in gemv.CONFIGS and for pick_config's choice.
 
 Run from the repository root on the GPU machine (about 1-2 minutes):
-    PYTHONPATH=. python scratch/gemv_bench.py            # OUT=dir also writes dir/gemv_bench.json
+    PYTHONPATH=. python docs/bench/2026-11-30-h200-async/gemv_bench.py            # OUT=dir also writes dir/gemv_bench.json
 
 Part 1 (per shape): each projection (c_attn, attn.c_proj, c_fc, mlp.c_proj, lm_head) timed alone
 in one CUDA graph over enough distinct weight copies (>= 256 MB, the model's layer count at

@@ -114,7 +114,7 @@ def kernel_on_cpu(monkeypatch):
 
 def test_the_op_inside_torch_compile_equals_eager(kernel_on_cpu):
     """gemv_op in a torch.compile'd function (fullgraph, batch dimension dynamic) runs the kernel
-    and gives eager linear()'s result, for M = 1 and M = 3."""
+    and gives eager linear()'s result, for M = 1 and M = MAX_M."""
     torch.compiler.reset()
     w1, b1, w2 = (t.to(DEVICE) for t in (torch.randn(N, K) / K ** 0.5, torch.randn(N),
                                          torch.randn(N, N) / N ** 0.5))      # (N, K), (N,), (N, N)
@@ -123,7 +123,7 @@ def test_the_op_inside_torch_compile_equals_eager(kernel_on_cpu):
         h = F.gelu(gemv.linear(x, w1, b1))                                   # (M, N)
         return gemv.linear(h, w2)                                            # (M, N)
     compiled = torch.compile(two_layers, fullgraph=True)
-    for M in (1, 3):
+    for M in (1, gemv.MAX_M):
         x = torch.randn(M, K, device=DEVICE)
         torch._dynamo.maybe_mark_dynamic(x, 0)
         eager = two_layers(x)

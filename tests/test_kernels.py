@@ -275,11 +275,13 @@ def test_split_decode_is_chosen_for_a_small_batch_under_a_context_bound(_no_one_
 
 
 def test_decode_partitions_split_only_small_batches_within_the_tiles_a_query_sees() -> None:
-    """The rule: one pass once S*H programs fill the SMs or the keys fit one tile; otherwise
-    about PROGRAMS_PER_SM programs per SM, capped by the context's (or window's) tiles and
-    MAX_PARTITIONS."""
+    """The rule: one pass once S*H programs leave no room for 2 partitions at PROGRAMS_PER_SM
+    programs per SM, or the keys fit one tile; otherwise about PROGRAMS_PER_SM programs per
+    SM, capped by the context's (or window's) tiles and MAX_PARTITIONS."""
     rule = kernels.decode_partitions
-    assert rule(8, 25, 1024, None, 64, 132) == 1                    # 200 programs fill 132 SMs
+    assert rule(8, 25, 1024, None, 64, 132) == 3                    # 200 programs: ceil(528 / 200)
+    assert rule(16, 25, 1024, None, 64, 132) == 1                   # 400 programs: not 2 per 528
+    assert rule(22, 12, 1024, None, 64, 132) == 2                   # 264 programs: exactly 2
     assert rule(1, 25, 64, None, 64, 132) == 1                      # one tile of keys
     assert rule(1, 25, 1024, None, 64, 132) == 16                   # GPT-2 XL, batch 1: all 16 tiles
     assert rule(4, 25, 1024, None, 64, 132) == 6                    # 100 programs: ceil(528 / 100)

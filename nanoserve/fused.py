@@ -34,9 +34,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from . import attention, kernels
+from . import attention, cpu_attention, kernels
 from .attention import AttentionMetadata
+from .config import cdiv
 from .model import GPT2
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
@@ -111,4 +113,71 @@ def compile_decode(model: GPT2) -> DecodeFn:
                   meta.query_start_loc):
             torch._dynamo.maybe_mark_dynamic(t, 0)
         return compiled(input_ids, positions, kv_cache, meta)
+    return run
+
+
+# ---- the CPU: one sequence's decode step, compiled --------------------------------------
+# At batch 1 a CPU decode step is ~250 small eager ops around 49 matrix-vector products; each
+# op costs 3-40 us of dispatch whatever its size. Compiled, the layer norms, GELU, residual
+# adds, int8 activation quantization and attention become a few C++ loops between the
+# products, and in float32 the products themselves become Inductor's loops (linear.gemv),
+# which stream the weights faster than oneDNN's kernel does for one row. There are no CUDA
+# graphs on a CPU: Inductor's Python wrapper runs every step, behind TorchDynamo's guards.
+#
+# With freezing, Inductor treats the weights as constants, which lets oneDNN's packed bf16 and
+# int8 weights (linear.py) stay in the graph as its own mkldnn ops. Only one-sequence steps
+# take this path: batched steps already share each op's cost among their sequences, and the
+# eager oneDNN kernels are the faster ones there.
+
+def _write_kv_in_graph(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """attention.write_kv without its padding check (a compiled step has no padding rows):
+    Inductor turns the assignment into an in-place scatter into the pool, not a copy of it."""
+    BS = k_cache.shape[1]
+    block, offset = slot_mapping // BS, slot_mapping % BS      # (1,), (1,)
+    k_cache[block, offset] = k
+    v_cache[block, offset] = v
+
+
+def _cpu_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                   scale: float) -> torch.Tensor:
+    """cpu_attention's fused decode loop; meta.block_tables holds just the used blocks."""
+    return cpu_attention.fused_decode_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), meta.block_tables,
+                                      meta.context_lens, scale)                          # (1, H, D)
+
+
+def compile_cpu_decode(model: GPT2) -> DecodeFn:
+    """A compiled one-sequence decode step for the CPU: (1,) token id at (1,) position -> (1, V)
+    logits, writing the step's K/V into kv_cache like the eager forward. No sliding window.
+
+    Compilation happens on the first call (20-70 s for GPT-2 124M, a few for the tests' tiny
+    models; Inductor caches it on disk for the next process). Later calls recompile only for a
+    new shape: the context is a dynamic dimension, so they do not.
+    """
+    def decode_logits(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor, blocks: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        # Only the fields the two functions above read; the rest are fixed for a decode step.
+        meta = AttentionMetadata(slot_mapping, blocks, context_lens, query_start_loc=context_lens,
+                                 max_query_len=1, max_context_len=0)
+        hidden = model(input_ids, positions, kv_cache, meta, attn_fn=_cpu_attention, write_fn=_write_kv_in_graph)
+        return model.compute_logits(hidden)                                             # (1, V)
+
+    torch.compiler.reset()      # as compile_decode: each engine compiles its own weights
+    compiled = torch.compile(decode_logits, fullgraph=True)
+
+    def run(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+            meta: AttentionMetadata) -> torch.Tensor:
+        assert meta.num_seqs == 1 and meta.is_decode and meta.attention_window is None, "one decode token, no window"
+        BS = kv_cache.shape[3]
+        # The blocks that hold the context, at least two: torch specialises a size of 1, and a
+        # second compilation for contexts of one block would cost more than attending to a
+        # zero-filled block (masked out by context_lens) for a few steps.
+        nb = max(2, cdiv(meta.max_context_len, BS))
+        blocks = meta.block_tables[:, :nb].long()                                       # (1, nb)
+        if blocks.shape[1] < nb:
+            blocks = F.pad(blocks, (0, nb - blocks.shape[1]))
+        torch._dynamo.maybe_mark_dynamic(blocks, 1)
+        # Freezing is read when a call compiles (torch.compile's options= do not reach it).
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(input_ids, positions, kv_cache, meta.slot_mapping, blocks, meta.context_lens.long())
     return run

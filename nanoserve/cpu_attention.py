@@ -8,8 +8,9 @@ generation) are therefore computed here differently, with the same result:
   decode_attention       eager PyTorch, block by block: with head-major blocks (kv_cache.py)
                          each (block, head) is a contiguous (BS, D) matrix, so scores and the
                          weighted sum are batched matrix-vector products on the gathered blocks.
-  compiled_attention()   the same written elementwise (fused_decode_attention) for torch.compile, which
-                         fuses it into one C++ loop nest that reads each cached K/V once.
+  compiled_attention()   the same written elementwise (fused_decode_attention) for
+                         torch.compile, which fuses it into one C++ loop nest that reads each
+                         cached K/V once; fused.compile_cpu_decode inlines it the same way.
 
 Both have paged_attention's signature and fall back to the reference for steps with prefill
 tokens. The engine swaps one of them into GPT2.attn_fn on a CPU (EngineConfig.compile_cpu_attention

@@ -1,4 +1,4 @@
-"""The fused decode step for CUDA: torch.compile of model.py's forward, attention kept opaque.
+"""The fused decode step: torch.compile of model.py's forward, for CUDA graphs and for the CPU.
 
 At batch 1 a GPT-2 decode step is hundreds of tiny kernels (per layer: layer norm, a GEMM with
 its bias, the K/V write, attention, a GEMM, a residual add, layer norm, a GEMM, GELU, a GEMM,
@@ -20,14 +20,18 @@ batch size); replays never enter Python, so Inductor's wrapper costs nothing per
 size is a dynamic dimension: one compilation serves every graph size but 1, which torch
 always specialises (a second, short compilation).
 
+On a CPU (compile_cpu_decode, below, with `EngineConfig(fused_decode=True)`) the same forward
+is compiled for steps that decode one sequence, the case where per-op costs dominate there.
+
 The eager path (model.py + kernels.py, no compiler) stays the reference: it runs prefill,
-every step with enforce_eager, and `EngineConfig(fused_decode=False)`.
+every step with enforce_eager, and `EngineConfig(fused_decode=False)`; on a CPU also batched
+decode steps, and everything unless fused_decode=True.
 
 S = sequences (= tokens: one each)   H = n_head   D = head_dim   V = vocab_size
 NB = KV blocks in pool   BS = tokens per block   MB = max blocks per sequence
 
-References: gpt-fast (torch.compile of a decode step under CUDA graphs), PyTorch's custom-op
-tutorial ("Python custom operators"), vLLM's `unified_attention` custom op.
+References: gpt-fast (torch.compile of a decode step under CUDA graphs), PyTorch's custom-op tutorial ("Python custom operators"), vLLM's
+`unified_attention` custom op, torch/_inductor/freezing.py (what freezing does to weights).
 """
 from __future__ import annotations
 
@@ -125,19 +129,11 @@ def compile_decode(model: GPT2) -> DecodeFn:
 # graphs on a CPU: Inductor's Python wrapper runs every step, behind TorchDynamo's guards.
 #
 # With freezing, Inductor treats the weights as constants, which lets oneDNN's packed bf16 and
-# int8 weights (linear.py) stay in the graph as its own mkldnn ops. Only one-sequence steps
+# int8 weights (linear.py) stay in the graph as its own mkldnn ops. The K/V write stays the
+# write_kv custom op above: written as an index assignment in the graph (gpt-fast's way), it
+# compiled to a copy of each layer's whole K and V pool per step, as our pool is head-major. Only one-sequence steps
 # take this path: batched steps already share each op's cost among their sequences, and the
 # eager oneDNN kernels are the faster ones there.
-
-def _write_kv_in_graph(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
-    """attention.write_kv without its padding check (a compiled step has no padding rows):
-    Inductor turns the assignment into an in-place scatter into the pool, not a copy of it."""
-    BS = k_cache.shape[1]
-    block, offset = slot_mapping // BS, slot_mapping % BS      # (1,), (1,)
-    k_cache[block, offset] = k
-    v_cache[block, offset] = v
-
 
 def _cpu_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                    scale: float) -> torch.Tensor:
@@ -159,7 +155,7 @@ def compile_cpu_decode(model: GPT2) -> DecodeFn:
         # Only the fields the two functions above read; the rest are fixed for a decode step.
         meta = AttentionMetadata(slot_mapping, blocks, context_lens, query_start_loc=context_lens,
                                  max_query_len=1, max_context_len=0)
-        hidden = model(input_ids, positions, kv_cache, meta, attn_fn=_cpu_attention, write_fn=_write_kv_in_graph)
+        hidden = model(input_ids, positions, kv_cache, meta, attn_fn=_cpu_attention, write_fn=write_kv)
         return model.compute_logits(hidden)                                             # (1, V)
 
     torch.compiler.reset()      # as compile_decode: each engine compiles its own weights

@@ -18,6 +18,10 @@ with one of:
                  int8 x int8 products run in oneDNN's VNNI kernel (torch.ops.onednn), as
                  CTranslate2's int8 and llama.cpp's Q8_0 do. A quarter of fp32's bytes.
 
+The compiled one-sequence decode step on a CPU (fused.compile_cpu_decode) reuses these
+modules: in float32 a PackedLinear there runs gemv(), an Inductor-generated loop that reads
+the plain weights faster than oneDNN reads its packed ones for one row, so it keeps both.
+
 Weight-only int8 (int8 weights, float activations: torch's _weight_int8pack_mm) measured
 slower here than bfloat16 weights, and per-tensor dynamic quantization (torch.ao's
 quantize_dynamic) would make one request's tokens depend on the others in its batch; hence

@@ -148,7 +148,7 @@ class LLMEngine:
 
     def _use_cpu_decode(self) -> bool:
         """Whether one-sequence decode steps run fused.compile_cpu_decode: on a CPU with
-        fused_decode=True only. Off by default: it compiles for 20-70 s on first use, in every
+        fused_decode=True only. Off by default: it compiles for 13-84 s on first use, in every
         process whose Inductor cache is cold (BENCHMARKS.md, issue 12, has its speed)."""
         return self.device.type == "cpu" and bool(self.config.fused_decode) and not self.config.enforce_eager
 

@@ -30,8 +30,9 @@ decode steps, and everything unless fused_decode=True.
 S = sequences (= tokens: one each)   H = n_head   D = head_dim   V = vocab_size
 NB = KV blocks in pool   BS = tokens per block   MB = max blocks per sequence
 
-References: gpt-fast (torch.compile of a decode step under CUDA graphs), PyTorch's custom-op tutorial ("Python custom operators"), vLLM's
-`unified_attention` custom op, torch/_inductor/freezing.py (what freezing does to weights).
+References: gpt-fast (torch.compile of a decode step under CUDA graphs), PyTorch's custom-op
+tutorial ("Python custom operators"), vLLM's `unified_attention` custom op,
+torch/_inductor/freezing.py (what freezing does to weights).
 """
 from __future__ import annotations
 
@@ -131,23 +132,23 @@ def compile_decode(model: GPT2) -> DecodeFn:
 # With freezing, Inductor treats the weights as constants, which lets oneDNN's packed bf16 and
 # int8 weights (linear.py) stay in the graph as its own mkldnn ops. The K/V write stays the
 # write_kv custom op above: written as an index assignment in the graph (gpt-fast's way), it
-# compiled to a copy of each layer's whole K and V pool per step, as our pool is head-major. Only one-sequence steps
-# take this path: batched steps already share each op's cost among their sequences, and the
-# eager oneDNN kernels are the faster ones there.
+# compiled to a copy of each layer's whole K and V pool per step (our pool is head-major).
+# Only one-sequence steps take this path: batched steps already share each op's cost among
+# their sequences, and the eager oneDNN kernels are the faster ones there.
 
 def _cpu_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                    scale: float) -> torch.Tensor:
     """cpu_attention's fused decode loop; meta.block_tables holds just the used blocks."""
-    return cpu_attention.fused_decode_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), meta.block_tables,
-                                      meta.context_lens, scale)                          # (1, H, D)
+    return cpu_attention.fused_decode_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                                meta.block_tables, meta.context_lens, scale)   # (1, H, D)
 
 
 def compile_cpu_decode(model: GPT2) -> DecodeFn:
     """A compiled one-sequence decode step for the CPU: (1,) token id at (1,) position -> (1, V)
     logits, writing the step's K/V into kv_cache like the eager forward. No sliding window.
 
-    Compilation happens on the first call (20-70 s for GPT-2 124M, a few for the tests' tiny
-    models; Inductor caches it on disk for the next process). Later calls recompile only for a
+    Compilation happens on the first call: 13-84 s for GPT-2 124M, 5-25 s for the tests' tiny
+    models (Inductor caches its work on disk, so a second process compiles faster). Later calls recompile only for a
     new shape: the context is a dynamic dimension, so they do not.
     """
     def decode_logits(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,

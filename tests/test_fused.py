@@ -128,9 +128,11 @@ def test_cpu_fused_step_gives_the_eager_forwards_logits_and_kv_writes(tiny_ckpt,
     torch.manual_seed(0)
     pool = torch.randn_like(llm.engine.kv_cache)                                   # (L, 2, NB, BS, H, D)
     ctx = 2 * BS + 5                                  # three blocks, in a scrambled order
-    meta = AttentionMetadata(slot_mapping=torch.tensor([7 * BS + 4]), block_tables=torch.tensor([[3, 0, 7, 1]], dtype=torch.int32),
+    meta = AttentionMetadata(slot_mapping=torch.tensor([7 * BS + 4]),           # position ctx - 1: block 7
+                             block_tables=torch.tensor([[3, 0, 7, 1]], dtype=torch.int32),
                              context_lens=torch.tensor([ctx], dtype=torch.int32),
-                             query_start_loc=torch.tensor([0, 1], dtype=torch.int32), max_query_len=1, max_context_len=ctx)
+                             query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+                             max_query_len=1, max_context_len=ctx)
     ids, positions = torch.tensor([4881]), torch.tensor([ctx - 1])
     with torch.inference_mode():
         kv_eager, kv_fused = pool.clone(), pool.clone()

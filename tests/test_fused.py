@@ -166,3 +166,18 @@ def test_cpu_fused_decode_leaves_batched_steps_to_the_eager_forward(tiny_ckpt, t
     prompts = [PROMPT, PROMPT[:9]]
     assert [t for t, _ in _greedy(llm, prompts, 6)] == [t for t, _ in _greedy(tiny_llm, prompts, 6)]
     assert calls == []
+
+
+def test_cpu_fused_engines_with_different_weights_each_decode_with_their_own(tiny_ckpt, tiny_llm, tmp_path):
+    """Two fused engines in one process, same shapes, other weights: each keeps its own greedy
+    tokens, also after the other compiled (the compiled steps bake their weights in as constants,
+    so handing one engine the other's compiled step would change its tokens)."""
+    from conftest import make_hf_model, save_checkpoint
+    other_ckpt = save_checkpoint(make_hf_model(seed=5), tmp_path / "other", layout="hub")
+    other_eager = LLM(str(other_ckpt), device="cpu", quiet=True)
+    first = _fused_engine(tiny_ckpt, "float32")
+    other = LLM(str(other_ckpt), device="cpu", quiet=True, num_blocks=16, fused_decode=True)
+    [(other_tokens, _)] = _greedy(other, [PROMPT], 12)
+    [(first_tokens, _)] = _greedy(first, [PROMPT], 12)
+    assert other_tokens == _greedy(other_eager, [PROMPT], 12)[0][0]
+    assert first_tokens == _greedy(tiny_llm, [PROMPT], 12)[0][0] != other_tokens

@@ -3,6 +3,7 @@
     python -m nanoserve bench cpu                      # the CPU workloads (2 cores, fp32)
     python -m nanoserve bench cpu --dtype bfloat16     # ... bf16 weights (HF in bf16 too)
     python -m nanoserve bench cpu --quantization int8  # ... int8 weights (HF in fp32)
+    python -m nanoserve bench cpu --fused-decode       # ... one-sequence decode steps compiled
     python -m nanoserve bench throughput --device cuda --compare-hf
     python -m nanoserve bench latency --device cuda --model gpt2-xl --compare-hf
     python -m nanoserve bench throughput --device cuda --compare vllm   # vLLM too, if importable
@@ -37,7 +38,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench_out", help="directory for JSON results and plots")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--fused-decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPU: CUDA graphs of the compiled decode step (EngineConfig.fused_decode; default: on)")
+                   help="GPU: CUDA graphs of the compiled decode step (default: on); cpu: compiled one-sequence "
+                        "decode steps (default: off) (EngineConfig.fused_decode)")
     p.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
                    help="GPU: decode linears of few rows through gemv.py's Triton kernel (EngineConfig.gemv; default: on)")
     p.add_argument("--compare", choices=["vllm"], default=None,
@@ -163,7 +165,7 @@ def bench_cpu(args: argparse.Namespace, ckpt: Path) -> list[dict]:
     # Prompts repeat across workloads and HF has no prefix cache: prefill every token on both sides.
     dtype = args.dtype or "float32"
     kw = dict(device="cpu", dtype=dtype, quantization=args.quantization, quiet=True)
-    llm = LLM(str(ckpt), compile_cpu_attention=args.compile, enable_prefix_caching=False, **kw)
+    llm = LLM(str(ckpt), compile_cpu_attention=args.compile, fused_decode=args.fused_decode, enable_prefix_caching=False, **kw)
     nocache = LLM(str(ckpt), enable_kv_cache=False, **kw)
     hf = hf_model(ckpt, "cpu", resolve_dtype(dtype, torch.device("cpu"))) if args.compare_hf else None
     # Warm-up, also compiling the decode attention for one and for several sequences (torch

@@ -189,7 +189,8 @@ class EngineConfig:
     use_triton: bool | None = None      # None: Triton kernels on CUDA when triton imports
     compile_cpu_attention: bool = False # CPU: torch.compile the decode attention (needs a C++ compiler)
     fused_decode: bool | None = None    # CUDA graphs capture the torch.compile'd decode step (fused.py);
-                                        # None: when CUDA graphs are on, falling back to eager if it fails
+                                        # None: when CUDA graphs are on, falling back to eager if it fails.
+                                        # CPU: True compiles one-sequence decode steps (off by default)
     gemv: bool | None = None            # decode linears with few rows run gemv.py's Triton kernel, not cuBLAS;
                                         # None: where it applies (CUDA graphs on, Triton kernels in use)
     quantization: str | None = None     # "int8": per-channel int8 weights, made at load (CPU; linear.py)

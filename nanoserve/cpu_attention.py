@@ -8,8 +8,9 @@ generation) are therefore computed here differently, with the same result:
   decode_attention       eager PyTorch, block by block: with head-major blocks (kv_cache.py)
                          each (block, head) is a contiguous (BS, D) matrix, so scores and the
                          weighted sum are batched matrix-vector products on the gathered blocks.
-  compiled_attention()   the same written elementwise (_decode_fused) for torch.compile, which
-                         fuses it into one C++ loop nest that reads each cached K/V once.
+  compiled_attention()   the same written elementwise (fused_decode_attention) for
+                         torch.compile, which fuses it into one C++ loop nest that reads each
+                         cached K/V once; fused.compile_cpu_decode inlines it the same way.
 
 Both have paged_attention's signature and fall back to the reference for steps with prefill
 tokens. The engine swaps one of them into GPT2.attn_fn on a CPU (EngineConfig.compile_cpu_attention
@@ -63,8 +64,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return torch.matmul(probs, v)[..., 0, :].sum(dim=1)        # (S, H, D)
 
 
-def _decode_fused(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, blocks: torch.Tensor,
-                  context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def fused_decode_attention(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, blocks: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """decode_attention's computation written elementwise, for torch.compile to fuse.
 
     q (S, H, D), kh/vh (NB, H, BS, D) head-major pool, blocks (S, nb) -> (S, H, D)."""
@@ -79,13 +80,13 @@ def _decode_fused(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, blocks: t
 
 
 # On a CPU the gathers cost more than the arithmetic: eager PyTorch copies every gathered
-# block before using it. torch.compile turns _decode_fused into one C++ loop nest that reads
-# each cached K/V once (measured 1.8 ms vs 6 ms eager for 32 sequences of 128 tokens, one layer,
+# block before using it. torch.compile turns fused_decode_attention into one C++ loop nest
+# that reads each cached K/V once (measured 1.8 ms vs 6 ms eager for 32 sequences of 128 tokens, one layer,
 # 2 cores). It needs a C++ compiler and ~10 s the first time, so it is opt-in
 # (EngineConfig.compile_cpu_attention).
 def compiled_attention() -> AttentionFn:
-    """A paged_attention whose decode steps run the torch.compile'd _decode_fused."""
-    fused = torch.compile(_decode_fused, dynamic=True)
+    """A paged_attention whose decode steps run the torch.compile'd fused_decode_attention."""
+    fused = torch.compile(fused_decode_attention, dynamic=True)
 
     def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -84,9 +84,9 @@ class LLMEngine:
                      block_mib, self.num_blocks * block_mib)
         # CUDA graphs need kernels that never synchronise with the host: the Triton ones.
         use_graphs = self.device.type == "cuda" and not config.enforce_eager and self.model.attn_fn is not paged_attention
-        if config.fused_decode and not use_graphs:
-            raise ValueError("fused_decode=True needs CUDA graphs (device='cuda', enforce_eager=False, triton "
-                             "installed); leave fused_decode=None to use it only where it applies")
+        if config.fused_decode and not use_graphs and not self._use_cpu_decode():
+            raise ValueError("fused_decode=True needs CUDA graphs (device='cuda', triton installed) or device='cpu', "
+                             "and enforce_eager=False; leave fused_decode=None to use it only where it applies")
         if config.gemv and not use_graphs:
             raise ValueError("gemv=True needs CUDA graphs (device='cuda', enforce_eager=False, triton installed); "
                              "leave gemv=None to use it only where it applies")
@@ -97,6 +97,9 @@ class LLMEngine:
                 from .gemv import use_gemv_linears
                 use_gemv_linears(self.model)
             self._capture_graphs()
+        elif self._use_cpu_decode():
+            from .fused import compile_cpu_decode
+            self.runner.cpu_decode = compile_cpu_decode(self.model)   # compiles on its first step
 
         kv_capacity = self.num_blocks * config.block_size
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, mc.n_ctx, kv_capacity, self.shift_window,
@@ -127,7 +130,8 @@ class LLMEngine:
         self._use_kernels()
         linear.check_quantization(self.config.quantization, self.device, self.dtype)
         if linear.is_supported(self.device, self.dtype):
-            linear.use_cpu_linears(model, self.config.quantization)   # oneDNN-packed or int8 weights
+            # oneDNN-packed or int8 weights (and in fp32 the plain ones too, for the compiled step)
+            linear.use_cpu_linears(model, self.config.quantization, compiled_decode=self._use_cpu_decode())
 
     def _shift_window(self) -> int | None:
         """Tokens a context shift keeps (None: no shifting). It must leave room to grow."""
@@ -156,6 +160,12 @@ class LLMEngine:
                 raise RuntimeError("use_triton=True but triton is not installed; pip install triton")
             return
         self.model.attn_fn, self.model.write_fn = kernels.paged_attention, kernels.write_kv
+
+    def _use_cpu_decode(self) -> bool:
+        """Whether one-sequence decode steps run fused.compile_cpu_decode: on a CPU with
+        fused_decode=True only. Off by default: it compiles for 13-84 s on first use, in every
+        process whose Inductor cache is cold (BENCHMARKS.md, issue 12, has its speed)."""
+        return self.device.type == "cpu" and bool(self.config.fused_decode) and not self.config.enforce_eager
 
     def _capture_graphs(self) -> None:
         """Capture the decode CUDA graphs, of the fused step unless fused_decode=False."""

@@ -1,4 +1,4 @@
-"""The fused decode step for CUDA: torch.compile of model.py's forward, attention kept opaque.
+"""The fused decode step: torch.compile of model.py's forward, for CUDA graphs and for the CPU.
 
 At batch 1 a GPT-2 decode step is hundreds of tiny kernels (per layer: layer norm, a GEMM with
 its bias, the K/V write, attention, a GEMM, a residual add, layer norm, a GEMM, GELU, a GEMM,
@@ -20,23 +20,30 @@ batch size); replays never enter Python, so Inductor's wrapper costs nothing per
 size is a dynamic dimension: one compilation serves every graph size but 1, which torch
 always specialises (a second, short compilation).
 
+On a CPU (compile_cpu_decode, below, with `EngineConfig(fused_decode=True)`) the same forward
+is compiled for steps that decode one sequence, the case where per-op costs dominate there.
+
 The eager path (model.py + kernels.py, no compiler) stays the reference: it runs prefill,
-every step with enforce_eager, and `EngineConfig(fused_decode=False)`.
+every step with enforce_eager, and `EngineConfig(fused_decode=False)`; on a CPU also batched
+decode steps, and everything unless fused_decode=True.
 
 S = sequences (= tokens: one each)   H = n_head   D = head_dim   V = vocab_size
 NB = KV blocks in pool   BS = tokens per block   MB = max blocks per sequence
 
 References: gpt-fast (torch.compile of a decode step under CUDA graphs), PyTorch's custom-op
-tutorial ("Python custom operators"), vLLM's `unified_attention` custom op.
+tutorial ("Python custom operators"), vLLM's `unified_attention` custom op,
+torch/_inductor/freezing.py (what freezing does to weights).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from . import attention, kernels
+from . import attention, cpu_attention, kernels
 from .attention import AttentionMetadata
+from .config import cdiv
 from .model import GPT2
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
@@ -111,4 +118,63 @@ def compile_decode(model: GPT2) -> DecodeFn:
                   meta.query_start_loc):
             torch._dynamo.maybe_mark_dynamic(t, 0)
         return compiled(input_ids, positions, kv_cache, meta)
+    return run
+
+
+# ---- the CPU: one sequence's decode step, compiled --------------------------------------
+# At batch 1 a CPU decode step is ~250 small eager ops around 49 matrix-vector products; each
+# op costs 3-40 us of dispatch whatever its size. Compiled, the layer norms, GELU, residual
+# adds, int8 activation quantization and attention become a few C++ loops between the
+# products, and in float32 the products themselves become Inductor's loops (linear.gemv),
+# which stream the weights faster than oneDNN's kernel does for one row. There are no CUDA
+# graphs on a CPU: Inductor's Python wrapper runs every step, behind TorchDynamo's guards.
+#
+# With freezing, Inductor treats the weights as constants, which lets oneDNN's packed bf16 and
+# int8 weights (linear.py) stay in the graph as its own mkldnn ops. The K/V write stays the
+# write_kv custom op above: written as an index assignment in the graph (gpt-fast's way), it
+# compiled to a copy of each layer's whole K and V pool per step (our pool is head-major).
+# Only one-sequence steps take this path: batched steps already share each op's cost among
+# their sequences, and the eager oneDNN kernels are the faster ones there.
+
+def _cpu_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                   scale: float) -> torch.Tensor:
+    """cpu_attention's fused decode loop; meta.block_tables holds just the used blocks."""
+    return cpu_attention.fused_decode_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                                meta.block_tables, meta.context_lens, scale)   # (1, H, D)
+
+
+def compile_cpu_decode(model: GPT2) -> DecodeFn:
+    """A compiled one-sequence decode step for the CPU: (1,) token id at (1,) position -> (1, V)
+    logits, writing the step's K/V into kv_cache like the eager forward. No sliding window.
+
+    Compilation happens on the first call: 13-84 s for GPT-2 124M, 5-25 s for the tests' tiny
+    models (Inductor caches its work on disk, so a second process compiles faster). Later calls recompile only for a
+    new shape: the context is a dynamic dimension, so they do not.
+    """
+    def decode_logits(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor, blocks: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        # Only the fields the two functions above read; the rest are fixed for a decode step.
+        meta = AttentionMetadata(slot_mapping, blocks, context_lens, query_start_loc=context_lens,
+                                 max_query_len=1, max_context_len=0)
+        hidden = model(input_ids, positions, kv_cache, meta, attn_fn=_cpu_attention, write_fn=write_kv)
+        return model.compute_logits(hidden)                                             # (1, V)
+
+    torch.compiler.reset()      # as compile_decode: each engine compiles its own weights
+    compiled = torch.compile(decode_logits, fullgraph=True)
+
+    def run(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+            meta: AttentionMetadata) -> torch.Tensor:
+        assert meta.num_seqs == 1 and meta.is_decode and meta.attention_window is None, "one decode token, no window"
+        BS = kv_cache.shape[3]
+        # The blocks that hold the context, at least two: torch specialises a size of 1, and a
+        # second compilation for contexts of one block would cost more than attending to a
+        # zero-filled block (masked out by context_lens) for a few steps.
+        nb = max(2, cdiv(meta.max_context_len, BS))
+        blocks = meta.block_tables[:, :nb].long()                                       # (1, nb)
+        if blocks.shape[1] < nb:
+            blocks = F.pad(blocks, (0, nb - blocks.shape[1]))
+        torch._dynamo.maybe_mark_dynamic(blocks, 1)
+        # Freezing is read when a call compiles (torch.compile's options= do not reach it).
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(input_ids, positions, kv_cache, meta.slot_mapping, blocks, meta.context_lens.long())
     return run

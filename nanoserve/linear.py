@@ -18,6 +18,10 @@ with one of:
                  int8 x int8 products run in oneDNN's VNNI kernel (torch.ops.onednn), as
                  CTranslate2's int8 and llama.cpp's Q8_0 do. A quarter of fp32's bytes.
 
+The compiled one-sequence decode step on a CPU (fused.compile_cpu_decode) reuses these
+modules: in float32 a PackedLinear there runs gemv(), an Inductor-generated loop that reads
+the plain weights faster than oneDNN reads its packed ones for one row, so it keeps both.
+
 Weight-only int8 (int8 weights, float activations: torch's _weight_int8pack_mm) measured
 slower here than bfloat16 weights, and per-tensor dynamic quantization (torch.ao's
 quantize_dynamic) would make one request's tokens depend on the others in its batch; hence
@@ -46,18 +50,37 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class PackedLinear(nn.Module):
-    """y = x @ W.T + b with W held in oneDNN's blocked layout (an opaque mkldnn tensor)."""
+def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:   # (1, K) -> (1, O)
+    """One token times float32 weights (O, K), written elementwise for torch.compile (fused.py).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:   # (O, K), (O,)
-        super().__init__()
+    Inductor turns it into one C++ loop over the rows of w, each a vectorized dot product; at
+    one token that streamed fp32 weights ~1.5x faster than oneDNN's packed kernel. For bf16
+    weights the same loop was slower than oneDNN (one accumulator, a conversion per element):
+    they keep oneDNN inside the compiled step too (BENCHMARKS.md, issue 12)."""
+    y = (w * x).sum(dim=1)                                     # (O,)
+    return (y if b is None else y + b)[None]                   # (1, O)
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T + b with W held in oneDNN's blocked layout (an opaque mkldnn tensor).
+
+    keep_weight=True (float32 only) also keeps W as it is, for the compiled batch-1 decode step
+    (fused.py), which runs gemv() on it: a second copy of the weights, except for a tied head,
+    whose W is a view of wte."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_weight: bool = False) -> None:
+        super().__init__()                                     # weight (O, K), bias (O,)
         self.out_features = weight.shape[0]
         # No batch-size hint: the layout that then suits every N measured as fast as the one
         # tuned for N = 1 at N = 1, and faster at N = 8 and 32.
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach()), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+        self.register_buffer("weight", weight.detach() if keep_weight else None, persistent=False)   # (O, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:        # (N, K) -> (N, O)
+        # Only while torch.compile traces the batch-1 step: eager, the same loop would be slow.
+        if self.weight is not None and x.shape[0] == 1 and torch.compiler.is_compiling():
+            return gemv(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
@@ -105,22 +128,26 @@ def check_quantization(quantization: str | None, device: torch.device, dtype: to
                          f"not on {device.type} in {dtype}; drop quantization or use device='cpu'")
 
 
-def _make(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str | None) -> nn.Module:
-    return Int8Linear(weight, bias) if quantization == "int8" else PackedLinear(weight, bias)
+def _make(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str | None, keep_weight: bool) -> nn.Module:
+    return Int8Linear(weight, bias) if quantization == "int8" else PackedLinear(weight, bias, keep_weight)
 
 
 @torch.no_grad()
-def use_cpu_linears(model: nn.Module, quantization: str | None = None) -> None:
+def use_cpu_linears(model: nn.Module, quantization: str | None = None, compiled_decode: bool = False) -> None:
     """Replace every Conv1D of `model` (a GPT2 already on the CPU in its final dtype) and its
     output head by PackedLinear or, with quantization="int8", Int8Linear. In place.
+    compiled_decode: fused.compile_cpu_decode will run the model too; in float32 the layers
+    then keep their plain weights for its gemv()s.
 
     The replaced modules keep their names (h.0.attn.c_attn ...); the float weights they held
     are dropped, except wte, which the embedding lookup still reads."""
-    check_quantization(quantization, torch.device("cpu"), next(model.parameters()).dtype)
+    dtype = next(model.parameters()).dtype
+    check_quantization(quantization, torch.device("cpu"), dtype)
+    keep = compiled_decode and quantization is None and dtype == torch.float32
     from .model import Conv1D
     for name, mod in list(model.named_modules()):
         if isinstance(mod, Conv1D):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, _make(mod.weight, mod.bias, quantization))
+            setattr(model.get_submodule(parent), attr, _make(mod.weight, mod.bias, quantization, keep))
     head = model.lm_head if model.lm_head is not None else model.wte.weight   # (V, C)
-    model.fast_head = _make(head[:model.num_logits], None, quantization)      # padded ids get no logits
+    model.fast_head = _make(head[:model.num_logits], None, quantization, keep)   # padded ids get no logits

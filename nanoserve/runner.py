@@ -13,7 +13,8 @@ is now complete (it samples), and prompt rows whose prompt_logprobs were asked f
 On CUDA, decode-only steps (every sequence has one new token) replay a CUDA graph captured
 at warm-up for the next-larger batch size; this removes the CPU cost of launching ~10 kernels
 per layer, which dominates a small GPT-2 step. By default the graphs capture fused.py's
-compiled forward (the same model, fewer and larger kernels).
+compiled forward (the same model, fewer and larger kernels). On a CPU, with fused_decode=True,
+steps that decode a single sequence run fused.py's compiled step instead of the eager forward.
 
 A step is launched (`launch`: queued on the device) and collected (`collect`: the sampled
 tokens read back, the step's only host synchronisation) separately, so that the engine can
@@ -110,6 +111,9 @@ class ModelRunner:
         # fused.compile_decode(model), the same forward compiled (fewer, larger kernels).
         self.decode_logits: DecodeFn | None = None
         self.graph_bufs: dict[str, torch.Tensor] = {}
+        # On a CPU the engine may set fused.compile_cpu_decode(model): steps that decode one
+        # sequence call it directly (there are no graphs to replay).
+        self.cpu_decode: DecodeFn | None = None
         # Block tables live in a host tensor with one row per running sequence, updated only
         # when a sequence gains a block: turning 256 Python lists into a tensor every step
         # cost more (~2 ms) than the GPU's whole decode step.
@@ -237,6 +241,8 @@ class ModelRunner:
         graph_bs = self._graph_size(inp)
         if graph_bs is not None:
             logits = self._replay(inp, graph_bs)                            # (S, V)
+        elif self.cpu_decode is not None and self._is_single_decode(inp):
+            logits = self.cpu_decode(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (1, V)
         else:
             hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (N, C)
             rows = to_device(inp.sample_rows, torch.int64, self.device)
@@ -274,6 +280,12 @@ class ModelRunner:
                     result.logprobs[seq.seq_id] = dict(zip(ids[row][1:k + 1], lps[row][1:k + 1])) | {
                         ids[row][0]: lps[row][0]}
         return result
+
+    def _is_single_decode(self, inp: StepInputs) -> bool:
+        """One sequence, one new token, sampled, no prompt logprobs, no sliding window."""
+        m = inp.meta
+        return m.num_seqs == 1 and m.is_decode and len(inp.sample_seqs) == 1 and not inp.prompt_rows \
+            and m.attention_window is None
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inp: StepInputs, result: StepResult) -> None:
         lp = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)   # (P, V)

@@ -103,11 +103,11 @@ def test_cpu_decode_attention_equals_the_reference(seqs):
 
 
 def test_fused_decode_form_equals_the_reference():
-    """_decode_fused (the form torch.compile fuses on CPU) computes the reference's attention."""
+    """fused_decode_attention (the form torch.compile fuses on CPU) computes the reference's attention."""
     q, k, v, kc, vc, meta, _ = _paged_step(_STEPS[0], 3, 16, 4, NB=64, seed=7, head_major=True)
     write_kv(k, v, kc, vc, meta.slot_mapping)
     blocks = cpu_attention._used_blocks(meta, 4)                        # (S, nb)
-    fused = cpu_attention._decode_fused(q, kc.transpose(1, 2), vc.transpose(1, 2), blocks,
+    fused = cpu_attention.fused_decode_attention(q, kc.transpose(1, 2), vc.transpose(1, 2), blocks,
                                         meta.context_lens.long(), 0.25)
     torch.testing.assert_close(fused, paged_attention(q, kc, vc, meta, 0.25), atol=1e-5, rtol=1e-5)
 

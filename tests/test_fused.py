@@ -1,15 +1,21 @@
-"""fused.py's compiled decode step against model.py's eager forward, on the CPU.
+"""fused.py's compiled decode steps against model.py's eager forward, on the CPU.
 
-On a GPU the engine captures this compiled step in its CUDA graphs (tests/test_gpu.py checks
-its tokens there). Here the same graph runs with attention.py's reference inside the custom ops,
-so CI exercises the compilation, the custom ops and their in-place cache writes.
+compile_decode: on a GPU the engine captures this compiled step in its CUDA graphs
+(tests/test_gpu.py checks its tokens there). Here the same graph runs with attention.py's
+reference inside the custom ops, so CI exercises the compilation, the custom ops and their
+in-place cache writes.
+
+compile_cpu_decode: the CPU's one-sequence step (EngineConfig(fused_decode=True) on a CPU),
+checked against the eager engine in float32 (exact tokens, logprobs within 1e-4), bfloat16 and
+int8 (the same oneDNN kernels as eager, fused differently: logprobs within 0.05 and 0.02 nats).
+Each compilation of the tiny model takes a few seconds, so each mode compiles once.
 
 S = sequences   H = heads   D = head_dim   NB = blocks in pool   BS = block size   MB = blocks per sequence
 """
 import pytest
 import torch
 
-from nanoserve import LLM
+from nanoserve import LLM, SamplingParams
 from nanoserve.attention import AttentionMetadata
 from nanoserve.config import GPT2Config
 from nanoserve.fused import compile_decode
@@ -71,7 +77,107 @@ def test_compiled_decode_writes_the_kv_pool_in_place(eager_and_fused):
     torch.testing.assert_close(kv_fused, kv_eager, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_decode_true_without_cuda_graphs_raises(tiny_ckpt):
-    """fused_decode=True where no CUDA graphs are captured (here: the CPU) is refused, naming the fix."""
-    with pytest.raises(ValueError, match="fused_decode=True needs CUDA graphs"):
-        LLM(str(tiny_ckpt), device="cpu", quiet=True, fused_decode=True)
+def test_fused_decode_true_with_enforce_eager_raises(tiny_ckpt):
+    """fused_decode=True together with enforce_eager=True (no compiled steps) is refused, naming the fix."""
+    with pytest.raises(ValueError, match="fused_decode=True needs .* enforce_eager=False"):
+        LLM(str(tiny_ckpt), device="cpu", quiet=True, fused_decode=True, enforce_eager=True)
+
+
+# ---- compile_cpu_decode --------------------------------------------------------------------
+PROMPT = [464, 3139, 286, 4881, 318, 6342, 13, 383, 198, 50, 1000, 7, 42, 99, 2001, 50256, 11]
+MODES = {"float32": dict(), "bfloat16": dict(dtype="bfloat16"), "int8": dict(quantization="int8")}
+# Largest difference of a logit or K/V value, compiled step vs eager forward, per mode: float32
+# and int8 (integer products, float32 elsewhere) to rounding; bfloat16 rounds each op's output
+# to 8 bits of mantissa, and fusion changes which intermediates get rounded: a few bf16 steps
+# at |logit| ~ 8 (measured: 0.06, and 0.16 for bf16 with int8).
+TOL = {"float32": 1e-4, "bfloat16": 0.25, "int8": 1e-4}
+
+
+def _counting(llm: LLM) -> list:
+    """Make llm's compiled step record its calls in the returned list."""
+    calls, step = [], llm.engine.runner.cpu_decode
+    llm.engine.runner.cpu_decode = lambda *a: calls.append(1) or step(*a)
+    return calls
+
+
+def _greedy(llm: LLM, prompts: list[list[int]], max_tokens: int = 24) -> list[tuple[list[int], torch.Tensor]]:
+    """Each prompt's greedy tokens and the logprob of each (every step's logits, in effect)."""
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    outs = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    return [(o.token_ids, torch.tensor([lp[t] for lp, t in zip(o.logprobs, o.token_ids)])) for o in outs]
+
+
+_ENGINES: dict[str, LLM] = {}
+
+
+def _fused_engine(ckpt, mode: str) -> LLM:
+    """An engine with fused_decode=True in `mode`, one per mode for this file: each compiles its
+    step once, on first use (seconds), and keeps it."""
+    if mode not in _ENGINES:
+        _ENGINES[mode] = LLM(str(ckpt), device="cpu", quiet=True, enable_prefix_caching=False, fused_decode=True,
+                             num_blocks=16, **MODES[mode])
+    return _ENGINES[mode]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cpu_fused_step_gives_the_eager_forwards_logits_and_kv_writes(tiny_ckpt, mode):
+    """On one random KV pool, the compiled one-sequence step gives the eager forward's logits
+    and writes the same K/V to the same slot of the caller's pool, within TOL of its mode."""
+    llm = _fused_engine(tiny_ckpt, mode)
+    model, BS = llm.engine.model, llm.engine.config.block_size
+    torch.manual_seed(0)
+    pool = torch.randn_like(llm.engine.kv_cache)                                   # (L, 2, NB, BS, H, D)
+    ctx = 2 * BS + 5                                  # three blocks, in a scrambled order
+    meta = AttentionMetadata(slot_mapping=torch.tensor([7 * BS + 4]),           # position ctx - 1: block 7
+                             block_tables=torch.tensor([[3, 0, 7, 1]], dtype=torch.int32),
+                             context_lens=torch.tensor([ctx], dtype=torch.int32),
+                             query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+                             max_query_len=1, max_context_len=ctx)
+    ids, positions = torch.tensor([4881]), torch.tensor([ctx - 1])
+    with torch.inference_mode():
+        kv_eager, kv_fused = pool.clone(), pool.clone()
+        eager = model.compute_logits(model(ids, positions, kv_eager, meta)).float()    # (1, V)
+        fused = llm.engine.runner.cpu_decode(ids, positions, kv_fused, meta).float()   # (1, V)
+    torch.testing.assert_close(fused, eager, atol=TOL[mode], rtol=0)
+    written = kv_eager != pool
+    assert written.any() and torch.equal(kv_fused != pool, written)
+    torch.testing.assert_close(kv_fused, kv_eager, atol=TOL[mode], rtol=0)
+
+
+def test_cpu_fused_decode_keeps_float32_greedy_tokens(tiny_ckpt, tiny_llm):
+    """In float32 a request decoded by compiled steps (all of its steps after the prompt's) gets
+    the eager engine's greedy tokens, each with its logprob within 1e-4. (bf16 and int8 are
+    checked step by step above: on the tiny random model, near-tied logits make greedy bf16
+    tokens part ways after a step or two whichever path runs.)"""
+    llm = _fused_engine(tiny_ckpt, "float32")
+    calls = _counting(llm)
+    [(tokens, lps)] = _greedy(llm, [PROMPT])
+    [(eager_tokens, eager_lps)] = _greedy(tiny_llm, [PROMPT])
+    assert len(calls) == len(tokens) - 1
+    assert tokens == eager_tokens
+    torch.testing.assert_close(lps, eager_lps, atol=1e-4, rtol=0)
+
+
+def test_cpu_fused_decode_leaves_batched_steps_to_the_eager_forward(tiny_ckpt, tiny_llm):
+    """Steps with several sequences run the eager forward (no compiled call), with the eager
+    engine's tokens."""
+    llm = _fused_engine(tiny_ckpt, "float32")
+    calls = _counting(llm)
+    prompts = [PROMPT, PROMPT[:9]]
+    assert [t for t, _ in _greedy(llm, prompts, 6)] == [t for t, _ in _greedy(tiny_llm, prompts, 6)]
+    assert calls == []
+
+
+def test_cpu_fused_engines_with_different_weights_each_decode_with_their_own(tiny_ckpt, tiny_llm, tmp_path):
+    """Two fused engines in one process, same shapes, other weights: each keeps its own greedy
+    tokens, also after the other compiled (the compiled steps bake their weights in as constants,
+    so handing one engine the other's compiled step would change its tokens)."""
+    from conftest import make_hf_model, save_checkpoint
+    other_ckpt = save_checkpoint(make_hf_model(seed=5), tmp_path / "other", layout="hub")
+    other_eager = LLM(str(other_ckpt), device="cpu", quiet=True)
+    first = _fused_engine(tiny_ckpt, "float32")
+    other = LLM(str(other_ckpt), device="cpu", quiet=True, num_blocks=16, fused_decode=True)
+    [(other_tokens, _)] = _greedy(other, [PROMPT], 12)
+    [(first_tokens, _)] = _greedy(first, [PROMPT], 12)
+    assert other_tokens == _greedy(other_eager, [PROMPT], 12)[0][0]
+    assert first_tokens == _greedy(tiny_llm, [PROMPT], 12)[0][0] != other_tokens

@@ -63,7 +63,7 @@ clean:
 #   make gpu-check PY=python3 OUT=/some/dir
 OUT ?= bench_out
 gpu-check:
-	$(PY) -m pytest -q tests/test_kernels.py tests/test_gemv.py tests/test_gpu.py tests/test_fused.py 2>&1 | tee $(OUT)/gpu_tests.log
+	$(PY) -m pytest -q tests/test_kernels.py tests/test_gemv.py tests/test_gpu.py tests/test_fused.py tests/test_async.py 2>&1 | tee $(OUT)/gpu_tests.log
 	$(PY) -m nanoserve bench latency --device cuda --model gpt2 --out $(OUT) 2>&1 | tee $(OUT)/latency_gpt2.log
 	$(PY) -m nanoserve bench throughput --device cuda --model gpt2 --out $(OUT) 2>&1 | tee $(OUT)/throughput.log
 	$(PY) -m nanoserve bench latency --device cuda --model gpt2-xl --out $(OUT) 2>&1 | tee $(OUT)/latency_xl.log

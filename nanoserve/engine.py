@@ -260,7 +260,12 @@ class LLMEngine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler could not schedule any sequence; the KV pool is too small")
             return outputs
-        launched = self.runner.launch(sched, prev)
+        try:
+            launched = self.runner.launch(sched, prev)
+        except BaseException:
+            if prev is not None:      # apply what prev computed, so no sequence keeps a pending token
+                self._finish(prev)
+            raise
         self._advance(sched, launched)
         if prev is not None:
             outputs += self._finish(prev, finished_only)    # the device works on `launched` meanwhile

@@ -178,3 +178,30 @@ def test_async_scheduling_is_on_by_default_only_on_cuda(ckpt):
     """None means: on where the device runs a step while the host works (CUDA), off on a CPU."""
     assert LLM(ckpt, device="cpu", quiet=True).engine.async_scheduling is False
     assert LLM(ckpt, device="cpu", quiet=True, async_scheduling=True).engine.async_scheduling is True
+
+
+def test_a_failing_launch_still_applies_the_step_in_flight(ckpt):
+    """If launching step k+1 raises (a device error), step k's tokens are still applied before
+    the error propagates: no sequence is left counting a token it will never get, and the
+    request goes on to the same output as an engine that never failed."""
+    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    ref = _run(ckpt, [(_ids(7, 70), p)], False)[0][0]
+    llm = LLM(ckpt, device="cpu", quiet=True, block_size=BS, async_scheduling=True)
+    eng, real, calls = llm.engine, llm.engine.runner.launch, []
+
+    def failing(sched, prev=None):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("device lost")
+        return real(sched, prev)
+    eng.runner.launch = failing
+    eng.add_request("r", _ids(7, 70), p)
+    with pytest.raises(RuntimeError, match="device lost"):
+        while True:
+            eng.step()
+    seq = eng.requests["r"].seqs[0]
+    assert seq.num_pending_tokens == 0 and len(seq.output_token_ids) == 3
+    final = {}
+    while eng.has_unfinished_requests():
+        final |= {o.request_id: o for o in eng.step() if o.finished}
+    assert final["r"].outputs[0].token_ids == ref.outputs[0].token_ids

@@ -205,3 +205,23 @@ def test_a_failing_launch_still_applies_the_step_in_flight(ckpt):
     while eng.has_unfinished_requests():
         final |= {o.request_id: o for o in eng.step() if o.finished}
     assert final["r"].outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_a_server_on_an_async_engine_streams_what_generate_returns(ckpt):
+    """The OpenAI server over an async-scheduling engine: a streamed and a plain completion
+    both give LLM.generate's text (outputs arrive a step late, none is lost or repeated), and
+    no KV block stays taken once the server has stopped."""
+    from test_server import MODEL, _client, _in_process
+
+    from nanoserve.config import EngineConfig
+    from nanoserve.engine import LLMEngine
+    prompt = _ids(9, 80)
+    ref = _run(ckpt, [(prompt, SamplingParams(temperature=0, max_tokens=14, ignore_eos=True))], False)[0][0]
+    eng = LLMEngine(EngineConfig(model=ckpt, device="cpu", quiet=True, block_size=BS, async_scheduling=True))
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=14, temperature=0, extra_body={"ignore_eos": True})
+    with _in_process(eng) as (base, _):
+        client = _client(base)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+        plain = client.completions.create(**kw).choices[0].text
+    assert ref.outputs[0].text and streamed == plain == ref.outputs[0].text
+    assert eng.allocator.num_free == eng.num_blocks

@@ -181,9 +181,11 @@ class Scheduler:
         """Register `seq`'s computed blocks that are full, for the prefix cache. A block's hash
         needs its tokens' values, so a token still pending on the device (async scheduling)
         keeps its block out until the step that sampled it has been read back."""
+        if not self.enable_prefix_caching or seq.num_computed_tokens // self.block_size <= seq.num_cached_blocks:
+            return                      # the usual decode step: no block filled up (checked cheaply first)
         known = min(seq.num_computed_tokens, seq.num_context_tokens - seq.num_pending_tokens)
         num_full = known // self.block_size
-        if self.enable_prefix_caching and num_full > seq.num_cached_blocks:
+        if num_full > seq.num_cached_blocks:
             self._hash_blocks(seq, num_full)
             for j in range(seq.num_cached_blocks, num_full):
                 self.allocator.register(seq.block_table[j], seq.block_hashes[j])

@@ -29,7 +29,7 @@ from .inputs import InputProcessor, PromptType
 from .outputs import OutputProcessor
 from .runner import LaunchedStep, ModelRunner, StepResult
 from .sampler import Sampler
-from .scheduler import Scheduler, SchedulerOutput, StepRecord
+from .scheduler import Scheduler, SchedulerOutput, StepRecord, is_decode
 from .sequence import Request, RequestOutput, SamplingParams, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .weights import load_state_dict, resolve_model
@@ -314,7 +314,7 @@ class LLMEngine:
         token each sampling sequence will get."""
         num_decode = 0
         for seq, n in sched.scheduled:
-            num_decode += n == 1 and seq.num_computed_tokens + seq.num_dropped_tokens >= seq.num_prompt_tokens
+            num_decode += is_decode(seq, seq.num_computed_tokens, n)
             self.scheduler.computed(seq, n)
         for seq in launched.sample_seqs:
             seq.num_pending_tokens += 1
@@ -362,8 +362,7 @@ class LLMEngine:
         seq.num_pending_tokens -= 1
         reason = self.outputs.append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
         self.num_generation_tokens += 1
-        if self.async_scheduling:        # a block that waited for this token's value can be shared now
-            self.scheduler.cache_blocks(seq)
+        self.scheduler.cache_blocks(seq)     # a block that waited for this token's value (async) is shared now
         if reason is not None:
             self.scheduler.finish(seq, reason)       # frees its blocks
         elif self.shift_window is not None and seq.num_context_tokens > self.model_config.n_ctx:

@@ -226,10 +226,6 @@ class ModelRunner:
                     inp.prompt_owner.append(seq)
 
     # ---- run ---------------------------------------------------------------------------
-    def execute(self, sched: SchedulerOutput) -> StepResult:
-        """Run one step and wait for its results (the synchronous engine's step)."""
-        return self.collect(self.launch(sched))
-
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
         """Queue the step's forward and sampling on the device and start copying the sampled
@@ -245,8 +241,9 @@ class ModelRunner:
             logits = self.cpu_decode(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (1, V)
         else:
             hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (N, C)
-            rows = to_device(inp.sample_rows, torch.int64, self.device)
-            logits = self.model.compute_logits(hidden[rows]) if inp.sample_rows else None
+            logits = None
+            if inp.sample_rows:           # (a prefill chunk that ends no prompt samples nothing)
+                logits = self.model.compute_logits(hidden[to_device(inp.sample_rows, torch.int64, self.device)])
             if inp.prompt_rows:          # reads values back now: a step that scores its prompt waits
                 self._prompt_logprobs(hidden[inp.prompt_rows], inp, step.result)
         if inp.sample_seqs:

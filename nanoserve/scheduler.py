@@ -87,10 +87,17 @@ class SchedulerOutput:
         """This decision as plain values, from what was captured at schedule time."""
         rows = []
         for (seq, n), c in zip(self.scheduled, self.num_computed_before):
-            phase = "decode" if n == 1 and c + seq.num_dropped_tokens >= seq.num_prompt_tokens else "prefill"
+            phase = "decode" if is_decode(seq, c, n) else "prefill"
             rows.append(ScheduledSeq(seq.seq_id, seq.request_id, c, n, phase,
                                      self.num_cached_tokens.get(seq.seq_id, 0)))
         return StepRecord(rows, [seq.seq_id for seq in self.preempted])
+
+
+def is_decode(seq: Sequence, num_computed: int, num_tokens: int) -> bool:
+    """Whether computing `num_tokens` of `seq` from `num_computed` is a decode: one token past
+    the prompt. A one-token chunk of a prompt is prefill; a preempted sequence recomputing its
+    output one token at a time would count as decode."""
+    return num_tokens == 1 and num_computed + seq.num_dropped_tokens >= seq.num_prompt_tokens
 
 
 def _order(seq: Sequence) -> tuple[int, int]:

@@ -82,24 +82,7 @@ class LLMEngine:
             log.info("nanoserve: %s on %s (%s); KV pool: %d blocks x %d tokens, %.2f MiB per block, %.0f MiB in all",
                      self.model_dir, self.device, self.dtype, self.num_blocks, config.block_size,
                      block_mib, self.num_blocks * block_mib)
-        # CUDA graphs need kernels that never synchronise with the host: the Triton ones.
-        use_graphs = self.device.type == "cuda" and not config.enforce_eager and self.model.attn_fn is not paged_attention
-        if config.fused_decode and not use_graphs and not self._use_cpu_decode():
-            raise ValueError("fused_decode=True needs CUDA graphs (device='cuda', triton installed) or device='cpu', "
-                             "and enforce_eager=False; leave fused_decode=None to use it only where it applies")
-        if config.gemv and not use_graphs:
-            raise ValueError("gemv=True needs CUDA graphs (device='cuda', enforce_eager=False, triton installed); "
-                             "leave gemv=None to use it only where it applies")
-        if use_graphs:
-            if config.gemv is not False:
-                # Decode steps read every weight once per token: a GEMV that streams them faster
-                # than cuBLAS shortens the step (gemv.py). Larger M still goes to cuBLAS.
-                from .gemv import use_gemv_linears
-                use_gemv_linears(self.model)
-            self._capture_graphs()
-        elif self._use_cpu_decode():
-            from .fused import compile_cpu_decode
-            self.runner.cpu_decode = compile_cpu_decode(self.model)   # compiles on its first step
+        self._set_up_decode()
 
         kv_capacity = self.num_blocks * config.block_size
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, mc.n_ctx, kv_capacity, self.shift_window,
@@ -160,6 +143,30 @@ class LLMEngine:
                 raise RuntimeError("use_triton=True but triton is not installed; pip install triton")
             return
         self.model.attn_fn, self.model.write_fn = kernels.paged_attention, kernels.write_kv
+
+    def _set_up_decode(self) -> None:
+        """The decode fast path: CUDA graphs (of the fused step, with gemv.py's linears) on CUDA,
+        or the compiled one-sequence step on a CPU with fused_decode=True; a clear error where
+        an option asked for one that cannot run here."""
+        # CUDA graphs need kernels that never synchronise with the host: the Triton ones.
+        cfg = self.config
+        use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and self.model.attn_fn is not paged_attention
+        if cfg.fused_decode and not use_graphs and not self._use_cpu_decode():
+            raise ValueError("fused_decode=True needs CUDA graphs (device='cuda', triton installed) or device='cpu', "
+                             "and enforce_eager=False; leave fused_decode=None to use it only where it applies")
+        if cfg.gemv and not use_graphs:
+            raise ValueError("gemv=True needs CUDA graphs (device='cuda', enforce_eager=False, triton installed); "
+                             "leave gemv=None to use it only where it applies")
+        if use_graphs:
+            if cfg.gemv is not False:
+                # Decode steps read every weight once per token: a GEMV that streams them faster
+                # than cuBLAS shortens the step (gemv.py). Larger M still goes to cuBLAS.
+                from .gemv import use_gemv_linears
+                use_gemv_linears(self.model)
+            self._capture_graphs()
+        elif self._use_cpu_decode():
+            from .fused import compile_cpu_decode
+            self.runner.cpu_decode = compile_cpu_decode(self.model)   # compiles on its first step
 
     def _use_cpu_decode(self) -> bool:
         """Whether one-sequence decode steps run fused.compile_cpu_decode: on a CPU with

@@ -110,6 +110,8 @@ class LLMEngine:
         model.load_weights(state_dict)
         del state_dict
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if self.device.type == "cuda":
+            model.pad_head()                  # cuBLAS's aligned kernels for the logits (model.py)
         self._use_kernels()
         linear.check_quantization(self.config.quantization, self.device, self.dtype)
         if linear.is_supported(self.device, self.dtype):

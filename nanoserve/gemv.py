@@ -207,5 +207,4 @@ def use_gemv_linears(model: nn.Module) -> None:
         if isinstance(mod, Conv1D):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, GemvLinear(mod.weight, mod.bias))
-    head = model.lm_head if model.lm_head is not None else model.wte.weight   # (V, C)
-    model.fast_head = GemvLinear(head[:model.num_logits], None)              # padded ids get no logits
+    model.fast_head = GemvLinear(model.head_weight(), None)     # the head, padded if pad_head ran

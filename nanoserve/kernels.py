@@ -456,13 +456,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0))
     if meta.is_decode:
-        # 64 keys per iteration (4 GPT-2 blocks): the (64, 64) K and V tiles fill 4 warps with
-        # 16-byte loads. With D padded to 128 we halve the tile to keep registers in check.
+        # 64 keys per iteration (4 GPT-2 blocks). With D padded to 128 we halve the tile to keep
+        # registers in check. The one-pass kernel runs on 2 warps: at GPT-2's batch 256 (mixed
+        # contexts, an H200) a step's 12 calls took 1.24 ms on 2 warps, 1.68 on 4 and 2.27 on 8,
+        # with num_stages making no difference (docs/bench/2026-11-30-h200-s3/decode_attn_bench.py):
+        # more, smaller programs per SM keep more K/V loads in flight.
         BLOCK_N = max(BS, 64 if BLOCK_D <= 64 else 32)
         P = num_partitions or decode_partitions(S, H, meta.max_context_len, meta.attention_window, BLOCK_N,
                                                 _num_sms(q.device))
         if P == 1:
-            _decode_kernel[(S, H)](*args, D=D, BS=BS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4)
+            _decode_kernel[(S, H)](*args, D=D, BS=BS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=2)
             return out
         # Per-call scratch: inside a CUDA graph, the graph's memory pool holds it.
         part_max = torch.empty((S, H, P), dtype=torch.float32, device=q.device)     # (S, H, P)

@@ -149,5 +149,4 @@ def use_cpu_linears(model: nn.Module, quantization: str | None = None, compiled_
         if isinstance(mod, Conv1D):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, _make(mod.weight, mod.bias, quantization, keep))
-    head = model.lm_head if model.lm_head is not None else model.wte.weight   # (V, C)
-    model.fast_head = _make(head[:model.num_logits], None, quantization, keep)   # padded ids get no logits
+    model.fast_head = _make(model.head_weight(), None, quantization, keep)   # padded ids get no logits

@@ -110,6 +110,9 @@ class GPT2(nn.Module):
         # On a CPU, linear.py replaces the Conv1Ds and sets this to a prepacked (or int8) copy
         # of the output head: (M, C) -> (M, V).
         self.fast_head: nn.Module | None = None
+        # On CUDA, pad_head sets this to the head's first num_logits rows padded with zero rows
+        # to a multiple of 64, (R, C); compute_logits slices the extra logits off.
+        self.padded_head: torch.Tensor | None = None
         # The attention implementation is swappable: the PyTorch reference here; the engine
         # swaps in a fast path (LLMEngine._use_kernels: Triton on a GPU, cpu_attention.py on a CPU).
         self.attn_fn: AttentionFn = attention.paged_attention
@@ -139,9 +142,40 @@ class GPT2(nn.Module):
             x = block(x, kv_cache[i, 0], kv_cache[i, 1], meta, attn_fn, write_fn)   # (N, C)
         return self.ln_f(x)                                    # (N, C)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # (M, C) -> (M, num_logits)
-        if self.fast_head is not None:      # linear.py's packed or int8 copy of the head's first num_logits rows
-            return self.fast_head(hidden)
+    def head_weight(self) -> torch.Tensor:
+        """The (R, C) rows of the output head that compute_logits multiplies by: its first
+        num_logits rows (a view: dropping padded ids is free), or pad_head's padded rows."""
+        if self.padded_head is not None:
+            return self.padded_head
         head = self.lm_head if self.lm_head is not None else self.wte.weight   # (V, C)
-        # The leading rows of a contiguous (V, C) head are a view: dropping padded ids is free.
-        return F.linear(hidden, head[:self.num_logits])
+        return head[:self.num_logits]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # (M, C) -> (M, num_logits)
+        if self.fast_head is not None:    # linear.py's CPU copy of head_weight(), or gemv.py's GemvLinear over it
+            logits = self.fast_head(hidden)                    # (M, R)
+        else:
+            logits = F.linear(hidden, self.head_weight())      # (M, R)
+        return logits[:, :self.num_logits]                     # a view: drops pad_head's extra columns
+
+    @torch.no_grad()
+    def pad_head(self, multiple: int = 64) -> None:
+        """Multiply by a head of a multiple of `multiple` rows (zero rows added as needed).
+
+        cuBLAS picks its tile kernels by the alignment of the output's row length: for 50,257
+        logits per row it fell back to a kernel for unaligned rows (cutlass "align1"), which
+        took 0.21 ms of an H200's 2.3 ms decode step at batch 256 (issue 11's profile). With
+        50,304 columns (nanoGPT's padded vocabulary) the aligned kernels run, and the extra
+        logits are sliced off. wte (or lm_head) becomes a view of the padded tensor: no copy."""
+        head = self.lm_head if self.lm_head is not None else self.wte.weight   # (V, C)
+        V, C = head.shape
+        rows = -(-self.num_logits // multiple) * multiple
+        if rows <= V:                      # the checkpoint has the rows already (nanoGPT's 50,304)
+            self.padded_head = head[:rows]
+            return
+        padded = head.new_zeros(rows, C)                       # (R, C)
+        padded[:V] = head
+        if self.lm_head is not None:
+            self.lm_head = nn.Parameter(padded[:V], requires_grad=head.requires_grad)
+        else:
+            self.wte.weight = nn.Parameter(padded[:V], requires_grad=head.requires_grad)
+        self.padded_head = padded

@@ -64,3 +64,27 @@ def test_generated_logprobs_match_transformers(tiny_llm, tiny_hf):
         assert abs(entry[tok] - row[tok].item()) < 1e-4
         assert max(entry, key=entry.get) == row.argmax().item()
     assert abs(out.cumulative_logprob - sum(e[t] for t, e in zip(out.token_ids, out.logprobs))) < 1e-4
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_padded_head_gives_the_same_logits_and_embeddings_without_a_copy(tiny_ckpt, tied):
+    """pad_head (applied on CUDA for cuBLAS's aligned kernels) multiplies by a head of a multiple
+    of 64 rows, yet compute_logits still returns num_logits columns with the unpadded values,
+    the embedding lookup is unchanged, and the tied (or untied) head is a view of the padded
+    tensor, not a copy."""
+    from conftest import load_model
+    model = load_model(tiny_ckpt)
+    if not tied:
+        model.lm_head = torch.nn.Parameter(torch.randn_like(model.wte.weight))
+    torch.manual_seed(0)
+    hidden = torch.randn(5, model.config.n_embd)
+    ids = torch.tensor([0, 3, model.config.vocab_size - 1])
+    want_logits, want_emb = model.compute_logits(hidden), model.wte(ids)
+    model.pad_head()
+    head = model.lm_head if not tied else model.wte.weight
+    assert model.padded_head.shape[0] % 64 == 0 and model.padded_head.shape[0] >= model.num_logits
+    assert model.padded_head.data_ptr() == head.data_ptr(), "the head should be a view of the padded rows"
+    got = model.compute_logits(hidden)
+    assert got.shape == (5, model.num_logits)
+    torch.testing.assert_close(got, want_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.wte(ids), want_emb, atol=0, rtol=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -116,6 +117,10 @@ def profile_decode(llm, prompts: list[list[int]], num_steps: int = 30) -> dict:
 def vllm_compare(ckpt: Path, prompts: list[list[int]], max_tokens: int, warm: list[list[int]]) -> dict:
     """vLLM on the same checkpoint and prompts, one generate call (as ../shared/tools/vllm_compare.py
     runs it), or why it could not run. vLLM is not a dependency: it is used only if importable."""
+    # No usage reports from a benchmark; greedy decoding never uses FlashInfer's sampler, whose
+    # start-up probe would import flashinfer (often not installed beside vLLM).
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     try:
         import vllm
         from vllm import LLM as VLLM, SamplingParams as VSamplingParams
@@ -124,14 +129,20 @@ def vllm_compare(ckpt: Path, prompts: list[list[int]], max_tokens: int, warm: li
               "measured on one H200 on 2026-11-30: throughput 19,700-32,000 output tok/s, latency 1.77-2.97 "
               "ms/token (gpt2), 2.81-2.95 (gpt2-xl).")
         return {"vllm_error": f"{type(e).__name__}: {e}"}
-    llm = VLLM(str(ckpt), dtype="float16", skip_tokenizer_init=True, max_num_seqs=256,
-               gpu_memory_utilization=0.8)
-    sp = lambda n: VSamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)   # noqa: E731
-    run = lambda ps, n: llm.generate([{"prompt_token_ids": p} for p in ps], sp(n), use_tqdm=False)     # noqa: E731
-    run(warm, 16)
-    t0 = time.perf_counter()
-    outs = run(prompts, max_tokens)
-    wall = time.perf_counter() - t0
+    try:
+        # Half the GPU is far more KV cache than these workloads use, and leaves room for
+        # whatever this process still holds.
+        llm = VLLM(str(ckpt), dtype="float16", skip_tokenizer_init=True, max_num_seqs=256,
+                   max_num_batched_tokens=16384, gpu_memory_utilization=0.5)
+        sp = lambda n: VSamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)   # noqa: E731
+        run = lambda ps, n: llm.generate([{"prompt_token_ids": p} for p in ps], sp(n), use_tqdm=False)     # noqa: E731
+        run(warm, 16)
+        t0 = time.perf_counter()
+        outs = run(prompts, max_tokens)
+        wall = time.perf_counter() - t0
+    except Exception as e:     # record, do not hide, a baseline that failed to run
+        print(f"vLLM {vllm.__version__}: failed ({type(e).__name__}: {e})")
+        return {"vllm_version": vllm.__version__, "vllm_error": f"{type(e).__name__}: {e}"}
     n = sum(len(o.outputs[0].token_ids) for o in outs)
     del llm
     gc.collect()

@@ -13,7 +13,8 @@ TB/s) with two output rows per program and 1024-wide K tiles; a device-to-device
                  (BLOCK_N, BLOCK_K) tiles and multiplies each tile, once in registers, by all M
                  input rows: W is read from memory once however many rows x has. Products are
                  summed elementwise in fp32 and reduced across K once, at the end, so the loop
-                 has no cross-thread reduction in it.
+                 has no cross-thread reduction in it. The bias, and for the MLP's c_fc the
+                 GELU, are applied to the fp32 sums before the one rounding to x's dtype.
 
 For more rows (M > MAX_M, i.e. prefill and larger decode batches) cuBLAS's tiled GEMMs win.
 Measured on an H200 (docs/bench/2026-11-30-h200-async/gemv_bench.py, a whole decode step's
@@ -58,7 +59,7 @@ MAX_ACC_PER_THREAD = 32
 
 @_jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     # Program p computes y[:, p*BLOCK_N : (p+1)*BLOCK_N] for all M rows of x.
     pid = tl.program_id(0)
@@ -96,6 +97,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
         y = tl.sum(acc, axis=2)                                # (BM, BLOCK_N)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        # GPT-2's gelu_new, 0.5 y (1 + tanh(u)) with u = sqrt(2/pi) (y + 0.044715 y^3), written
+        # as y * sigmoid(2u) (the same function; tl has sigmoid). Applied to the fp32 sum here,
+        # it saves the decode step a kernel per layer that would read y back and write it again.
+        y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
     tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], y.to(y_ptr.dtype.element_ty),
              mask=(m[:, None] < M) & (n[None, :] < N))
 
@@ -127,8 +133,9 @@ def pick_config(M: int) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """y = x @ weight.T + bias with the Triton kernel, for any M (MAX_M is linear's choice).
+         config: tuple[int, int, int] | None = None, gelu: bool = False) -> torch.Tensor:
+    """y = x @ weight.T + bias with the Triton kernel, for any M (MAX_M is linear's choice);
+    with gelu=True, gelu_tanh(y) (GPT-2's "gelu_new"), computed before the rounding to x's dtype.
 
     Args:
         x: (M, K) activations, any float dtype Triton loads (fp32, fp16, bf16).
@@ -153,7 +160,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
         x, weight, weight if bias is None else bias, y,    # without bias, b_ptr is never read
         M, N, K, x.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        HAS_BIAS=bias is not None, GELU=gelu, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         num_warps=num_warps)
     return y
 
@@ -164,47 +171,60 @@ def uses_kernel(x: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("nanoserve::gemv", mutates_args=())
-def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """linear() as an op for torch.compile: (M, K) -> (M, N), a new tensor. The choice
     between the kernel and cuBLAS is made here, at run time, so the compiled graph holds no
     guard on M (its batch dimension stays dynamic)."""
-    return gemv(x, weight, bias) if uses_kernel(x) else F.linear(x, weight, bias)
+    return _linear(x, weight, bias, gelu)
 
 
 @gemv_op.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, gelu=False):
     return x.new_empty((x.shape[0], weight.shape[0]))          # (M, N), what Inductor plans with
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the kernel where it is faster: (M, K) -> (M, N)."""
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    if uses_kernel(x):
+        return gemv(x, weight, bias, gelu=gelu)
+    y = F.linear(x, weight, bias)
+    return F.gelu(y, approximate="tanh") if gelu else y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           gelu: bool = False) -> torch.Tensor:
+    """F.linear (then gelu_tanh, if asked), with the kernel where it is faster: (M, K) -> (M, N)."""
     if torch.compiler.is_compiling():
-        return gemv_op(x, weight, bias)
+        return gemv_op(x, weight, bias, gelu)
     # Eagerly we skip the op's dispatch (some microseconds a call): prefill runs 49 of these
     # per step for GPT-2, and each would pay it.
-    return gemv(x, weight, bias) if uses_kernel(x) else F.linear(x, weight, bias)
+    return _linear(x, weight, bias, gelu)
 
 
 class GemvLinear(nn.Module):
-    """y = x @ W.T + b through linear(): the kernel for decode, cuBLAS otherwise."""
+    """y = x @ W.T + b through linear(): the kernel for decode, cuBLAS otherwise. With
+    gelu=True it returns gelu_tanh(y): the MLP's activation, fused into the kernel."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:   # (N, K), (N,)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> None:   # (N, K), (N,)
         super().__init__()
         # A Conv1D's Parameters stay Parameters under the same names (h.0.attn.c_attn.weight);
         # the head, a view of wte, stays a plain tensor. Nothing is copied.
-        self.weight, self.bias = weight, bias
+        self.weight, self.bias, self.gelu = weight, bias, gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:        # (M, K) -> (M, N)
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.gelu)
 
 
 @torch.no_grad()
 def use_gemv_linears(model: nn.Module) -> None:
     """Replace every Conv1D of `model` (a GPT2 on CUDA in its final dtype) by a GemvLinear over
     the same tensors, and set model.fast_head to one over the head's first num_logits rows. In place."""
-    from .model import Conv1D
+    from .model import MLP, Conv1D
     for name, mod in list(model.named_modules()):
         if isinstance(mod, Conv1D):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, GemvLinear(mod.weight, mod.bias))
+    for mlp in model.modules():
+        if isinstance(mlp, MLP) and mlp.approximate == "tanh":
+            # The MLP's GELU moves into c_fc's kernel (one launch less per layer and step).
+            mlp.c_fc.gelu, mlp.fc_applies_gelu = True, True
     model.fast_head = GemvLinear(model.head_weight(), None)     # the head, padded if pad_head ran

@@ -72,9 +72,13 @@ class MLP(nn.Module):
         self.c_proj = Conv1D(4 * cfg.n_embd, cfg.n_embd)
         # gelu_new is the tanh approximation of GELU; the erf form differs in the 4th decimal.
         self.approximate = "none" if cfg.activation_function == "gelu" else "tanh"
+        self.fc_applies_gelu = False      # gemv.py's c_fc may apply the GELU inside its kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:       # (N, C) -> (N, C)
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        h = self.c_fc(x)                                       # (N, 4C)
+        if not self.fc_applies_gelu:
+            h = F.gelu(h, approximate=self.approximate)
+        return self.c_proj(h)
 
 
 class Block(nn.Module):

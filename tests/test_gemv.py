@@ -81,6 +81,18 @@ def test_default_tiles_keep_accumulators_within_the_register_budget():
         assert BM * BLOCK_N * BLOCK_K // (32 * num_warps) <= gemv.MAX_ACC_PER_THREAD
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 5])
+def test_gelu_epilogue_gives_gelu_tanh_of_the_linear(M, dtype):
+    """gelu=True applies GPT-2's gelu_new (tanh form) to the fp32 sum before rounding: it
+    equals F.gelu(F.linear(...), approximate="tanh") to the output dtype's rounding."""
+    x, w, b = _operands(M, dtype, bias=True, seed=50 + M)
+    got = gemv.gemv(x, w, b, SMALL_TILE, gelu=True)
+    want = F.gelu(_reference(x, w, b), approximate="tanh")
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
 def test_a_strided_input_gives_the_contiguous_result():
     """x as a column slice of a wider tensor (row stride != K) gives the same result as its copy."""
     x, w, b = _operands(3, torch.float32, bias=True, seed=30)
@@ -144,6 +156,26 @@ def test_use_gemv_linears_swaps_every_conv1d_keeping_names_and_tensors(tiny_ckpt
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
     assert model.fast_head.weight.data_ptr() == model.wte.weight.data_ptr()
     assert model.fast_head.bias is None
+
+
+def test_swapped_model_decoding_one_token_through_the_kernel_equals_the_plain_model(tiny_ckpt, kernel_on_cpu):
+    """One decode token (M = 1) through the swapped model runs every linear in the kernel, the
+    MLP's GELU inside c_fc's kernel (not again after it), and gives the plain model's logits."""
+    plain, swapped = load_model(tiny_ckpt), load_model(tiny_ckpt)
+    gemv.use_gemv_linears(swapped)
+    assert all(b.mlp.fc_applies_gelu and b.mlp.c_fc.gelu for b in swapped.h)
+    cfg, BS = plain.config, 16
+    torch.manual_seed(1)
+    pool = torch.randn(cfg.n_layer, 2, 4, BS, cfg.n_head, cfg.head_dim)            # (L, 2, NB, BS, H, D)
+    meta = AttentionMetadata(slot_mapping=torch.tensor([BS + 3]), block_tables=torch.tensor([[2, 1]], dtype=torch.int32),
+                             context_lens=torch.tensor([20], dtype=torch.int32),
+                             query_start_loc=torch.arange(2, dtype=torch.int32), max_query_len=1, max_context_len=20)
+    ids, positions = torch.tensor([500]), torch.tensor([19])
+    with torch.inference_mode():
+        ref = plain.compute_logits(plain(ids, positions, pool.clone(), meta))      # (1, V)
+        got = swapped.compute_logits(swapped(ids, positions, pool.clone(), meta))
+    assert len(kernel_on_cpu) == 4 * cfg.n_layer + 1, "every linear and the head should run the kernel"
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_swapped_model_in_the_compiled_decode_step_equals_the_eager_model(tiny_ckpt):

@@ -161,16 +161,17 @@ def test_use_gemv_linears_swaps_every_conv1d_keeping_names_and_tensors(tiny_ckpt
 def test_swapped_model_decoding_one_token_through_the_kernel_equals_the_plain_model(tiny_ckpt, kernel_on_cpu):
     """One decode token (M = 1) through the swapped model runs every linear in the kernel, the
     MLP's GELU inside c_fc's kernel (not again after it), and gives the plain model's logits."""
-    plain, swapped = load_model(tiny_ckpt), load_model(tiny_ckpt)
+    plain, swapped = load_model(tiny_ckpt).to(DEVICE), load_model(tiny_ckpt).to(DEVICE)
     gemv.use_gemv_linears(swapped)
     assert all(b.mlp.fc_applies_gelu and b.mlp.c_fc.gelu for b in swapped.h)
     cfg, BS = plain.config, 16
     torch.manual_seed(1)
-    pool = torch.randn(cfg.n_layer, 2, 4, BS, cfg.n_head, cfg.head_dim)            # (L, 2, NB, BS, H, D)
-    meta = AttentionMetadata(slot_mapping=torch.tensor([BS + 3]), block_tables=torch.tensor([[2, 1]], dtype=torch.int32),
-                             context_lens=torch.tensor([20], dtype=torch.int32),
-                             query_start_loc=torch.arange(2, dtype=torch.int32), max_query_len=1, max_context_len=20)
-    ids, positions = torch.tensor([500]), torch.tensor([19])
+    pool = torch.randn(cfg.n_layer, 2, 4, BS, cfg.n_head, cfg.head_dim, device=DEVICE)   # (L, 2, NB, BS, H, D)
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    meta = AttentionMetadata(slot_mapping=torch.tensor([BS + 3], device=DEVICE), block_tables=torch.tensor([[2, 1]], **i32),
+                             context_lens=torch.tensor([20], **i32), query_start_loc=torch.arange(2, **i32),
+                             max_query_len=1, max_context_len=20)
+    ids, positions = torch.tensor([500], device=DEVICE), torch.tensor([19], device=DEVICE)
     with torch.inference_mode():
         ref = plain.compute_logits(plain(ids, positions, pool.clone(), meta))      # (1, V)
         got = swapped.compute_logits(swapped(ids, positions, pool.clone(), meta))

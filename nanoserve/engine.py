@@ -15,6 +15,7 @@ References: vLLM `LLMEngine`, nano-vllm `llm_engine.py`.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import sys
@@ -105,6 +106,13 @@ class LLMEngine:
     # ---- set-up helpers -------------------------------------------------------------------
     def _load_model(self) -> None:
         """self.model: the checkpoint's GPT-2 on our device and dtype, with the fast paths swapped in."""
+        if self.device.type == "cuda":
+            # An engine dropped earlier in this process may still hold its KV pool through a
+            # reference cycle. Free it before our weights go to the GPU: placed inside that
+            # pool's cached segment, they would keep it from being released, and our own pool,
+            # sized from the memory the driver reports, would not fit (an OOM seen on the H200).
+            gc.collect()
+            torch.cuda.empty_cache()
         state_dict = load_state_dict(self.model_dir, self.model_config)   # checks config.json against the file first
         model = GPT2(self.model_config, num_logits=self.vocab_size)
         model.load_weights(state_dict)

@@ -24,7 +24,6 @@ References: vLLM `BlockSpaceManager` / `KVCacheManager`, nano-vllm `block_manage
 """
 from __future__ import annotations
 
-import gc
 import itertools
 from collections import OrderedDict
 
@@ -75,9 +74,6 @@ def _profile_free_gpu_memory(model: torch.nn.Module, config: EngineConfig, dtype
     much memory is left for KV blocks: total * gpu_memory_utilization - peak use - others' use.
     The peak holds the activations and the sampler's temporaries that every later step needs."""
     mc, BS = model.config, config.block_size
-    # An engine that was dropped may still hold its pool through a reference cycle until the
-    # garbage collector runs; collect it now, or its memory would be counted (or freed) mid-way.
-    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     seq_len = min(n_tok, mc.n_ctx)

@@ -21,6 +21,8 @@ import logging
 import sys
 import time
 
+import torch
+
 from . import cpu_attention, linear, stats
 from .attention import paged_attention
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype

@@ -144,7 +144,7 @@ def vllm_compare(ckpt: Path, prompts: list[list[int]], max_tokens: int, warm: li
         print(f"vLLM {vllm.__version__}: failed ({type(e).__name__}: {e})")
         return {"vllm_version": vllm.__version__, "vllm_error": f"{type(e).__name__}: {e}"}
     n = sum(len(o.outputs[0].token_ids) for o in outs)
-    del llm
+    llm = None                 # shut vLLM's engine down before whatever runs next
     gc.collect()
     return {"vllm_version": vllm.__version__, "vllm_wall_s": wall, "vllm_output_tokens": n, "vllm_tok_s": n / wall}
 

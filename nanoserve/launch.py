@@ -14,9 +14,12 @@ import os
 import signal
 import sys
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
+
+if TYPE_CHECKING:                   # imported where the server starts; only named here
+    import uvicorn
 
 from .config import EngineConfig
 from .guards import head_deadline

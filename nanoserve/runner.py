@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .attention import AttentionMetadata
@@ -81,19 +82,21 @@ class LaunchedStep:
 
 
 def _upload(parts: list, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """Lists (or 1-D CPU tensors) of one dtype as tensors on `device`, through one copy: packed
-    into one host buffer, copied, and sliced on the device. Each slice starts 16 bytes after
-    the last: Triton compiles a kernel variant per pointer alignment, and unaligned slices
-    made a prefill-heavy workload recompile its attention kernels (1 s of TTFT on an H200)."""
-    align = 16 // torch.empty(0, dtype=dtype).element_size()     # elements per 16 bytes
+    """Lists (or 1-D numpy arrays) of one dtype as tensors on `device`, through one copy:
+    packed into one host buffer, copied, and sliced on the device. Each slice starts 16 bytes
+    after the last: Triton compiles a kernel variant per pointer alignment, and unaligned slices
+    made a prefill-heavy workload recompile its attention kernels (1 s of TTFT on an H200).
+    The buffer is a numpy array: filling it from Python lists costs a few microseconds a part,
+    where torch.tensor(list) and a slice assignment cost ~40 (256 sequences: 0.17 ms a step)."""
+    host_dtype = np.int64 if dtype == torch.int64 else np.int32
+    align = 16 // np.dtype(host_dtype).itemsize                   # elements per 16 bytes
     starts = [0]
     for p in parts:
         starts.append(starts[-1] + cdiv(len(p), align) * align)
-    host = torch.zeros(starts[-1], dtype=dtype)
+    host = np.zeros(starts[-1], dtype=host_dtype)
     for p, a in zip(parts, starts):
-        if len(p):
-            host[a:a + len(p)] = p if isinstance(p, torch.Tensor) else torch.tensor(p, dtype=dtype)
-    dev = to_device(host, dtype, device)
+        host[a:a + len(p)] = p
+    dev = to_device(torch.from_numpy(host), dtype, device)
     return [dev[a:a + len(p)] for p, a in zip(parts, starts)]
 
 
@@ -114,11 +117,12 @@ class ModelRunner:
         # On a CPU the engine may set fused.compile_cpu_decode(model): steps that decode one
         # sequence call it directly (there are no graphs to replay).
         self.cpu_decode: DecodeFn | None = None
-        # Block tables live in a host tensor with one row per running sequence, updated only
+        # Block tables live in a host array with one row per running sequence, updated only
         # when a sequence gains a block: turning 256 Python lists into a tensor every step
-        # cost more (~2 ms) than the GPU's whole decode step.
+        # cost more (~2 ms) than the GPU's whole decode step. numpy, not a CPU tensor: writing
+        # a few ints into a numpy row takes well under a microsecond, into a tensor ~6.
         rows = cfg.max_num_seqs + 1
-        self.bt_host = torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.int32)   # (R, MB)
+        self.bt_host = np.zeros((rows, self.max_blocks_per_seq), dtype=np.int32)       # (R, MB)
         self.row_of: dict[int, int] = {}         # seq_id -> row of bt_host
         self.row_len = [0] * rows                 # block ids already written in each row
         self.free_rows = list(range(rows))
@@ -142,7 +146,7 @@ class ModelRunner:
                 self.row_len[row] = 0
             have, bt = self.row_len[row], seq.block_table
             if len(bt) > have:   # new blocks only: holes left by a sliding window are never copied
-                self.bt_host[row, have:len(bt)] = torch.tensor(bt[have:], dtype=torch.int32)
+                self.bt_host[row, have:len(bt)] = bt[have:]
                 self.row_len[row] = len(bt)
             rows.append(row)
             MB = max(MB, len(bt))
@@ -158,13 +162,13 @@ class ModelRunner:
         qsl = [0, *itertools.accumulate(q_lens)]                           # (S+1,) query_start_loc
         ctx_lens = [seq.num_computed_tokens + n for seq, n in sched.scheduled]   # (S,) after the write
         rows, MB = self._block_table_rows(sched)
-        block_tables = self.bt_host[:, :MB].index_select(0, torch.tensor(rows))   # (S, MB)
+        block_tables = self.bt_host[rows, :MB]                             # (S, MB) a copy
         dst, src = zip(*from_prev) if from_prev else ((), ())
         # Two host-to-device copies for the whole step, one per dtype: each small copy costs
         # the host ~20 us (pinning, a launch), more than at batch 1 the GPU needs for a layer.
         input_ids_d, positions_d, slots_d, dst_d, src_d = _upload([input_ids, positions, slots, dst, src],
                                                                    torch.int64, self.device)
-        ctx_d, qsl_d, bt_d = _upload([ctx_lens, qsl, block_tables.view(-1)], torch.int32, self.device)
+        ctx_d, qsl_d, bt_d = _upload([ctx_lens, qsl, block_tables.reshape(-1)], torch.int32, self.device)
         meta = AttentionMetadata(
             slot_mapping=slots_d,                                           # (N,)
             block_tables=bt_d.view(-1, MB),                                 # (S, MB)

@@ -1,0 +1,97 @@
+"""Hand-written AVX-512 matrix-vector products for one-token decode on the CPU.
+
+When one sequence decodes, each linear layer multiplies one row of activations by its whole
+weight matrix: every weight is read once and used once, so the layer can be no faster than
+reading its weights from memory. oneDNN's kernels (linear.py) are built for matrices; at one
+row they read fp32 weights at about half this machine's bandwidth, and bf16 and int8 weights
+at less, because they convert or rearrange data per element (BENCHMARKS.md, issue 12). So for
+M = 1 we use our own loop (cpu_gemv.cpp), about 250 lines of C++ with AVX-512 intrinsics:
+R rows of W side by side, a vector accumulator per row, and the CPU's dot-product
+instructions for the narrow types: vdpbf16ps (bf16 pairs into fp32) and vpdpbusd (uint8 x
+int8 quads into int32), the instructions llama.cpp's bf16 and Q8_0 kernels use.
+
+It is built the first time an engine on the CPU needs it, with torch.utils.cpp_extension
+(g++ and ninja; ~40 s cold, cached under ~/.cache/torch_extensions after that), and only on
+a CPU whose /proc/cpuinfo lists AVX-512 with BF16 and VNNI (Cooper Lake, Sapphire Rapids and
+later Xeons, AMD Zen 4 and later). Anywhere else, or if the build fails (one warning), the
+linears keep oneDNN. NANOSERVE_CPU_GEMV=0 turns it off, for A/B measurements.
+
+The ops are torch ops (torch.ops.nanoserve_cpu.gemv_fp32 / _bf16 / _int8), so a
+torch.compile'd decode step (fused.py) keeps them as opaque calls; the fake kernels below give
+Inductor their output shapes.
+
+References: llama.cpp ggml-cpu (ggml_vec_dot_bf16, ggml_vec_dot_q8_0_q8_0); Intel's intrinsics
+guide for _mm512_dpbf16_ps and _mm512_dpbusd_epi32; Williams et al., "Roofline" (2009).
+
+M = rows of x   K = in features   O = out features
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+# The instructions the C++ is compiled for (gcc's names) and the /proc/cpuinfo flags that say
+# the CPU has them.
+_CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni"]
+_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"}
+_state: dict[str, bool] = {}            # "loaded": the ops exist (True) or cannot (False)
+
+
+def _cpu_has_instructions() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:                     # not Linux: we do not guess
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return _CPU_FLAGS <= set(flags)
+
+
+def is_available() -> bool:
+    """Whether the ops can run here, building them on the first call (once per process)."""
+    if "loaded" not in _state:
+        _state["loaded"] = _load()
+    return _state["loaded"]
+
+
+def _load() -> bool:
+    if os.environ.get("NANOSERVE_CPU_GEMV", "1") == "0" or not _cpu_has_instructions():
+        return False
+    if hasattr(torch.ops.nanoserve_cpu, "gemv_fp32"):    # already built by this process
+        return True
+    from torch.utils.cpp_extension import load
+    try:
+        load(name="nanoserve_cpu_gemv", sources=[str(Path(__file__).with_name("cpu_gemv.cpp"))],
+             extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as e:              # no compiler, no ninja, ...: oneDNN still works
+        warnings.warn(f"nanoserve: building the AVX-512 GEMV (cpu_gemv.cpp) failed, so one-token decode "
+                      f"keeps oneDNN's kernels ({type(e).__name__}: {str(e)[:300]})", RuntimeWarning, stacklevel=3)
+        return False
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile: (M, K) x (O, K) -> (M, O) in x's dtype."""
+    def fake(x: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])
+    for name in ("gemv_fp32", "gemv_bf16", "gemv_int8"):
+        torch.library.register_fake(f"nanoserve_cpu::{name}", fake)
+
+
+def int8_row_sums(q: torch.Tensor) -> torch.Tensor:
+    """(O, K) int8 -> (O,) int32: sum_k q[o, k], the correction for the +128 shift of x."""
+    return q.sum(dim=1, dtype=torch.int32)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+         scale: torch.Tensor | None = None, row_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ w (O, K).T + bias -> (M, O), by w's dtype: float32, bfloat16, or int8 with
+    its per-row scale (O,) float32 and row_sums (O,) int32. bias is float32 or None."""
+    if w.dtype == torch.int8:
+        return torch.ops.nanoserve_cpu.gemv_int8(x, w, scale, row_sums, bias)
+    if w.dtype == torch.bfloat16:
+        return torch.ops.nanoserve_cpu.gemv_bf16(x, w, bias)
+    return torch.ops.nanoserve_cpu.gemv_fp32(x, w, bias)

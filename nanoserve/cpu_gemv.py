@@ -74,9 +74,9 @@ def _load() -> bool:
 
 
 def _register_fakes() -> None:
-    """Output shapes for torch.compile: (M, K) x (O, K) -> (M, O) in x's dtype."""
-    def fake(x: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
-        return x.new_empty(x.shape[0], w.shape[0])
+    """Output shapes for torch.compile: (1, K) x W (O, K) -> (1, O) in x's dtype."""
+    def fake(x: torch.Tensor, wp: torch.Tensor, out_features: int, *rest: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty(x.shape[0], out_features)
     for name in ("gemv_fp32", "gemv_bf16", "gemv_int8"):
         torch.library.register_fake(f"nanoserve_cpu::{name}", fake)
 
@@ -86,12 +86,26 @@ def int8_row_sums(q: torch.Tensor) -> torch.Tensor:
     return q.sum(dim=1, dtype=torch.int32)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """W (O, K) float32, bfloat16 or int8 -> (O/16, K/G, 16, G), zero-padded, for the ops:
+    each block of 16 rows becomes one front-to-back stream of 64-byte vectors, each holding the
+    16 rows' weights for G consecutive inputs (G = 1, 2, 4 for 4-, 2-, 1-byte weights: what one
+    lane of vfmadd, vdpbf16ps, vpdpbusd takes). cpu_gemv.cpp explains why."""
+    G = 4 // w.element_size()
+    O, K = w.shape
+    Op, Kp = -(-O // 16) * 16, -(-K // G) * G                      # padded with zero weights
+    wp = torch.zeros(Op, Kp, dtype=w.dtype)
+    wp[:O, :K] = w
+    return wp.view(Op // 16, 16, Kp // G, G).permute(0, 2, 1, 3).contiguous()   # (O/16, K/G, 16, G)
+
+
+def gemv(x: torch.Tensor, wp: torch.Tensor, out_features: int, bias: torch.Tensor | None,
          scale: torch.Tensor | None = None, row_sums: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ w (O, K).T + bias -> (M, O), by w's dtype: float32, bfloat16, or int8 with
-    its per-row scale (O,) float32 and row_sums (O,) int32. bias is float32 or None."""
-    if w.dtype == torch.int8:
-        return torch.ops.nanoserve_cpu.gemv_int8(x, w, scale, row_sums, bias)
-    if w.dtype == torch.bfloat16:
-        return torch.ops.nanoserve_cpu.gemv_bf16(x, w, bias)
-    return torch.ops.nanoserve_cpu.gemv_fp32(x, w, bias)
+    """x (1, K) @ W.T + bias -> (1, O), W given as pack(W) and O = out_features, by W's dtype:
+    float32, bfloat16, or int8 with its per-row scale (O,) float32 and row_sums (O,) int32.
+    bias is float32 or None. The result has x's dtype."""
+    if wp.dtype == torch.int8:
+        return torch.ops.nanoserve_cpu.gemv_int8(x, wp, out_features, scale, row_sums, bias)
+    if wp.dtype == torch.bfloat16:
+        return torch.ops.nanoserve_cpu.gemv_bf16(x, wp, out_features, bias)
+    return torch.ops.nanoserve_cpu.gemv_fp32(x, wp, out_features, bias)

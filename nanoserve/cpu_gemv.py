@@ -40,7 +40,8 @@ _CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx
 _state: dict[str, bool] = {}            # "loaded": the ops exist (True) or cannot (False)
 
 
-def _cpu_has_instructions() -> bool:
+def cpu_has_instructions() -> bool:
+    """Whether /proc/cpuinfo lists every instruction set the kernels are compiled for."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:                     # not Linux: we do not guess
@@ -57,7 +58,7 @@ def is_available() -> bool:
 
 
 def _load() -> bool:
-    if os.environ.get("NANOSERVE_CPU_GEMV", "1") == "0" or not _cpu_has_instructions():
+    if os.environ.get("NANOSERVE_CPU_GEMV", "1") == "0" or not cpu_has_instructions():
         return False
     if hasattr(torch.ops.nanoserve_cpu, "gemv_fp32"):    # already built by this process
         return True

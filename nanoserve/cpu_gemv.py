@@ -60,18 +60,23 @@ def is_available() -> bool:
 def _load() -> bool:
     if os.environ.get("NANOSERVE_CPU_GEMV", "1") == "0" or not cpu_has_instructions():
         return False
-    if hasattr(torch.ops.nanoserve_cpu, "gemv_fp32"):    # already built by this process
-        return True
-    from torch.utils.cpp_extension import load
     try:
-        load(name="nanoserve_cpu_gemv", sources=[str(Path(__file__).with_name("cpu_gemv.cpp"))],
-             extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        _build()
     except Exception as e:              # no compiler, no ninja, ...: oneDNN still works
         warnings.warn(f"nanoserve: building the AVX-512 GEMV (cpu_gemv.cpp) failed, so one-token decode "
                       f"keeps oneDNN's kernels ({type(e).__name__}: {str(e)[:300]})", RuntimeWarning, stacklevel=3)
         return False
-    _register_fakes()
     return True
+
+
+def _build() -> None:
+    """Compile cpu_gemv.cpp (or load it from torch's extension cache) and register its ops."""
+    if hasattr(torch.ops.nanoserve_cpu, "gemv_fp32"):    # already loaded by this process
+        return
+    from torch.utils.cpp_extension import load
+    load(name="nanoserve_cpu_gemv", sources=[str(Path(__file__).with_name("cpu_gemv.cpp"))],
+         extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    _register_fakes()
 
 
 def _register_fakes() -> None:

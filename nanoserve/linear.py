@@ -163,8 +163,8 @@ def _make(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str | N
 def use_cpu_linears(model: nn.Module, quantization: str | None = None, compiled_decode: bool = False) -> None:
     """Replace every Conv1D of `model` (a GPT2 already on the CPU in its final dtype) and its
     output head by PackedLinear or, with quantization="int8", Int8Linear. In place.
-    compiled_decode: fused.compile_cpu_decode will run the model too; in float32 the layers
-    then keep their plain weights for its gemv()s.
+    compiled_decode: fused.compile_cpu_decode will run the model too; in float32 without
+    cpu_gemv the layers then keep their plain weights for its gemv()s.
 
     The replaced modules keep their names (h.0.attn.c_attn ...); the float weights they held
     are dropped, except wte, which the embedding lookup still reads."""

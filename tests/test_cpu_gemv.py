@@ -132,3 +132,18 @@ def test_engine_greedy_tokens_are_unchanged_by_gemv_in_float32(request, monkeypa
     slow = LLM(path, device="cpu", quiet=True)
     assert slow.engine.model.fast_head.gemv_weight is None
     assert got == [slow.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_onednn(monkeypatch):
+    """If the C++ build fails, is_available() is False with one RuntimeWarning naming the
+    build, and the linears keep oneDNN (no gemv weights)."""
+    def broken_build() -> None:
+        raise OSError("no compiler")
+    monkeypatch.setattr(cpu_gemv, "_build", broken_build)
+    monkeypatch.setattr(cpu_gemv, "_state", {})
+    with pytest.warns(RuntimeWarning, match="building the AVX-512 GEMV") as record:
+        assert not cpu_gemv.is_available()
+        assert not cpu_gemv.is_available()                 # asked again: no second warning
+    assert len(record) == 1
+    _, w, b = _case(37, 50, True)
+    assert PackedLinear(w, b).gemv_weight is None

@@ -5,7 +5,7 @@ weights, so nothing stays in the 32 MiB L3) plus the 50257 x 768 head, each call
 token row. Per weight dtype, timed alternately in one process (median of the rounds, ms per
 step's set of products, and the weight bytes read per second):
 
-  ours     cpu_gemv's AVX-512 op (nanoserve/cpu_gemv.cpp) on the plain (O, K) weights
+  ours     cpu_gemv's AVX-512 op (nanoserve/cpu_gemv.cpp) on its packed (O/16, K/G, 16, G) weights
   onednn   linear.PackedLinear / Int8Linear: oneDNN's packed kernels (the eager engine before)
   inductor linear.gemv compiled with freezing (fp32 and bf16): the compiled step's loop before
   sum      eager torch.sum over the same fp32 weights, per matrix: how fast 2 threads read
@@ -44,17 +44,19 @@ def make(kind: str, dtype: str, mats):
                 f = Int8Linear(w, b)
             else:
                 q, s = quantize_per_channel(w)
-                rs = cpu_gemv.int8_row_sums(q)
-                f = (lambda q, s, rs, b: lambda x: cpu_gemv.gemv(x, q, b, s, rs))(q, s, rs, b)
+                qp, rs = cpu_gemv.pack(q), cpu_gemv.int8_row_sums(q)
+                f = (lambda qp, O, s, rs, b: lambda x: cpu_gemv.gemv(x, qp, O, b, s, rs))(qp, q.shape[0], s, rs, b)
         else:
             wd = w.to(getattr(torch, dtype)).contiguous()
             if kind == "onednn":
                 f = PackedLinear(wd, None if b is None else b.to(wd.dtype))
             elif kind == "ours":
-                f = (lambda wd, b: lambda x: cpu_gemv.gemv(x, wd, b))(wd, b)
+                f = (lambda wp, O, b: lambda x: cpu_gemv.gemv(x, wp, O, b))(cpu_gemv.pack(wd), wd.shape[0], b)
             else:   # inductor
                 bd = None if b is None else b.to(wd.dtype)
                 f = torch.compile((lambda wd, bd: lambda x: gemv(x, wd, bd))(wd, bd), fullgraph=True)
+        if kind == "onednn":
+            f.gemv_weight = None        # the modules would run cpu_gemv for one row now
         out.append((f, w.shape[1]))
     return out
 

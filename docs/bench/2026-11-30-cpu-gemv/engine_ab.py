@@ -2,7 +2,8 @@
 with them switched off (oneDNN, as before), on the bench's workloads, alternating rounds.
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python docs/bench/2026-11-30-cpu-gemv/engine_ab.py float32 none [fused]
-    (dtype: float32 | bfloat16; quantization: none | int8; "fused": fused_decode=True, both engines)
+    (dtype: float32 | bfloat16; quantization: none | int8; "fused": fused_decode=True, both engines;
+    the second engine then runs what the compiled step ran before: Inductor's loop in fp32, oneDNN otherwise)
 Prints tok/s per round with the 1-minute load. BENCHMARKS.md, issue 12, third session, has the results.
 """
 import os
@@ -23,9 +24,11 @@ t0 = time.perf_counter()
 llms = {"gemv": LLM(str(ckpt), **kw), "onednn": LLM(str(ckpt), **kw)}
 for mod in llms["onednn"].engine.model.modules():           # switch the kernels off in the second
     if getattr(mod, "gemv_weight", None) is not None:
+        if fused and dtype == "float32" and quant is None:
+            # as before: the compiled fp32 step runs Inductor's loop (linear.gemv) on plain weights
+            wp = mod.gemv_weight                                   # (O/16, K, 16, 1) -> (O, K)
+            mod.weight = wp.permute(0, 2, 1, 3).reshape(-1, wp.shape[1])[:mod.out_features].contiguous()
         mod.gemv_weight = None
-        if hasattr(mod, "weight") and mod.weight is None and dtype == "float32" and quant is None and fused:
-            raise SystemExit("fused fp32 without gemv needs the plain weights: not comparable here")
 assert type(llms["gemv"].engine.model.fast_head).__name__ in ("PackedLinear", "Int8Linear")
 warm = random_prompts(2, 40, 40, seed=1)
 for llm in llms.values():

@@ -15,9 +15,12 @@
 // each vector load feeds one instruction, and each lane ends holding one output: no horizontal
 // sums. O and K are padded with zero weights to multiples of 16 and G.
 //
-// Per block: 4 accumulators take every 4th group (4 independent add chains, enough to hide
-// the instructions' latency), summed at the end; blocks are split between threads with
-// at::parallel_for (compiled with -fopenmp, so it uses torch's OpenMP threads).
+// Blocks are split between threads with at::parallel_for (compiled with -fopenmp, so it uses
+// torch's OpenMP threads; without the flag it silently runs on one). Each thread reads two
+// blocks at a time, from the two halves of its range: two streams in flight per core read
+// 3-15% faster here than one (docs/bench/2026-11-30-cpu-gemv/two_streams.txt). Each block
+// keeps two accumulators (even and odd groups), four add chains in all, enough to hide the
+// instructions' latency; a leftover block runs alone with four.
 //
 // bf16: x is rounded to bf16 once per call (llama.cpp does the same); vdpbf16ps multiplies
 // bf16 pairs and adds both products to an fp32 lane.
@@ -63,12 +66,34 @@ struct Int8 {
 
 // For every block of 16 rows: acc = the block's 16 dot products, then finish(o, mask, acc)
 // writes outputs o .. o+15 (mask: those below O).
+// (`h` blocks paired as b0+i and b0+h+i; with an odd count the last block runs alone.)
 template <typename T, typename Finish>
 void blocks(const typename T::X* x, const typename T::W* w, int64_t KG, int64_t O, const Finish& finish) {
   constexpr int64_t V = 64 / sizeof(typename T::W);          // weights per vector (one group of 16 rows)
   const int64_t nb = (O + 15) / 16;
-  at::parallel_for(0, nb, 4, [&](int64_t b0, int64_t b1) {   // grain 4 blocks: 64 rows at least per thread
-    for (int64_t bl = b0; bl < b1; ++bl) {
+  auto finish_block = [&](int64_t bl, typename T::Acc acc) {
+    const int64_t o = bl * 16;
+    const __mmask16 m = O - o >= 16 ? 0xFFFF : (__mmask16)((1u << (O - o)) - 1);
+    finish(o, m, acc);
+  };
+  at::parallel_for(0, nb, 4, [&](int64_t b0, int64_t b1) {
+    const int64_t h = (b1 - b0) / 2;
+    for (int64_t i = 0; i < h; ++i) {
+      const typename T::W* wa = w + (b0 + i) * KG * V;
+      const typename T::W* wc = w + (b0 + h + i) * KG * V;
+      typename T::Acc a0 = T::zero(), a1 = a0, c0 = a0, c1 = a0;
+      int64_t k = 0;
+      for (; k + 2 <= KG; k += 2) {
+        a0 = T::dot(a0, wa + k * V, x[k]);
+        c0 = T::dot(c0, wc + k * V, x[k]);
+        a1 = T::dot(a1, wa + (k + 1) * V, x[k + 1]);
+        c1 = T::dot(c1, wc + (k + 1) * V, x[k + 1]);
+      }
+      for (; k < KG; ++k) { a0 = T::dot(a0, wa + k * V, x[k]); c0 = T::dot(c0, wc + k * V, x[k]); }
+      finish_block(b0 + i, T::add(a0, a1));
+      finish_block(b0 + h + i, T::add(c0, c1));
+    }
+    for (int64_t bl = b0 + 2 * h; bl < b1; ++bl) {
       const typename T::W* wb = w + bl * KG * V;
       typename T::Acc a0 = T::zero(), a1 = a0, a2 = a0, a3 = a0;
       int64_t k = 0;
@@ -79,9 +104,7 @@ void blocks(const typename T::X* x, const typename T::W* w, int64_t KG, int64_t 
         a3 = T::dot(a3, wb + (k + 3) * V, x[k + 3]);
       }
       for (; k < KG; ++k) a0 = T::dot(a0, wb + k * V, x[k]);
-      const int64_t o = bl * 16;
-      const __mmask16 m = O - o >= 16 ? 0xFFFF : (__mmask16)((1u << (O - o)) - 1);
-      finish(o, m, T::add(T::add(a0, a1), T::add(a2, a3)));
+      finish_block(bl, T::add(T::add(a0, a1), T::add(a2, a3)));
     }
   });
 }

@@ -3,15 +3,19 @@
 When one sequence decodes, each linear layer multiplies one row of activations by its whole
 weight matrix: every weight is read once and used once, so the layer can be no faster than
 reading its weights from memory. oneDNN's kernels (linear.py) are built for matrices; at one
-row they read fp32 weights at about half this machine's bandwidth, and bf16 and int8 weights
-at less, because they convert or rearrange data per element (BENCHMARKS.md, issue 12). So for
-M = 1 we use our own loop (cpu_gemv.cpp), about 250 lines of C++ with AVX-512 intrinsics:
-R rows of W side by side, a vector accumulator per row, and the CPU's dot-product
-instructions for the narrow types: vdpbf16ps (bf16 pairs into fp32) and vpdpbusd (uint8 x
-int8 quads into int32), the instructions llama.cpp's bf16 and Q8_0 kernels use.
+row they read the weights more slowly than a plain streaming read does (on this project's
+2-core CPU: fp32 at ~4/5 of its rate, bf16 at ~3/4, int8 at ~1/2; BENCHMARKS.md). So for
+M = 1 we use our own loop (cpu_gemv.cpp, ~190 lines of C++ with AVX-512 intrinsics) on a
+copy of W repacked at load (pack(), below) so that each block of 16 output rows is read as
+one front-to-back stream, one 64-byte vector per instruction, 16 outputs per vector; for the
+narrow types it uses the CPU's dot-product instructions, vdpbf16ps (bf16 pairs into fp32) and
+vpdpbusd (uint8 x int8 quads into int32), as llama.cpp's bf16 and Q8_0 kernels do. For
+GPT-2 124M's step that is 1.2-1.5x oneDNN's speed in fp32, 1.3-1.6x in bf16, 2-2.2x in int8,
+at about the rate a plain streaming read reaches here (BENCHMARKS.md, issue 12). The cost is
+memory: the packed copy sits beside oneDNN's (which batched steps and prefill still use).
 
 It is built the first time an engine on the CPU needs it, with torch.utils.cpp_extension
-(g++ and ninja; ~40 s cold, cached under ~/.cache/torch_extensions after that), and only on
+(g++ and ninja; 25-40 s cold, then cached under ~/.cache/torch_extensions), and only on
 a CPU whose /proc/cpuinfo lists AVX-512 with BF16 and VNNI (Cooper Lake, Sapphire Rapids and
 later Xeons, AMD Zen 4 and later). Anywhere else, or if the build fails (one warning), the
 linears keep oneDNN. NANOSERVE_CPU_GEMV=0 turns it off, for A/B measurements.

@@ -20,7 +20,7 @@ with one of:
 
 With one token (N = 1, a single sequence decoding) both run cpu_gemv.py's hand-written
 AVX-512 kernels instead, on a second copy of the weights packed for them, where the CPU has
-AVX-512 BF16 and VNNI: at one row they read the weights 1.5-2.5x faster than oneDNN does
+AVX-512 BF16 and VNNI: at one row they read the weights 1.2-2.2x faster than oneDNN does
 (BENCHMARKS.md, issue 12, third session). Elsewhere, the compiled one-sequence decode step
 (fused.compile_cpu_decode) runs gemv() below in float32, an Inductor-generated loop that reads
 the plain weights faster than oneDNN reads its packed ones for one row, so it keeps both.

@@ -1,13 +1,22 @@
+"""In-process A/B: cpu_gemv's kernel with one stream per thread (cpu_gemv_one_stream.cpp, the
+kernel before commit 1175517, as torch.ops.nanoserve_cpu1s) against the two-stream kernel
+in nanoserve (torch.ops.nanoserve_cpu), on gemv_bench.py's 12 layers + head, alternating,
+median of 9 rounds. (When the run in two_streams.txt was taken, "base" was the one-stream
+kernel in nanoserve and "2s" the two-stream one as a side file; the labels below follow that.)
+
+    THR=2 PYTHONPATH=$PWD python docs/bench/2026-11-30-cpu-gemv/two_streams.py
+"""
 import os, sys, time, statistics, torch
+from pathlib import Path
 from nanoserve import cpu_gemv
 from nanoserve.linear import quantize_per_channel
 from torch.utils.cpp_extension import load
 assert cpu_gemv.is_available()
-load(name="gemv_var_2s_ns", sources=["/tmp/cg/cpu_gemv_2s.cpp"], extra_cflags=cpu_gemv._CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+load(name="gemv_one_stream", sources=[str(Path(__file__).with_name("cpu_gemv_one_stream.cpp"))], extra_cflags=cpu_gemv._CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
 sys.path.insert(0, "docs/bench/2026-11-30-cpu-gemv"); import gemv_bench as gb
 torch.set_num_threads(int(os.environ.get("THR", "2")))
 mats = gb.weights(); xs = {k: torch.randn(1, k) for k in (768, 3072)}
-ops = {"base": torch.ops.nanoserve_cpu, "2s": torch.ops.nanoserve_cpu2s}
+ops = {"base": torch.ops.nanoserve_cpu1s, "2s": torch.ops.nanoserve_cpu}
 runs = {}
 for dt in ["float32", "bfloat16", "int8"]:
     xd = torch.bfloat16 if dt == "bfloat16" else torch.float32

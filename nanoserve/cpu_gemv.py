@@ -32,6 +32,7 @@ M = rows of x   K = in features   O = out features
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -77,7 +78,11 @@ def _build() -> None:
     """Compile cpu_gemv.cpp (or load it from torch's extension cache) and register its ops."""
     if hasattr(torch.ops.nanoserve_cpu, "gemv_fp32"):    # already loaded by this process
         return
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
+    if not (Path(_get_build_directory("nanoserve_cpu_gemv", False)) / "nanoserve_cpu_gemv.so").exists():
+        # The first engine on a machine waits for g++: say why (later runs load the cached .so).
+        print("nanoserve: compiling the AVX-512 GEMV (cpu_gemv.cpp) once for this machine, ~30 s ...",
+              file=sys.stderr, flush=True)
     load(name="nanoserve_cpu_gemv", sources=[str(Path(__file__).with_name("cpu_gemv.cpp"))],
          extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     _register_fakes()

@@ -124,9 +124,11 @@ def compile_decode(model: GPT2) -> DecodeFn:
 # ---- the CPU: one sequence's decode step, compiled --------------------------------------
 # At batch 1 a CPU decode step is ~250 small eager ops around 49 matrix-vector products; each
 # op costs 3-40 us of dispatch whatever its size. Compiled, the layer norms, GELU, residual
-# adds, int8 activation quantization and attention become a few C++ loops between the
-# products, and in float32 the products themselves become Inductor's loops (linear.gemv),
-# which stream the weights faster than oneDNN's kernel does for one row. There are no CUDA
+# adds and attention become a few C++ loops between the products. The products are
+# cpu_gemv.py's AVX-512 ops where the CPU has them (opaque custom ops in the graph, as fast
+# compiled as eager); elsewhere in float32 Inductor's own loops (linear.gemv), which stream
+# the weights faster than oneDNN's kernel does for one row, and oneDNN's kernels for bf16 and
+# int8 weights (whose per-token quantization then fuses into one loop). There are no CUDA
 # graphs on a CPU: Inductor's Python wrapper runs every step, behind TorchDynamo's guards.
 #
 # With freezing, Inductor treats the weights as constants, which lets oneDNN's packed bf16 and

@@ -18,8 +18,11 @@ with one of:
                  int8 x int8 products run in oneDNN's VNNI kernel (torch.ops.onednn), as
                  CTranslate2's int8 and llama.cpp's Q8_0 do. A quarter of fp32's bytes.
 
-The compiled one-sequence decode step on a CPU (fused.compile_cpu_decode) reuses these
-modules: in float32 a PackedLinear there runs gemv(), an Inductor-generated loop that reads
+With one token (N = 1, a single sequence decoding) both run cpu_gemv.py's hand-written
+AVX-512 kernels instead, on a second copy of the weights packed for them, where the CPU has
+AVX-512 BF16 and VNNI: at one row they read the weights 1.2-2.2x faster than oneDNN does
+(BENCHMARKS.md, issue 12, third session). Elsewhere, the compiled one-sequence decode step
+(fused.compile_cpu_decode) runs gemv() below in float32, an Inductor-generated loop that reads
 the plain weights faster than oneDNN reads its packed ones for one row, so it keeps both.
 
 Weight-only int8 (int8 weights, float activations: torch's _weight_int8pack_mm) measured
@@ -37,6 +40,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from . import cpu_gemv
 
 QUANTIZATIONS = (None, "int8")
 
@@ -61,16 +66,29 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
     return (y if b is None else y + b)[None]                   # (1, O)
 
 
-class PackedLinear(nn.Module):
-    """y = x @ W.T + b with W held in oneDNN's blocked layout (an opaque mkldnn tensor).
+class _OneTokenGemv(nn.Module):
+    """Holds W packed for cpu_gemv (a second copy of the weights, made at load) when the CPU
+    can run it; `gemv_weight` is None otherwise and the subclass keeps only oneDNN."""
+
+    def _pack_for_gemv(self, w: torch.Tensor, bias: torch.Tensor | None) -> None:   # w (O, K)
+        self.out_features = w.shape[0]
+        use = cpu_gemv.is_available()
+        self.register_buffer("gemv_weight", cpu_gemv.pack(w.detach()) if use else None, persistent=False)
+        self.register_buffer("gemv_bias", None if bias is None or not use else bias.detach().float(), persistent=False)
+
+
+class PackedLinear(_OneTokenGemv):
+    """y = x @ W.T + b with W held in oneDNN's blocked layout (an opaque mkldnn tensor), and
+    for one token in cpu_gemv's layout where the CPU runs it.
 
     keep_weight=True (float32 only) also keeps W as it is, for the compiled batch-1 decode step
-    (fused.py), which runs gemv() on it: a second copy of the weights, except for a tied head,
-    whose W is a view of wte."""
+    (fused.py), which runs gemv() on it when cpu_gemv is not available: a second copy of the
+    weights, except for a tied head, whose W is a view of wte."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_weight: bool = False) -> None:
         super().__init__()                                     # weight (O, K), bias (O,)
-        self.out_features = weight.shape[0]
+        self._pack_for_gemv(weight, bias)
+        keep_weight = keep_weight and self.gemv_weight is None
         # No batch-size hint: the layout that then suits every N measured as fast as the one
         # tuned for N = 1 at N = 1, and faster at N = 8 and 32.
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach()), persistent=False)
@@ -78,19 +96,26 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight", weight.detach() if keep_weight else None, persistent=False)   # (O, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:        # (N, K) -> (N, O)
+        if self.gemv_weight is not None and x.shape[0] == 1:   # eager and in the compiled step
+            return cpu_gemv.gemv(x, self.gemv_weight, self.out_features, self.gemv_bias)
         # Only while torch.compile traces the batch-1 step: eager, the same loop would be slow.
         if self.weight is not None and x.shape[0] == 1 and torch.compiler.is_compiling():
             return gemv(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-class Int8Linear(nn.Module):
-    """y ~= x @ W.T + b with W as per-channel int8 and x quantized per token (row)."""
+class Int8Linear(_OneTokenGemv):
+    """y ~= x @ W.T + b with W as per-channel int8 and x quantized per token (row); for one
+    token through cpu_gemv where the CPU runs it (the same quantization, the same result up
+    to float32 rounding)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:   # (O, K), (O,)
         super().__init__()
         q, scale = quantize_per_channel(weight)
-        self.out_features = weight.shape[0]
+        self._pack_for_gemv(q, bias)
+        # sum_k q[o, k]: the op shifts x by +128 to uint8 and subtracts 128 * this (cpu_gemv.cpp)
+        self.register_buffer("row_sums", cpu_gemv.int8_row_sums(q) if self.gemv_weight is not None else None,
+                             persistent=False)
         # oneDNN prepacks the int8 weight for its VNNI kernel (which wants u8 x s8 products,
         # hence the +128 shift of the activations below).
         self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(q, None), persistent=False)
@@ -100,6 +125,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("half_step", torch.tensor(128.5), persistent=False)   # zero point + rounding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:        # (N, K) -> (N, O)
+        if self.gemv_weight is not None and x.shape[0] == 1:
+            return cpu_gemv.gemv(x, self.gemv_weight, self.out_features, self.gemv_bias, self.w_scale, self.row_sums)
         # Each row gets its own scale (its largest |x| / 127), so a token's result does not
         # depend on its batch. At one token per step every op here is a fixed cost paid 49
         # times a step (about 3 us each), hence as few ops as we could make them.
@@ -136,8 +163,8 @@ def _make(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str | N
 def use_cpu_linears(model: nn.Module, quantization: str | None = None, compiled_decode: bool = False) -> None:
     """Replace every Conv1D of `model` (a GPT2 already on the CPU in its final dtype) and its
     output head by PackedLinear or, with quantization="int8", Int8Linear. In place.
-    compiled_decode: fused.compile_cpu_decode will run the model too; in float32 the layers
-    then keep their plain weights for its gemv()s.
+    compiled_decode: fused.compile_cpu_decode will run the model too; in float32 without
+    cpu_gemv the layers then keep their plain weights for its gemv()s.
 
     The replaced modules keep their names (h.0.attn.c_attn ...); the float weights they held
     are dropped, except wte, which the embedding lookup still reads."""

@@ -1,0 +1,186 @@
+// The one-stream kernel (commit 6c86a1e), registered as torch.ops.nanoserve_cpu1s for two_streams.py.
+// One token times a weight matrix on an AVX-512 CPU: y = x @ W.T + b for x of one row.
+// Built by cpu_gemv.py (torch.utils.cpp_extension) the first time a CPU engine needs it;
+// cpu_gemv.py explains when it runs and why. Three ops, one per weight dtype:
+//
+//   gemv_fp32(x (1, K) f32,      Wp f32,  O, b (O,) f32?)                        -> (1, O) f32
+//   gemv_bf16(x (1, K) f32|bf16, Wp bf16, O, b (O,) f32?)                        -> (1, O) x's dtype
+//   gemv_int8(x (1, K) f32|bf16, Wp s8,   O, scale (O,) f32, rowsum (O,) s32, b) -> (1, O) x's dtype
+//
+// Layout. Wp is W (O, K) repacked once, at load, to (O/16, K/G, 16, G) (cpu_gemv.pack): for
+// each block of 16 output rows, the G consecutive weights of each row for one group of G
+// inputs lie side by side, 64 bytes per group, one AVX-512 vector. G is what one lane of the
+// dot-product instruction consumes: 1 float (vfmadd), 2 bf16 (vdpbf16ps), 4 int8 (vpdpbusd).
+// So a block is one contiguous stretch of memory read front to back (the hardware prefetcher's
+// best case: 1.4-2x the rate of reading 4 rows of plain W side by side, which we tried first),
+// each vector load feeds one instruction, and each lane ends holding one output: no horizontal
+// sums. O and K are padded with zero weights to multiples of 16 and G.
+//
+// Per block: 4 accumulators take every 4th group (4 independent add chains, enough to hide
+// the instructions' latency), summed at the end; blocks are split between threads with
+// at::parallel_for (compiled with -fopenmp, so it uses torch's OpenMP threads).
+//
+// bf16: x is rounded to bf16 once per call (llama.cpp does the same); vdpbf16ps multiplies
+// bf16 pairs and adds both products to an fp32 lane.
+// int8: x is quantized per call, symmetric (scale = max|x| / 127, rounded half up, as
+// linear.Int8Linear does), and shifted by +128 to uint8, because vpdpbusd multiplies unsigned
+// by signed bytes (adding 4 products to an int32 lane). The shift adds 128 * sum_k q[o, k] to
+// output o, which we subtract exactly with the precomputed row sums: |sums| < 255 * 127 * K,
+// so int32 is exact for K < 66,000.
+//
+// O = out features   K = in features   G = inputs per lane per instruction   KG = ceil(K / G)
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// One weight dtype: the lane type of x as the instruction takes it (X: G inputs packed in
+// 32 bits, or one float), the accumulator, and one multiply-add of 64 bytes of weights.
+struct Fp32 {
+  using W = float; using X = float; using Acc = __m512;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static Acc dot(Acc a, const W* w, X x) { return _mm512_fmadd_ps(_mm512_loadu_ps(w), _mm512_set1_ps(x), a); }
+  static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
+};
+struct Bf16 {
+  using W = uint16_t; using X = int32_t; using Acc = __m512;   // X: 2 bf16 of x
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static Acc dot(Acc a, const W* w, X x) {
+    return _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_set1_epi32(x));
+  }
+  static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
+};
+struct Int8 {
+  using W = int8_t; using X = int32_t; using Acc = __m512i;    // X: 4 uint8 of x
+  static Acc zero() { return _mm512_setzero_si512(); }
+  static Acc dot(Acc a, const W* w, X x) { return _mm512_dpbusd_epi32(a, _mm512_set1_epi32(x), _mm512_loadu_si512(w)); }
+  static Acc add(Acc a, Acc b) { return _mm512_add_epi32(a, b); }
+};
+
+// For every block of 16 rows: acc = the block's 16 dot products, then finish(o, mask, acc)
+// writes outputs o .. o+15 (mask: those below O).
+template <typename T, typename Finish>
+void blocks(const typename T::X* x, const typename T::W* w, int64_t KG, int64_t O, const Finish& finish) {
+  constexpr int64_t V = 64 / sizeof(typename T::W);          // weights per vector (one group of 16 rows)
+  const int64_t nb = (O + 15) / 16;
+  at::parallel_for(0, nb, 4, [&](int64_t b0, int64_t b1) {   // grain 4 blocks: 64 rows at least per thread
+    for (int64_t bl = b0; bl < b1; ++bl) {
+      const typename T::W* wb = w + bl * KG * V;
+      typename T::Acc a0 = T::zero(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t k = 0;
+      for (; k + 4 <= KG; k += 4) {
+        a0 = T::dot(a0, wb + k * V, x[k]);
+        a1 = T::dot(a1, wb + (k + 1) * V, x[k + 1]);
+        a2 = T::dot(a2, wb + (k + 2) * V, x[k + 2]);
+        a3 = T::dot(a3, wb + (k + 3) * V, x[k + 3]);
+      }
+      for (; k < KG; ++k) a0 = T::dot(a0, wb + k * V, x[k]);
+      const int64_t o = bl * 16;
+      const __mmask16 m = O - o >= 16 ? 0xFFFF : (__mmask16)((1u << (O - o)) - 1);
+      finish(o, m, T::add(T::add(a0, a1), T::add(a2, a3)));
+    }
+  });
+}
+
+void check(const at::Tensor& x, const at::Tensor& wp, int64_t O, int64_t G, at::ScalarType wtype,
+           const c10::optional<at::Tensor>& b) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "gemv: x must be one row (1, K), got ", x.sizes());
+  TORCH_CHECK(wp.scalar_type() == wtype && wp.is_contiguous() && wp.dim() == 4 && wp.size(0) == (O + 15) / 16 &&
+              wp.size(1) == (x.size(1) + G - 1) / G && wp.size(2) == 16 && wp.size(3) == G,
+              "gemv: W must be packed by cpu_gemv.pack for O = ", O, " and K = ", x.size(1), ", got ", wp.sizes());
+  TORCH_CHECK(!b.has_value() || (b->scalar_type() == at::kFloat && b->is_contiguous() && b->numel() == O),
+              "gemv: bias must be a contiguous float32 (O,) tensor");
+}
+
+// y (1, O) float32 = acc + bias, for fp32 and bf16.
+template <typename T>
+at::Tensor float_gemv(const typename T::X* x, const at::Tensor& wp, int64_t O, const c10::optional<at::Tensor>& b,
+                      const at::TensorOptions& opts) {
+  at::Tensor y = at::empty({1, O}, opts.dtype(at::kFloat));
+  const float* bias = b.has_value() ? b->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  blocks<T>(x, reinterpret_cast<const typename T::W*>(wp.data_ptr()), wp.size(1), O, [&](int64_t o, __mmask16 m, __m512 acc) {
+    if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, bias + o));
+    _mm512_mask_storeu_ps(yp + o, m, acc);
+  });
+  return y;
+}
+
+at::Tensor gemv_fp32(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, const c10::optional<at::Tensor>& b) {
+  check(x_in, wp, O, 1, at::kFloat, b);
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "gemv_fp32: x must be float32");
+  const at::Tensor x = x_in.contiguous();
+  return float_gemv<Fp32>(x.data_ptr<float>(), wp, O, b, x.options());
+}
+
+at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, const c10::optional<at::Tensor>& b) {
+  check(x_in, wp, O, 2, at::kBFloat16, b);
+  const int64_t K = x_in.size(1);
+  // x as bf16, zero-padded to an even length; from float32 rounded to nearest even, as
+  // torch's .bfloat16() rounds.
+  const at::Tensor x = x_in.contiguous();
+  std::vector<uint16_t> xb(K + K % 2, 0);
+  if (x.scalar_type() == at::kBFloat16) {
+    std::memcpy(xb.data(), x.data_ptr(), K * sizeof(uint16_t));
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "gemv_bf16: x must be float32 or bfloat16");
+    const float* xf = x.data_ptr<float>();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+      _mm256_mask_storeu_epi16(&xb[k], m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, xf + k)));
+    }
+  }
+  const at::Tensor y = float_gemv<Bf16>(reinterpret_cast<const int32_t*>(xb.data()), wp, O, b, x.options());
+  return y.to(x_in.scalar_type());
+}
+
+at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, const at::Tensor& scale,
+                     const at::Tensor& rowsum, const c10::optional<at::Tensor>& b) {
+  check(x_in, wp, O, 4, at::kChar, b);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == O && rowsum.scalar_type() == at::kInt &&
+              rowsum.numel() == O, "gemv_int8: scale must be float32 (O,) and rowsum int32 (O,)");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const float* xf = x.data_ptr<float>();
+  const int64_t K = x.size(1);
+  float amax = 1e-12f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xf[k]));
+  // 128.5 + x * 127 / amax lies in [1.5, 255.5]: truncating rounds half up. Padding: 128 (= 0).
+  std::vector<uint8_t> xq((K + 3) / 4 * 4, 128);
+  const float inv = 127.f / amax, xs = amax / 127.f;
+  for (int64_t k = 0; k < K; ++k) xq[k] = (uint8_t)(int)(128.5f + xf[k] * inv);
+
+  at::Tensor y = at::empty({1, O}, x.options());
+  const float* bias = b.has_value() ? b->data_ptr<float>() : nullptr;
+  const float* sc = scale.data_ptr<float>();
+  const int32_t* rs = rowsum.data_ptr<int32_t>();
+  float* yp = y.data_ptr<float>();
+  blocks<Int8>(reinterpret_cast<const int32_t*>(xq.data()), wp.data_ptr<int8_t>(), wp.size(1), O,
+               [&](int64_t o, __mmask16 m, __m512i acc) {
+    acc = _mm512_sub_epi32(acc, _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m, rs + o), 7));   // - 128 * rowsum
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + o), _mm512_set1_ps(xs)));
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + o));
+    _mm512_mask_storeu_ps(yp + o, m, v);
+  });
+  return y.to(x_in.scalar_type());
+}
+
+}  // namespace
+
+// Registered as torch ops (torch.ops.nanoserve_cpu.*) so that torch.compile keeps them as
+// opaque calls; cpu_gemv.py gives them their shape functions ("fake" kernels).
+TORCH_LIBRARY(nanoserve_cpu1s, m) {
+  m.def("gemv_fp32(Tensor x, Tensor w, int O, Tensor? b) -> Tensor");
+  m.def("gemv_bf16(Tensor x, Tensor w, int O, Tensor? b) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor w, int O, Tensor scale, Tensor rowsum, Tensor? b) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nanoserve_cpu1s, CPU, m) {
+  m.impl("gemv_fp32", gemv_fp32);
+  m.impl("gemv_bf16", gemv_bf16);
+  m.impl("gemv_int8", gemv_int8);
+}

@@ -1,0 +1,149 @@
+"""cpu_gemv's AVX-512 one-token kernels against the float32 reference.
+
+Tolerances: fp32 is F.linear with the sums reordered (1e-4, as the model tests against HF).
+bf16 rounds x and W to bf16 (8 bits of mantissa) and sums in fp32: against F.linear on the same
+rounded values it is fp32 rounding (1e-4 relative), against the unrounded fp32 product the
+output moves by at most ~1% of its norm (each term by 2^-8 relative, in random directions).
+int8 quantizes x per token and W per row, then sums exactly in int32: against F.linear on the
+dequantized values it is fp32 rounding (1e-4 relative), against fp32 within 5% of the norm
+(1-2.5% measured: the error is larger relative to the output for short rows, K = 33).
+
+Skipped only on a CPU without AVX-512 BF16 and VNNI (CI's CPU has them); if the build fails
+there, the tests fail."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoserve import LLM, SamplingParams, cpu_gemv
+from nanoserve.linear import Int8Linear, PackedLinear, quantize_per_channel
+
+pytestmark = pytest.mark.skipif(not cpu_gemv.cpu_has_instructions(), reason="CPU lacks AVX-512 BF16 / VNNI")
+
+# (O, K): K not a multiple of 16, 32 or 64 (the vector widths), O not a multiple of 16 (a block)
+SHAPES = [(96, 64), (37, 50), (769, 771), (5, 33), (3, 1), (130, 3075)]
+
+
+def _case(O: int, K: int, bias: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, K, generator=g)
+    w = torch.randn(O, K, generator=g) * 0.2
+    b = torch.randn(O, generator=g) if bias else None
+    return x, w, b
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_the_kernels_build_on_a_cpu_that_has_the_instructions():
+    """On an AVX-512 BF16 + VNNI CPU the op builds (a failed build would silently fall back)."""
+    assert cpu_gemv.is_available()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("O,K", SHAPES)
+def test_fp32_gemv_equals_f_linear(O, K, bias):
+    """gemv on fp32 weights is F.linear within 1e-4 for any O and K, with or without bias."""
+    x, w, b = _case(O, K, bias)
+    torch.testing.assert_close(cpu_gemv.gemv(x, cpu_gemv.pack(w), O, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("O,K", SHAPES)
+def test_bf16_gemv_equals_f_linear_on_bf16_rounded_values(O, K, bias):
+    """gemv on bf16 weights rounds x to bf16 and sums in fp32: F.linear on the rounded x and W
+    within 1e-4 relative, and the fp32 product within 1% of its norm."""
+    x, w, b = _case(O, K, bias)
+    wb = w.bfloat16()
+    y = cpu_gemv.gemv(x, cpu_gemv.pack(wb), O, b)                          # (1, O) float32: x's dtype
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x.bfloat16().float(), wb.float(), b), atol=1e-4, rtol=1e-4)
+    assert _rel(y, F.linear(x, w, b)) < 1e-2
+
+
+def test_bf16_gemv_returns_bf16_for_bf16_input():
+    """With x in bf16 (a bf16 model) the result is bf16: the fp32 sums rounded once."""
+    x, w, b = _case(37, 50, True)
+    wb, xb = w.bfloat16(), x.bfloat16()
+    y = cpu_gemv.gemv(xb, cpu_gemv.pack(wb), 37, b)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, F.linear(xb.float(), wb.float(), b).bfloat16(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("O,K", SHAPES)
+def test_int8_gemv_equals_f_linear_on_the_quantized_values(O, K, bias):
+    """gemv on int8 weights quantizes x per token (max |x| -> 127, rounded half up) and sums
+    exactly: F.linear on the dequantized x and W within 1e-4 relative, fp32 within 5%."""
+    x, w, b = _case(O, K, bias)
+    q, scale = quantize_per_channel(w)
+    y = cpu_gemv.gemv(x, cpu_gemv.pack(q), O, b, scale, cpu_gemv.int8_row_sums(q))
+    amax = x.abs().max()
+    xq = torch.floor(x * (127 / amax) + 0.5) * (amax / 127)                # (1, K) dequantized
+    ref = F.linear(xq, q.float() * scale[:, None], b)
+    torch.testing.assert_close(y, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+    assert _rel(y, F.linear(x, w, b)) < 5e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_gives_the_same_token_result_through_gemv_and_onednn(monkeypatch, dtype):
+    """Int8Linear's one-token result is the same through cpu_gemv as through oneDNN (the same
+    quantization of x and W): the kernel is a drop-in for the module's batched path."""
+    x, w, b = _case(130, 3075, True)
+    fast = Int8Linear(w, b)
+    monkeypatch.setattr(cpu_gemv, "is_available", lambda: False)
+    slow = Int8Linear(w, b)
+    assert fast.gemv_weight is not None and slow.gemv_weight is None
+    y_fast, y_slow = fast(x.to(dtype)), slow(x.to(dtype))
+    assert y_fast.dtype == dtype
+    torch.testing.assert_close(y_fast.float(), y_slow.float(), atol=1e-3 if dtype == torch.float32 else 2e-2, rtol=1e-2)
+
+
+def test_packed_linear_runs_gemv_for_one_token_and_onednn_for_more():
+    """PackedLinear gives F.linear's result (1e-4) for 1 token (gemv) and for 3 (oneDNN)."""
+    x, w, b = _case(37, 50, True)
+    lin = PackedLinear(w, b)
+    assert lin.gemv_weight is not None
+    x3 = torch.cat([x, x * 2, -x])
+    for xs in (x, x3):
+        torch.testing.assert_close(lin(xs), F.linear(xs, w, b), atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_rejects_more_than_one_row():
+    """The op is for one token: x with 2 rows is an error naming the shape, not a wrong result."""
+    x, w, b = _case(37, 50, True)
+    with pytest.raises(RuntimeError, match="one row"):
+        cpu_gemv.gemv(torch.cat([x, x]), cpu_gemv.pack(w), 37, b)
+
+
+@pytest.mark.parametrize("ckpt", ["tiny_ckpt", "odd_ckpt"])
+def test_engine_greedy_tokens_are_unchanged_by_gemv_in_float32(request, monkeypatch, ckpt):
+    """The fp32 engine generates the same greedy tokens with the one-token kernels as without
+    (oneDNN), for one sequence (every decode step runs gemv) and for the odd-sized model."""
+    path = str(request.getfixturevalue(ckpt))
+    prompts = [[464, 3139, 286, 4881, 318], [50, 1000, 7, 42, 99, 2001, 11]]
+    sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    fast = LLM(path, device="cpu", quiet=True)
+    assert fast.engine.model.fast_head.gemv_weight is not None
+    got = [fast.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    monkeypatch.setattr(cpu_gemv, "is_available", lambda: False)
+    slow = LLM(path, device="cpu", quiet=True)
+    assert slow.engine.model.fast_head.gemv_weight is None
+    assert got == [slow.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_onednn(monkeypatch):
+    """If the C++ build fails, is_available() is False with one RuntimeWarning naming the
+    build, and the linears keep oneDNN (no gemv weights)."""
+    def broken_build() -> None:
+        raise OSError("no compiler")
+    monkeypatch.setattr(cpu_gemv, "_build", broken_build)
+    monkeypatch.setattr(cpu_gemv, "_state", {})
+    with pytest.warns(RuntimeWarning, match="building the AVX-512 GEMV") as record:
+        assert not cpu_gemv.is_available()
+        assert not cpu_gemv.is_available()                 # asked again: no second warning
+    assert len(record) == 1
+    _, w, b = _case(37, 50, True)
+    assert PackedLinear(w, b).gemv_weight is None

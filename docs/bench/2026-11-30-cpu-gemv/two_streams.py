@@ -1,18 +1,23 @@
-"""In-process A/B: cpu_gemv's kernel with one stream per thread (cpu_gemv_one_stream.cpp, the
-kernel before commit 1175517, as torch.ops.nanoserve_cpu1s) against the two-stream kernel
+"""In-process A/B: cpu_gemv's kernel with one stream per thread (nanoserve/cpu_gemv.cpp as of
+commit 8fbdb2e, before 1175517, taken from git history and built as torch.ops.nanoserve_cpu1s)
+against the two-stream kernel
 in nanoserve (torch.ops.nanoserve_cpu), on gemv_bench.py's 12 layers + head, alternating,
 median of 9 rounds. (When the run in two_streams.txt was taken, "base" was the one-stream
 kernel in nanoserve and "2s" the two-stream one as a side file; the labels below follow that.)
 
-    THR=2 PYTHONPATH=$PWD python docs/bench/2026-11-30-cpu-gemv/two_streams.py
+    THR=2 PYTHONPATH=$PWD python docs/bench/2026-11-30-cpu-gemv/two_streams.py    (in a git checkout)
 """
-import os, sys, time, statistics, torch
+import os, subprocess, sys, tempfile, time, statistics, torch
 from pathlib import Path
 from nanoserve import cpu_gemv
 from nanoserve.linear import quantize_per_channel
 from torch.utils.cpp_extension import load
 assert cpu_gemv.is_available()
-load(name="gemv_one_stream", sources=[str(Path(__file__).with_name("cpu_gemv_one_stream.cpp"))], extra_cflags=cpu_gemv._CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+one_stream = subprocess.run(["git", "show", "8fbdb2e:nanoserve/cpu_gemv.cpp"], check=True, capture_output=True, text=True).stdout
+src = Path(tempfile.mkdtemp()) / "cpu_gemv_one_stream.cpp"
+src.write_text(one_stream.replace("TORCH_LIBRARY(nanoserve_cpu,", "TORCH_LIBRARY(nanoserve_cpu1s,")
+               .replace("TORCH_LIBRARY_IMPL(nanoserve_cpu,", "TORCH_LIBRARY_IMPL(nanoserve_cpu1s,"))
+load(name="gemv_one_stream", sources=[str(src)], extra_cflags=cpu_gemv._CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
 sys.path.insert(0, "docs/bench/2026-11-30-cpu-gemv"); import gemv_bench as gb
 torch.set_num_threads(int(os.environ.get("THR", "2")))
 mats = gb.weights(); xs = {k: torch.randn(1, k) for k in (768, 3072)}

@@ -10,10 +10,11 @@ after it. GEMMs stay with cuBLAS.
 Inductor cannot see inside our Triton attention kernels, and must not try to: they gather
 through block tables, take their lengths from device tensors, and write the KV cache in place.
 So each one becomes a custom op (torch.library.custom_op), an opaque call in the compiled graph
-with a declared effect: `write_kv` mutates the cache views it is given, which Inductor keeps
-in place (no copy of the pool), and `decode_attention` reads them and returns a new tensor.
-On CUDA the ops run kernels.py; elsewhere attention.py's reference, so CPU tests exercise the
-same compiled graph.
+with a declared effect: `decode_attention` writes the step's K/V into the cache views it is
+given, which Inductor keeps in place (no copy of the pool), and returns its output as a new
+tensor. On CUDA one kernel does both (the K/V write rides in the attention kernel: one launch
+per layer less); elsewhere attention.py's reference does, so CPU tests exercise the same
+compiled graph. (`write_kv`, the write alone as an op, serves the CPU's compiled step.)
 
 The runner calls the compiled function only while capturing its decode CUDA graphs (one per
 batch size); replays never enter Python, so Inductor's wrapper costs nothing per step. Batch
@@ -60,33 +61,38 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     (kernels if _use_triton(k) else attention).write_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
-@torch.library.custom_op("nanoserve::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor,
-                     query_start_loc: torch.Tensor, scale: float, window: int) -> torch.Tensor:
-    """One query per sequence over its cached keys: (S, H, D) -> (S, H, D), a new tensor.
+@torch.library.custom_op("nanoserve::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                     window: int) -> torch.Tensor:
+    """Write this step's K/V (S, H, D) into their slots, then attend from each sequence's one
+    query to its cached keys: (S, H, D) -> (S, H, D), a new tensor. On CUDA one kernel does
+    both (kernels.paged_attention's new_kv): one launch per layer less than write_kv + attention.
     window: EngineConfig.attention_window, or 0 for none (a custom op takes no Optional int)."""
     # A decode step's metadata, rebuilt from tensors (a custom op takes no dataclasses). The
     # Triton kernel reads lengths on the device; the reference needs a host-side bound on the
     # context, and the block table's width is one that never syncs.
-    meta = AttentionMetadata(slot_mapping=context_lens[:0],   # attention does not read slots
-                             block_tables=block_tables, context_lens=context_lens,
+    meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=block_tables, context_lens=context_lens,
                              query_start_loc=query_start_loc, max_query_len=1,
                              max_context_len=block_tables.shape[1] * k_cache.shape[1],
                              attention_window=window or None)
-    return (kernels if _use_triton(q) else attention).paged_attention(q, k_cache, v_cache, meta, scale)
+    if _use_triton(q):
+        return kernels.paged_attention(q, k_cache, v_cache, meta, scale, new_kv=(k, v))
+    attention.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return attention.paged_attention(q, k_cache, v_cache, meta, scale)
 
 
 @decode_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, window):
+def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, query_start_loc, scale, window):
     return q.new_empty(q.shape)        # the shape and dtype Inductor plans the graph with
 
 
 def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float) -> torch.Tensor:
-    """model.py's AttentionFn, over the custom op."""
-    return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale,
-                            meta.attention_window or 0)
+               scale: float, new_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """model.py's AttentionFn, over the custom op (which also writes new_kv)."""
+    return decode_attention(q, *new_kv, k_cache, v_cache, meta.slot_mapping, meta.block_tables, meta.context_lens,
+                            meta.query_start_loc, scale, meta.attention_window or 0)
 
 
 def compile_decode(model: GPT2) -> DecodeFn:
@@ -98,7 +104,7 @@ def compile_decode(model: GPT2) -> DecodeFn:
     """
     def decode_logits(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                       meta: AttentionMetadata) -> torch.Tensor:
-        hidden = model(input_ids, positions, kv_cache, meta, attn_fn=_attention, write_fn=write_kv)   # (S, C)
+        hidden = model(input_ids, positions, kv_cache, meta, attn_fn=_attention, attn_writes_kv=True)   # (S, C)
         return model.compute_logits(hidden)                                                          # (S, V)
 
     # Each engine compiles afresh. Every engine's decode_logits shares one code object, so

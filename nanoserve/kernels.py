@@ -5,6 +5,8 @@ Three kernels, each built around one idea, and a split variant of the second:
                      into its cache slot, or does nothing for a padding token (slot -1).
   _decode_kernel     one query per sequence: one program per (sequence, head) walks the
                      sequence's block table, a BLOCK_N-token tile at a time, with an online softmax.
+                     Given the step's K/V (new_kv, the fused decode step), it also does
+                     _write_kv_kernel's work for its token and reads that key from registers.
   _prefill_kernel    many queries per sequence (a prompt, or a chunk of one): flash attention over
                      the block table, one program per (sequence, head, BLOCK_M queries).
   _split_decode_kernel + _split_decode_reduce_kernel
@@ -138,14 +140,46 @@ def _query_row(query_start_loc_ptr, s, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @_jit
+def _new_key(q, k_new_ptr, v_new_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, q_row, h, part, d_io,
+             stride_kn, stride_kh, stride_cb, stride_cs, stride_ch, BS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # A decode step's own key and value, taken from registers instead of the cache: this saves
+    # the step a write_kv launch per layer (48 of GPT-2 XL's ~445 kernels at batch 1). Partition 0
+    # stores head h's K/V row into the token's slot (none for slot -1, a graph's padding) and
+    # starts its softmax with that one key: max = its score, sum = 1, acc = its value. The other
+    # partitions start neutral (m = -1e30, l = 0, acc = 0). No program reads the slot, so
+    # nothing races with the store.
+    d = tl.arange(0, BLOCK_D)
+    row = q_row * stride_kn + h * stride_kh + d
+    k = tl.load(k_new_ptr + row, mask=d_io, other=0.0)        # (BD,) in the cache's dtype
+    v = tl.load(v_new_ptr + row, mask=d_io, other=0.0)
+    # The slot, read into every lane under d_io: a sequence with no query this step (its q_row
+    # is the next one's, or past the end) reads and writes nothing.
+    slot = tl.load(slot_ptr + q_row + d * 0, mask=d_io, other=-1).to(tl.int64)    # (BD,) one value
+    first = part == 0
+    # (A count compared with the lanes, not a scalar bool `&`-ed into a mask: see _write_kv_kernel.)
+    store = d_io & (slot >= 0) & (d < tl.where(first, BLOCK_D, 0))
+    dst = (slot // BS) * stride_cb + (slot % BS) * stride_cs + h * stride_ch + d
+    tl.store(k_cache_ptr + dst, k, mask=store)
+    tl.store(v_cache_ptr + dst, v, mask=store)
+    m_i = tl.where(first, tl.sum(k.to(tl.float32) * q, axis=0), -1e30)
+    l_i = tl.where(first, 1.0, 0.0)
+    acc = tl.where(first, v.to(tl.float32), 0.0)               # (BD,)
+    return m_i, l_i, acc
+
+
+@_jit
 def _attend_partition(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
                       query_start_loc_ptr, s, h, part, num_parts, qk_scale, window,
                       stride_qn, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-                      D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      k_new_ptr, v_new_ptr, slot_ptr, stride_kn, stride_kh,
+                      D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      NEW_KV: tl.constexpr):
     # Sequence s's single query, head h, against partition `part` of the keys it sees, out of
     # `num_parts` (1: all of them). Returns the online softmax's state: the running max m_i and
     # sum l_i of the log2-scaled scores, and acc (BD,), the sum of V weighted by exp2(score - m_i),
     # not yet divided by l_i. One pass divides; split-K first combines it with the other parts'.
+    # With NEW_KV, this step's key and value (at position ctx - 1) are not in the cache yet: they
+    # come from k_new/v_new (q's rows; their own strides), and partition 0 stores them (_new_key).
     q_row, d_io = _query_row(query_start_loc_ptr, s, D, BLOCK_D)
     ctx = tl.load(context_lens_ptr + s)
     d = tl.arange(0, BLOCK_D)                                  # (BD,)
@@ -153,24 +187,29 @@ def _attend_partition(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context
     q = tl.load(q_ptr + q_row * stride_qn + h * stride_qh + d, mask=d_io, other=0.0)
     q = q.to(tl.float32) * qk_scale                            # (BD,) scale once, not per score
 
-    # The query (at ctx - 1) sees keys lo .. ctx-1; they span the BLOCK_N-token tiles from the
-    # one holding lo. Each partition takes an equal run of whole tiles, computed here from the
-    # device-side ctx, so every key falls in exactly one partition. A partition past the last
-    # tile (a short sequence, or ctx == 0) runs no iteration and returns the neutral state
-    # m_i = -1e30, l_i = 0, acc = 0.
+    # The query (at ctx - 1) sees keys lo .. ctx-1; those the loop reads from the cache (all of
+    # them, or all but the new one) span the BLOCK_N-token tiles from the one holding lo. Each
+    # partition takes an equal run of whole tiles, computed here from the device-side ctx, so
+    # every key falls in exactly one partition. A partition past the last tile (a short
+    # sequence, or ctx == 0) runs no iteration and returns the state it started from.
+    cached = ctx - 1 if NEW_KV else ctx                        # keys before `cached` are in the cache
     lo = tl.maximum(ctx - window, 0)
     lo_tile = (lo // BLOCK_N) * BLOCK_N
-    tiles_per_part = tl.cdiv(tl.cdiv(ctx - lo_tile, BLOCK_N), num_parts)
+    tiles_per_part = tl.cdiv(tl.cdiv(cached - lo_tile, BLOCK_N), num_parts)
     start = lo_tile + part * tiles_per_part * BLOCK_N
-    end = tl.minimum(start + tiles_per_part * BLOCK_N, ctx)
+    end = tl.minimum(start + tiles_per_part * BLOCK_N, cached)
 
     # A single query row gives no matrix for tl.dot (it needs M >= 16), so we score the tile with
     # a broadcast multiply and a row sum in fp32. Decode is bound by memory, not compute.
     n = tl.arange(0, BLOCK_N)                                  # (BLOCK_N,)
     bt_row = block_tables_ptr + s * stride_bt
-    m_i = tl.full([], -1e30, tl.float32)   # running max; finite, so m_i - m_new is never inf - inf
-    l_i = tl.full([], 0.0, tl.float32)     # running softmax denominator
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)                # (BD,) running weighted sum of V
+    if NEW_KV:
+        m_i, l_i, acc = _new_key(q, k_new_ptr, v_new_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, q_row, h, part,
+                                 d_io, stride_kn, stride_kh, stride_cb, stride_cs, stride_ch, BS, BLOCK_D)
+    else:
+        m_i = tl.full([], -1e30, tl.float32)   # running max; finite, so m_i - m_new is never inf - inf
+        l_i = tl.full([], 0.0, tl.float32)     # running softmax denominator
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)            # (BD,) running weighted sum of V
     # We gather one block id per token (each id repeats BS times, so these loads hit L1). Block ids
     # of tile i+1 are loaded during tile i, leaving one memory round trip per iteration, not two.
     # The masks keep t >= lo: the holes (-1) of evicted blocks before the window are never read.
@@ -204,7 +243,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                    qk_scale, num_seqs, num_tokens, window,
                    stride_qn, stride_qh, stride_on, stride_oh,
                    stride_cb, stride_cs, stride_ch, stride_bt,
-                   D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   k_new_ptr, v_new_ptr, slot_ptr, stride_kn, stride_kh,
+                   D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   NEW_KV: tl.constexpr):
     # Program (s, h) produces one (D,) output row: sequence s's single query against all of its
     # ctx keys for head h. The loop runs over device-side ctx in BLOCK_N-token tiles (several cache
     # blocks each), so one compiled kernel serves every context length.
@@ -213,7 +254,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     m_i, l_i, acc = _attend_partition(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
                                       query_start_loc_ptr, s, h, 0, 1, qk_scale, window,
                                       stride_qn, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-                                      D, BS, BLOCK_N, BLOCK_D)
+                                      k_new_ptr, v_new_ptr, slot_ptr, stride_kn, stride_kh,
+                                      D, BS, BLOCK_N, BLOCK_D, NEW_KV)
     out = acc / tl.where(l_i > 0, l_i, 1.0)                    # ctx == 0 gives zeros, not NaN
     q_row, d_io = _query_row(query_start_loc_ptr, s, D, BLOCK_D)
     d = tl.arange(0, BLOCK_D)
@@ -229,8 +271,10 @@ def _split_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                          qk_scale, num_seqs, num_tokens, window,
                          stride_qn, stride_qh, stride_on, stride_oh,
                          stride_cb, stride_cs, stride_ch, stride_bt,
+                         k_new_ptr, v_new_ptr, slot_ptr, stride_kn, stride_kh,
                          part_max_ptr, part_sum_ptr, part_acc_ptr,
-                         D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         NEW_KV: tl.constexpr):
     # Split-K, first pass. Program (s, h, p) runs the decode loop over partition p of sequence s's
     # keys and stores its unnormalised state: part_max and part_sum (S, H, P), part_acc (S, H, P, D),
     # all fp32. _split_decode_reduce_kernel then combines the P partials of each (s, h).
@@ -241,7 +285,8 @@ def _split_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     m_i, l_i, acc = _attend_partition(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
                                       query_start_loc_ptr, s, h, p, P, qk_scale, window,
                                       stride_qn, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-                                      D, BS, BLOCK_N, BLOCK_D)
+                                      k_new_ptr, v_new_ptr, slot_ptr, stride_kn, stride_kh,
+                                      D, BS, BLOCK_N, BLOCK_D, NEW_KV)
     i = (s * tl.num_programs(1) + h) * P + p                   # this program's partial, row-major
     d = tl.arange(0, BLOCK_D)
     tl.store(part_max_ptr + i, m_i)
@@ -424,17 +469,22 @@ def decode_partitions(num_seqs: int, num_heads: int, max_context_len: int, windo
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, *, num_partitions: int | None = None) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, *, num_partitions: int | None = None,
+                    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of each sequence's queries over its cached keys (see attention.py).
 
     Args:
         q: (N, H, D) this step's queries, sequences back to back (meta.query_start_loc).
-        k_cache, v_cache: (NB, BS, H, D) the pool, already holding this step's K/V.
+        k_cache, v_cache: (NB, BS, H, D) the pool, already holding this step's K/V (unless
+            new_kv is given).
         meta: the step's layout; only max_query_len and max_context_len (a bound) are read on
             the host.
         scale: usually 1/sqrt(D).
         num_partitions: decode steps only: split each query's keys into this many partitions
             (1: the one-pass kernel); None lets decode_partitions choose.
+        new_kv: decode steps only: this step's (k, v), (N, H, D) each, not yet in the cache.
+            The decode kernel stores them at meta.slot_mapping (as write_kv would) and attends
+            to them from registers: one launch instead of two.
     Returns:
         (N, H, D) in q's dtype. Rows past query_start_loc[-1] (padding tokens) are zeros.
     """
@@ -450,6 +500,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     if S == 0 or meta.max_query_len == 0:                           # nothing but padding rows
         return out.zero_()
+    if new_kv is not None:
+        assert meta.is_decode, "new_kv: decode steps only (a prefill's keys see each other)"
+        k, v = new_kv
+        assert k.shape == v.shape == q.shape and k.stride() == v.stride() and k.dtype == v.dtype == q.dtype \
+            and k.stride(-1) == 1, "new_kv's k and v must have q's shape and dtype, and one layout"
     BLOCK_D = _block_d(D)
     args = (q, k_cache, v_cache, out, meta.block_tables, meta.context_lens, meta.query_start_loc,
             scale * LOG2E, S, N, meta.attention_window or NO_WINDOW,
@@ -464,15 +519,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_N = max(BS, 64 if BLOCK_D <= 64 else 32)
         P = num_partitions or decode_partitions(S, H, meta.max_context_len, meta.attention_window, BLOCK_N,
                                                 _num_sms(q.device))
+        k_new, v_new = new_kv or (q, q)                  # without new_kv, never read
+        args += (k_new, v_new, meta.slot_mapping, k_new.stride(0), k_new.stride(1))
+        consts = dict(D=D, BS=BS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, NEW_KV=new_kv is not None)
         if P == 1:
-            _decode_kernel[(S, H)](*args, D=D, BS=BS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=2)
+            _decode_kernel[(S, H)](*args, **consts, num_warps=2)
             return out
         # Per-call scratch: inside a CUDA graph, the graph's memory pool holds it.
         part_max = torch.empty((S, H, P), dtype=torch.float32, device=q.device)     # (S, H, P)
         part_sum = torch.empty((S, H, P), dtype=torch.float32, device=q.device)     # (S, H, P)
         part_acc = torch.empty((S, H, P, D), dtype=torch.float32, device=q.device)  # (S, H, P, D)
-        _split_decode_kernel[(S, H, P)](*args, part_max, part_sum, part_acc,
-                                        D=D, BS=BS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4)
+        _split_decode_kernel[(S, H, P)](*args, part_max, part_sum, part_acc, **consts, num_warps=4)
         _split_decode_reduce_kernel[(S, H)](out, meta.query_start_loc, part_max, part_sum, part_acc,
                                             P, out.stride(0), out.stride(1),
                                             D=D, BLOCK_D=BLOCK_D, BLOCK_P=MAX_PARTITIONS, num_warps=1)

@@ -54,14 +54,17 @@ class Attention(nn.Module):
         self.scale = 1.0 / math.sqrt(self.head_dim) if cfg.scale_attn_weights else 1.0
 
     def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, attn_fn: AttentionFn, write_fn: WriteKVFn) -> torch.Tensor:
+                meta: AttentionMetadata, attn_fn: AttentionFn, write_fn: WriteKVFn | None) -> torch.Tensor:
         N, C = x.shape
         qkv = self.c_attn(x)                                   # (N, 3C)
         q, k, v = qkv.view(N, 3, self.n_head, self.head_dim).unbind(1)   # 3 x (N, H, D)
-        # This step's keys/values go into the cache first, so that attention below finds a
-        # sequence's whole history, this step included, in one place.
-        write_fn(k, v, k_cache, v_cache, meta.slot_mapping)
-        y = attn_fn(q, k_cache, v_cache, meta, self.scale)     # (N, H, D)
+        if write_fn is not None:
+            # This step's keys/values go into the cache first, so that attention below finds a
+            # sequence's whole history, this step included, in one place.
+            write_fn(k, v, k_cache, v_cache, meta.slot_mapping)
+            y = attn_fn(q, k_cache, v_cache, meta, self.scale)     # (N, H, D)
+        else:   # fused.py's decode attention writes them itself (one kernel where there were two)
+            y = attn_fn(q, k_cache, v_cache, meta, self.scale, new_kv=(k, v))
         return self.c_proj(y.reshape(N, C))                    # (N, C)
 
 
@@ -92,7 +95,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, attn_fn: AttentionFn, write_fn: WriteKVFn) -> torch.Tensor:
+                meta: AttentionMetadata, attn_fn: AttentionFn, write_fn: WriteKVFn | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), k_cache, v_cache, meta, attn_fn, write_fn)   # (N, C)
         return x + self.mlp(self.ln_2(x))                                            # (N, C)
 
@@ -132,15 +135,16 @@ class GPT2(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, attn_fn: AttentionFn | None = None,
-                write_fn: WriteKVFn | None = None) -> torch.Tensor:
+                write_fn: WriteKVFn | None = None, attn_writes_kv: bool = False) -> torch.Tensor:
         """One step: (N,) token ids at (N,) positions -> (N, C) final hidden states.
 
         kv_cache: (L, 2, NB, BS, H, D); layer i reads and writes kv_cache[i, 0] (K) and [i, 1] (V).
         Logits are computed separately (compute_logits) and only for the rows that need them:
         projecting every prompt token onto 50,257 words would be most of a prefill's work.
-        attn_fn / write_fn override the model's own for this call (fused.py passes its custom ops).
+        attn_fn / write_fn override the model's own for this call (fused.py passes its custom ops);
+        with attn_writes_kv, no write_fn runs and attn_fn gets this step's K/V as new_kv=(k, v).
         """
-        attn_fn, write_fn = attn_fn or self.attn_fn, write_fn or self.write_fn
+        attn_fn, write_fn = attn_fn or self.attn_fn, None if attn_writes_kv else write_fn or self.write_fn
         x = self.wte(input_ids) + self.wpe(positions)          # (N, C)
         for i, block in enumerate(self.h):
             x = block(x, kv_cache[i, 0], kv_cache[i, 1], meta, attn_fn, write_fn)   # (N, C)

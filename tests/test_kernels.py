@@ -77,10 +77,12 @@ def _make_step(seqs: list[tuple[int, int]], *, H: int, D: int, BS: int, dtype: t
 
 def _check_attention(seqs: list[tuple[int, int]], *, H: int, D: int, BS: int,
                      dtype: torch.dtype, num_padding: int = 0, window: int | None = None,
-                     num_partitions: int | None = None, max_context_len: int | None = None) -> None:
+                     num_partitions: int | None = None, max_context_len: int | None = None,
+                     new_kv: bool = False) -> None:
     """Write this step's K/V, then compare the kernel's attention with the reference's.
     num_partitions goes to kernels.paged_attention; max_context_len replaces the step's own
-    (a bound, as a CUDA graph's n_ctx is).
+    (a bound, as a CUDA graph's n_ctx is). With new_kv the kernel gets this step's K/V and
+    writes them itself: then the caches must also come out exactly as write_kv leaves them.
 
     We compute the reference in fp32 from the same (rounded) inputs, so the comparison measures
     only the kernel's own error. With a window, blocks wholly before a sequence's first query's
@@ -93,9 +95,16 @@ def _check_attention(seqs: list[tuple[int, int]], *, H: int, D: int, BS: int,
         meta.attention_window = window
         for s, (cached, _) in enumerate(seqs):
             meta.block_tables[s, :max(0, (cached - window + 1) // BS)] = -1
-    ref.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     scale = 1.0 / math.sqrt(D)
-    got = kernels.paged_attention(q, k_cache, v_cache, meta, scale, num_partitions=num_partitions)  # (N, H, D)
+    if new_kv:
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        ref.write_kv(k, v, want_k, want_v, meta.slot_mapping)
+        got = kernels.paged_attention(q, k_cache, v_cache, meta, scale, num_partitions=num_partitions,
+                                      new_kv=(k, v))                                      # (N, H, D)
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    else:
+        ref.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        got = kernels.paged_attention(q, k_cache, v_cache, meta, scale, num_partitions=num_partitions)  # (N, H, D)
     want = ref.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale)
     assert got.dtype == dtype and got.shape == q.shape
     torch.testing.assert_close(got.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
@@ -119,14 +128,15 @@ def test_write_kv_writes_exactly_the_slots_of_real_tokens(H: int, D: int, BS: in
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
 
+@pytest.mark.parametrize("new_kv", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("D, BS", SHAPES)
-def test_decode_matches_reference(D: int, BS: int, dtype: torch.dtype) -> None:
+def test_decode_matches_reference(D: int, BS: int, dtype: torch.dtype, new_kv: bool) -> None:
     """One query per sequence, through the one-pass kernel (num_partitions=1; on a GPU the
     automatic rule would split a batch this small). Contexts end mid-block, on a block edge, and
-    past one BLOCK_N tile."""
+    past one BLOCK_N tile. With new_kv the kernel also writes the step's K/V (fused.py's way)."""
     seqs = [(0, 1), (16, 1), (2 * BS - 1, 1), (3 * BS + 4, 1), (69, 1)]
-    _check_attention(seqs, H=2, D=D, BS=BS, dtype=dtype, num_padding=2, num_partitions=1)
+    _check_attention(seqs, H=2, D=D, BS=BS, dtype=dtype, num_padding=2, num_partitions=1, new_kv=new_kv)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -147,14 +157,15 @@ def test_bf16_matches_reference(decode: bool) -> None:
     _check_attention(seqs, H=2, D=64, BS=16, dtype=torch.bfloat16, num_padding=1)
 
 
-@pytest.mark.parametrize("decode", [True, False])
-def test_filler_sequences_and_padding_tokens_get_zeros(decode: bool) -> None:
+@pytest.mark.parametrize("decode, new_kv", [(True, False), (True, True), (False, False)])
+def test_filler_sequences_and_padding_tokens_get_zeros(decode: bool, new_kv: bool) -> None:
     """Rows after the last sequence's tokens (CUDA-graph padding) come out as zeros, as in the
     reference. A sequence with no queries this step (an empty filler, or one with context but
-    no new tokens) writes no row, so it cannot overwrite the padding rows."""
+    no new tokens) writes no row, so it cannot overwrite the padding rows (nor, with new_kv,
+    any cache slot)."""
     first = (10, 1) if decode else (10, 6)
     _check_attention([first, (0, 0), (5, 0)], H=2, D=64, BS=16, dtype=torch.float32,
-                     num_padding=4)
+                     num_padding=4, num_partitions=1 if decode else None, new_kv=new_kv)
 
 
 def _feed_in_chunks(chunks: list[tuple[int, int]], blocks: list[int], window: int | None = None) -> torch.Tensor:
@@ -232,13 +243,16 @@ def _no_one_pass_decode(monkeypatch):
     monkeypatch.setattr(kernels, "_decode_kernel", None)
 
 
+@pytest.mark.parametrize("new_kv", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("D, BS, num_partitions", [(64, 16, 4), (80, 32, 3), (16, 32, 2)])
-def test_split_decode_matches_reference(D: int, BS: int, num_partitions: int, dtype: torch.dtype,
+def test_split_decode_matches_reference(D: int, BS: int, num_partitions: int, dtype: torch.dtype, new_kv: bool,
                                         _no_one_pass_decode) -> None:
     """Split-K decode equals the reference for contexts of 1 token, mid-block and past several
-    tiles, including partitions that get no keys because the sequence is shorter than P tiles."""
-    _check_attention(SPLIT_SEQS, H=2, D=D, BS=BS, dtype=dtype, num_padding=2, num_partitions=num_partitions)
+    tiles, including partitions that get no keys because the sequence is shorter than P tiles;
+    with new_kv, partition 0 also writes the step's K/V and the others never see them."""
+    _check_attention(SPLIT_SEQS, H=2, D=D, BS=BS, dtype=dtype, num_padding=2, num_partitions=num_partitions,
+                     new_kv=new_kv)
 
 
 def test_split_decode_with_more_partitions_than_tiles_matches_reference(_no_one_pass_decode) -> None:
@@ -248,21 +262,24 @@ def test_split_decode_with_more_partitions_than_tiles_matches_reference(_no_one_
                      num_partitions=kernels.MAX_PARTITIONS)
 
 
+@pytest.mark.parametrize("new_kv", [False, True])
 @pytest.mark.parametrize("window", [1, 20, 53, 151, 500])
 @pytest.mark.parametrize("D, BS", [(64, 16), (80, 32)])
-def test_windowed_split_decode_matches_reference(D: int, BS: int, window: int, _no_one_pass_decode) -> None:
+def test_windowed_split_decode_matches_reference(D: int, BS: int, window: int, new_kv: bool,
+                                                 _no_one_pass_decode) -> None:
     """With a sliding window smaller than, equal to and larger than the contexts, split-K decode
     sees only each query's last `window` keys, like the one-pass kernel and the reference, and
-    never reads the holes (-1) of evicted blocks."""
+    never reads the holes (-1) of evicted blocks (also when it writes the step's K/V itself)."""
     _check_attention(SPLIT_SEQS, H=2, D=D, BS=BS, dtype=torch.float32, num_padding=2, window=window,
-                     num_partitions=3)
+                     num_partitions=3, new_kv=new_kv)
 
 
-def test_split_decode_of_filler_sequences_and_padding_tokens_gives_zeros(_no_one_pass_decode) -> None:
+@pytest.mark.parametrize("new_kv", [False, True])
+def test_split_decode_of_filler_sequences_and_padding_tokens_gives_zeros(new_kv: bool, _no_one_pass_decode) -> None:
     """Under split-K, CUDA-graph padding rows come out as zeros and sequences with no query this
-    step (one with no context at all among them) write no row."""
+    step (one with no context at all among them) write no row, and with new_kv no cache slot."""
     _check_attention([(70, 1), (0, 0), (5, 0)], H=2, D=64, BS=16, dtype=torch.float32, num_padding=5,
-                     num_partitions=3)
+                     num_partitions=3, new_kv=new_kv)
 
 
 def test_split_decode_is_chosen_for_a_small_batch_under_a_context_bound(_no_one_pass_decode) -> None:

@@ -30,7 +30,7 @@ from .kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_
 from .model import GPT2
 from .inputs import InputProcessor, PromptType
 from .outputs import OutputProcessor
-from .runner import LaunchedStep, ModelRunner, StepResult
+from .runner import LaunchedStep, ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerOutput, StepRecord, is_decode
 from .sequence import Request, RequestOutput, SamplingParams, Sequence
@@ -221,6 +221,7 @@ class LLMEngine:
             seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, index=i, prompt_token_ids=ids,
                            params=params, priority=priority, arrival_order=arrival_order)
             seq.detok = IncrementalDetokenizer(self.tokenizer)
+            seq.plain_greedy = params.plain_greedy
             seq.logprobs = [] if params.logprobs is not None else None
             # Only the first completion reports prompt logprobs (they are the same for all n).
             seq.prompt_logprobs = [None] if params.prompt_logprobs is not None and i == 0 else None
@@ -348,15 +349,19 @@ class LLMEngine:
         the prefix cache once their tokens are known. A request whose bookkeeping raises
         (detokenizing, a stop check) fails alone: see _fail."""
         result = self.runner.collect(launched)
+        if result.prompt_logprobs:
+            for seq, _ in launched.sched.scheduled:
+                if not seq.is_finished and seq.seq_id in result.prompt_logprobs:
+                    seq.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
         touched: dict[str, Request] = {}
         now = time.perf_counter()
-        for seq, _ in launched.sched.scheduled:
+        logprobs = result.logprobs or itertools.repeat(None)
+        for seq, token, lp in zip(launched.sample_seqs, result.tokens, logprobs):
             if seq.is_finished:
                 continue                       # stopped or aborted since: its token is dropped
             req = self.requests[seq.request_id]
             try:
-                if not self._apply(seq, result):
-                    continue                   # a prefill chunk that did not reach the end yet
+                self._apply(seq, token, lp)
             except Exception as e:
                 self._fail(req, e)
             touched[req.request_id] = req
@@ -371,15 +376,11 @@ class LLMEngine:
             outputs.append(out)
         return outputs
 
-    def _apply(self, seq: Sequence, result: StepResult) -> bool:
-        """One sequence's share of a step: its prompt logprobs, then its sampled token (the
-        sequence finishes, freeing its blocks, if the token stops it). False if it sampled nothing."""
-        if seq.seq_id in result.prompt_logprobs:
-            seq.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
-        if seq.seq_id not in result.sampled:
-            return False
+    def _apply(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
+        """One sequence's sampled token (the sequence finishes, freeing its blocks, if the
+        token stops it)."""
         seq.num_pending_tokens -= 1
-        reason = self.outputs.append(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id))
+        reason = self.outputs.append(seq, token, logprobs)
         self.num_generation_tokens += 1
         self.scheduler.cache_blocks(seq)     # a block that waited for this token's value (async) is shared now
         if reason is not None:
@@ -387,7 +388,6 @@ class LLMEngine:
         elif self.shift_window is not None and seq.num_context_tokens > self.model_config.n_ctx:
             # The new token would sit at position n_ctx, which GPT-2 has no embedding for.
             self.scheduler.shift(seq, self.shift_window)
-        return True
 
     def _fail(self, req: Request, error: Exception) -> None:
         """A request's own bookkeeping raised: finish all its sequences with "abort" and the

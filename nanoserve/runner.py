@@ -27,7 +27,6 @@ References: vLLM `gpu_model_runner.py`, nano-vllm `model_runner.py`, gpt-fast (C
 """
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -48,9 +47,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class StepResult:
-    """What one step produced, keyed by seq_id (only sequences that sampled or scored)."""
-    sampled: dict[int, int] = field(default_factory=dict)                  # seq_id -> token
-    logprobs: dict[int, dict[int, float]] = field(default_factory=dict)    # seq_id -> {tok: lp}
+    """What one step produced: a token (and its logprobs, if asked) per sampling sequence, in
+    LaunchedStep.sample_seqs' order, and prompt logprobs keyed by seq_id."""
+    tokens: list[int] = field(default_factory=list)                        # (S,) sampled token ids
+    logprobs: list[dict[int, float] | None] | None = None                  # (S,) {tok: lp}, or None: nobody asked
     prompt_logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)
 
 
@@ -65,6 +65,21 @@ class StepInputs:
     prompt_rows: list[int] = field(default_factory=list)      # rows whose logits give prompt logprobs
     prompt_targets: list[int] = field(default_factory=list)   # the prompt token each such row predicts
     prompt_owner: list[Sequence] = field(default_factory=list)
+
+
+@dataclass
+class _FlatStep:
+    """The scheduled sequences flattened (ModelRunner._flatten_tokens): host lists the runner uploads."""
+    input_ids: list[int] = field(default_factory=list)      # (N,)
+    positions: list[int] = field(default_factory=list)      # (N,)
+    slots: list[int] = field(default_factory=list)          # (N,) cache slot of each token
+    qsl: list[int] = field(default_factory=lambda: [0])     # (S+1,) query_start_loc: running sum of n
+    ctx_lens: list[int] = field(default_factory=list)       # (S,)
+    max_query_len: int = 1
+    sample_rows: list[int] = field(default_factory=list)    # row to sample from, per sampling sequence
+    sample_seqs: list[Sequence] = field(default_factory=list)
+    from_prev: list[tuple[int, int]] = field(default_factory=list)   # (row, row in prev.token_ids)
+    scores_prompt: bool = False             # a sequence may want prompt logprobs
 
 
 @dataclass
@@ -155,51 +170,48 @@ class ModelRunner:
     # ---- Sequences -> tensors -----------------------------------------------------------
     def prepare(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> StepInputs:
         """Flatten the scheduler's decision into the model's inputs, in three parts: the tokens
-        (ids, positions, cache slots), the attention metadata, and the rows that need logits.
-        `prev`: the step still in flight, whose sampled tokens some of this step's rows take."""
-        input_ids, positions, slots, from_prev = self._flatten_tokens(sched, prev)
-        q_lens = [n for _, n in sched.scheduled]                            # (S,) tokens this step
-        qsl = [0, *itertools.accumulate(q_lens)]                           # (S+1,) query_start_loc
-        ctx_lens = [seq.num_computed_tokens + n for seq, n in sched.scheduled]   # (S,) after the write
+        (ids, positions, cache slots) with each sequence's lengths, the attention metadata, and
+        the rows that need logits. `prev`: the step still in flight, whose sampled tokens some
+        of this step's rows take."""
+        flat = self._flatten_tokens(sched, prev)
         rows, MB = self._block_table_rows(sched)
         block_tables = self.bt_host[rows, :MB]                             # (S, MB) a copy
-        dst, src = zip(*from_prev) if from_prev else ((), ())
+        dst, src = zip(*flat.from_prev) if flat.from_prev else ((), ())
         # Two host-to-device copies for the whole step, one per dtype: each small copy costs
         # the host ~20 us (pinning, a launch), more than at batch 1 the GPU needs for a layer.
-        input_ids_d, positions_d, slots_d, dst_d, src_d = _upload([input_ids, positions, slots, dst, src],
-                                                                   torch.int64, self.device)
-        ctx_d, qsl_d, bt_d = _upload([ctx_lens, qsl, block_tables.reshape(-1)], torch.int32, self.device)
+        input_ids_d, positions_d, slots_d, dst_d, src_d = _upload(
+            [flat.input_ids, flat.positions, flat.slots, dst, src], torch.int64, self.device)
+        ctx_d, qsl_d, bt_d = _upload([flat.ctx_lens, flat.qsl, block_tables.reshape(-1)], torch.int32, self.device)
         meta = AttentionMetadata(
             slot_mapping=slots_d,                                           # (N,)
             block_tables=bt_d.view(-1, MB),                                 # (S, MB)
             context_lens=ctx_d,                                             # (S,)
             query_start_loc=qsl_d,                                          # (S+1,)
-            max_query_len=max(q_lens), max_context_len=max(ctx_lens),
+            max_query_len=flat.max_query_len, max_context_len=max(flat.ctx_lens),
             attention_window=self.cfg.attention_window)
-        inp = StepInputs(input_ids_d, positions_d, meta)
-        if from_prev:      # the previous step's tokens, copied on the device: the host never waits for them
+        inp = StepInputs(input_ids_d, positions_d, meta, flat.sample_rows, flat.sample_seqs)
+        if flat.from_prev:  # the previous step's tokens, copied on the device: the host never waits for them
             inp.input_ids[dst_d] = prev.token_ids[src_d]
-        self._select_logit_rows(sched, qsl, inp)
+        if flat.scores_prompt:
+            self._select_prompt_rows(sched, flat.qsl, inp)
         return inp
 
-    def _flatten_tokens(self, sched: SchedulerOutput,
-                        prev: LaunchedStep | None) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
-        """(input_ids, positions, slots), each (N,): every scheduled sequence's next n tokens,
-        back to back. Position p of a sequence lives in cache slot block_table[p // BS] * BS + p % BS.
+    def _flatten_tokens(self, sched: SchedulerOutput, prev: LaunchedStep | None) -> _FlatStep:
+        """One pass over the scheduled sequences: every sequence's next n tokens back to back,
+        with their positions and cache slots (position p of a sequence lives in slot
+        block_table[p // BS] * BS + p % BS), each sequence's lengths, and the rows that sample.
         A token still pending on the device (sampled by `prev`, async scheduling) gets a
-        placeholder id and an entry (its row here, its row in prev.token_ids) in the fourth list."""
+        placeholder id and an entry (its row here, its row in prev.token_ids) in from_prev."""
         BS = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        from_prev: list[tuple[int, int]] = []
+        f = _FlatStep()
+        input_ids, positions, slots, qsl, ctx_lens = f.input_ids, f.positions, f.slots, f.qsl, f.ctx_lens
         for seq, n in sched.scheduled:
-            c, bt = seq.num_computed_tokens, seq.block_table
+            c, bt, row0 = seq.num_computed_tokens, seq.block_table, len(input_ids)
             i = c + seq.num_dropped_tokens               # token index; c is the position (context shifts)
             if n == 1:                                   # decode: avoid copying the token list
                 P, out = seq.num_prompt_tokens, seq.output_token_ids
                 if i - P >= len(out):                    # pending: its value is on the device
-                    from_prev.append((len(input_ids), prev.row_of[seq.seq_id]))
+                    f.from_prev.append((row0, prev.row_of[seq.seq_id]))
                     input_ids.append(0)
                 else:
                     input_ids.append(seq.prompt_token_ids[i] if i < P else out[i - P])
@@ -209,20 +221,24 @@ class ModelRunner:
                 input_ids += seq.token_ids[i:i + n]
                 positions += range(c, c + n)
                 slots += [bt[p // BS] * BS + p % BS for p in range(c, c + n)]
-        return input_ids, positions, slots, from_prev
+                f.max_query_len = max(f.max_query_len, n)
+            qsl.append(row0 + n)
+            ctx_lens.append(c + n)                       # (S,) tokens in cache after this step's write
+            if c + n == seq.num_context_tokens:          # prompt (or recompute) done: sample from the last row
+                f.sample_rows.append(row0 + n - 1)
+                f.sample_seqs.append(seq)
+            if seq.prompt_logprobs is not None:
+                f.scores_prompt = True
+        return f
 
-    def _select_logit_rows(self, sched: SchedulerOutput, qsl: list[int], inp: StepInputs) -> None:
-        """Fill inp's row lists. A sequence samples from its last row once all its tokens are
-        computed (a prompt, or the chunk that ends it); prompt_logprobs need more rows."""
+    def _select_prompt_rows(self, sched: SchedulerOutput, qsl: list[int], inp: StepInputs) -> None:
+        """Fill inp's prompt-row lists, for sequences that asked for prompt_logprobs."""
         for (seq, n), row0 in zip(sched.scheduled, qsl):
-            c = seq.num_computed_tokens
-            if c + n == seq.num_context_tokens:          # prompt (or recompute) done: sample
-                inp.sample_rows.append(row0 + n - 1)
-                inp.sample_seqs.append(seq)
             if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is not None:
                 # Row at position p predicts prompt token p+1. Skip rows already reported
                 # (a preempted sequence recomputes them) and the last prompt position, whose
                 # prediction is the first *generated* token.
+                c = seq.num_computed_tokens
                 first = max(c, len(seq.prompt_logprobs) - 1)
                 for p in range(first, min(c + n, seq.num_prompt_tokens - 1)):
                     inp.prompt_rows.append(row0 + p - c)
@@ -269,17 +285,15 @@ class ModelRunner:
             return result
         if step.ready is not None:
             step.ready.synchronize()
-        tokens = step.host[0].tolist()
-        for seq, tok in zip(step.sample_seqs, tokens):
-            result.sampled[seq.seq_id] = tok
+        result.tokens = step.host[0].tolist()
         if len(step.host) > 1:
             lps, ids = step.host[1].tolist(), step.host[2].tolist()
+            result.logprobs = [None] * len(step.sample_seqs)
             for row, seq in enumerate(step.sample_seqs):
                 k = seq.params.logprobs
                 if k is not None:
                     # the top k, plus the sampled token (which may be among them)
-                    result.logprobs[seq.seq_id] = dict(zip(ids[row][1:k + 1], lps[row][1:k + 1])) | {
-                        ids[row][0]: lps[row][0]}
+                    result.logprobs[row] = dict(zip(ids[row][1:k + 1], lps[row][1:k + 1])) | {ids[row][0]: lps[row][0]}
         return result
 
     def _is_single_decode(self, inp: StepInputs) -> bool:

@@ -51,13 +51,12 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits (S, V) any float dtype -> SamplerOutput. `seqs` gives each row's params."""
-        params = [s.params for s in seqs]
-        if all(p.is_greedy and p.logprobs is None and not p.logit_bias and not p.needs_output_history
-               for p in params):
+        if all(s.plain_greedy for s in seqs):
             # Plain greedy decoding, the common case: the argmax of the model's own dtype. Casting
             # fp16 or bf16 to fp32 is exact, so the winner is the same, and we skip writing a
             # float copy of the logits every step (51 MB at batch 256).
             return SamplerOutput(token_ids=logits.argmax(dim=-1))  # (S,)
+        params = [s.params for s in seqs]
         logits = logits.float()                                    # (S, V)
         S, V = logits.shape
 

@@ -146,3 +146,9 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The next token is the argmax of the model's logits, and nothing else is asked:
+        the sampler's fast path."""
+        return self.is_greedy and self.logprobs is None and not self.logit_bias and not self.needs_output_history

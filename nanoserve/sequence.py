@@ -52,6 +52,7 @@ class Sequence:
     stop_strings: Any = None             # outputs.StopStrings, built at the first stop check
     num_detok: int = 0                   # output tokens already turned into `text`
     generator: Any = None                # torch.Generator for seeded sampling, set by the engine
+    plain_greedy: bool = False           # params.plain_greedy, read once (the request's params never change)
     peak_num_blocks: int = 0             # most KV blocks this sequence held at once
     num_preemptions: int = 0             # times it lost its blocks to make room for others
     num_dropped_tokens: int = 0          # leading tokens shifted out of the model's context

@@ -36,7 +36,7 @@ for r in range(3):
     tot = (time.perf_counter() - t) / 50 * 1000
     print(f"host ms/step {tot:.3f}", {k: round(v / 50 * 1000, 3) for k, v in T.items()}, flush=True)
 run = eng.runner
-for n in ["_flatten_tokens", "_block_table_rows", "_select_logit_rows"]:
+for n in ["_flatten_tokens", "_block_table_rows"]:
     wrap(run, n)
 import nanoserve.runner as R
 f_up = R._upload

@@ -9,7 +9,7 @@ Three kernels, each built around one idea, and a split variant of the second:
                      _write_kv_kernel's work for its token and reads that key from registers.
   _prefill_kernel    many queries per sequence (a prompt, or a chunk of one): flash attention over
                      the block table, one program per (sequence, head, BLOCK_M queries).
-  _split_decode_kernel (+ _split_decode_reduce_kernel)
+  _split_decode_kernel + _split_decode_reduce_kernel
                      split-K decode ("flash decoding"), for small batches on a big GPU: below.
 
 They have the same semantics as attention.write_kv and attention.paged_attention, which the
@@ -23,13 +23,10 @@ H200's 132 SMs, and each walks its whole context one tile after another: the ste
 chain of memory round trips while most of the GPU idles. So when S*H is small, we cut each
 query's keys into P partitions, one program per (sequence, head, partition). Each runs the same
 online softmax over its share of the tiles and stores its running max, sum and unnormalised
-weighted V; then the P partials are rescaled to a common max and added (the log-sum-exp trick):
-the same softmax as one pass, up to rounding. The textbook way merges them in a second, tiny
-kernel; we let the last of a row's P programs to finish do it (it knows it is last from an
-atomic count), which saves a launch per layer. decode_partitions chooses P; for large batches
-P = 1 and the one-pass kernel runs alone.
-(Flash-Decoding: Dao, Haziza, Massa, Sizov 2023; vLLM's paged_attention_v2 kernel; the count
-is split-K GEMM's "serial reduction", as in CUTLASS's semaphore-ordered split-K.)
+weighted V; a second, tiny kernel rescales the P partials to a common max and adds them (the
+log-sum-exp trick): the same softmax as one pass, up to rounding. decode_partitions chooses P; for
+large batches P = 1 and the one-pass kernel runs alone, without the second launch.
+(Flash-Decoding: Dao, Haziza, Massa, Sizov 2023; vLLM's paged_attention_v2 kernel.)
 
 The decode kernels follow two rules so that a CUDA graph can capture them once and replay them
 with other context lengths:
@@ -275,13 +272,12 @@ def _split_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                          stride_qn, stride_qh, stride_on, stride_oh,
                          stride_cb, stride_cs, stride_ch, stride_bt,
                          k_new_ptr, v_new_ptr, slot_ptr, stride_kn, stride_kh,
-                         part_max_ptr, part_sum_ptr, part_acc_ptr, counts_ptr,
+                         part_max_ptr, part_sum_ptr, part_acc_ptr,
                          D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NEW_KV: tl.constexpr, MERGE: tl.constexpr, BLOCK_P: tl.constexpr):
+                         NEW_KV: tl.constexpr):
     # Split-K, first pass. Program (s, h, p) runs the decode loop over partition p of sequence s's
     # keys and stores its unnormalised state: part_max and part_sum (S, H, P), part_acc (S, H, P, D),
-    # all fp32. Then the P partials of each (s, h) are merged (_merge_partials): with MERGE, by
-    # whichever of its P programs finishes last, here; otherwise by _split_decode_reduce_kernel.
+    # all fp32. _split_decode_reduce_kernel then combines the P partials of each (s, h).
     s = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.program_id(2)
@@ -296,58 +292,37 @@ def _split_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     tl.store(part_max_ptr + i, m_i)
     tl.store(part_sum_ptr + i, l_i)
     tl.store(part_acc_ptr + i * D + d, acc, mask=d < D)
-    # The merge writes only real rows; the padding rows are shared out among these S*P programs.
+    # The reduce writes only real rows; the padding rows are shared out among these S*P programs.
     first_pad = tl.load(query_start_loc_ptr + num_seqs)
     _zero_padding_rows(out_ptr, first_pad + s * P + p, num_tokens, num_seqs * P, h, stride_on, stride_oh,
                        D, BLOCK_D)
-    if MERGE:
-        # Count the finished partials of (s, h) in counts[s, h]: the program that brings the
-        # count to P knows all P are stored, merges them, and sets the count back to 0 for the
-        # next launch. This saves the reduce kernel's launch (48 a step for GPT-2 XL). The
-        # barrier puts all of this program's stores before its count; the count's acquire-
-        # release ordering (at GPU scope) makes the others' stores visible to the last one.
-        tl.debug_barrier()
-        c = counts_ptr + s * tl.num_programs(1) + h
-        if tl.atomic_add(c, 1, sem="acq_rel", scope="gpu") == P - 1:
-            _merge_partials(out_ptr, query_start_loc_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, s, h,
-                            tl.num_programs(1), P, stride_on, stride_oh, D, BLOCK_D, BLOCK_P)
-            tl.atomic_xchg(c, 0, sem="relaxed", scope="gpu")
-
-
-@_jit
-def _merge_partials(out_ptr, query_start_loc_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, s, h, num_heads,
-                    num_partitions, stride_on, stride_oh,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
-    # Split-K, second pass: merge the P partials of (s, h) with the log-sum-exp trick. Partition
-    # i holds sums scaled by exp2(-m_i); rescaled to the largest max M they add up to the
-    # one-pass sums, out = sum_i acc_i * exp2(m_i - M) / sum_i l_i * exp2(m_i - M). A neutral
-    # partial (m_i = -1e30, l_i = 0, acc_i = 0) adds nothing, and a row whose partials are all
-    # neutral (ctx == 0) gives zeros, as in one pass. No exp2 here sees inf - inf.
-    # The loads bypass L1 (".cg"): other SMs wrote these partials during this very launch.
-    p = tl.arange(0, BLOCK_P)                                  # (BLOCK_P,) BLOCK_P >= num_partitions
-    p_mask = p < num_partitions
-    i = (s * num_heads + h) * num_partitions + p               # (BLOCK_P,) partial indices
-    d = tl.arange(0, BLOCK_D)
-    m = tl.load(part_max_ptr + i, mask=p_mask, other=-1e30, cache_modifier=".cg")   # (BLOCK_P,)
-    l = tl.load(part_sum_ptr + i, mask=p_mask, other=0.0, cache_modifier=".cg")     # (BLOCK_P,)
-    acc = tl.load(part_acc_ptr + i[:, None] * D + d[None, :],
-                  mask=p_mask[:, None] & (d < D)[None, :], other=0.0, cache_modifier=".cg")   # (BLOCK_P, BD)
-    scale = tl.exp2(m - tl.max(m, axis=0))                     # (BLOCK_P,) in (0, 1]
-    l_all = tl.sum(l * scale, axis=0)
-    out = tl.sum(acc * scale[:, None], axis=0) / tl.where(l_all > 0, l_all, 1.0)   # (BD,)
-    q_row, d_io = _query_row(query_start_loc_ptr, s, D, BLOCK_D)
-    tl.store(out_ptr + q_row * stride_on + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
-             mask=d_io)
 
 
 @_jit(do_not_specialize=["num_partitions"])
 def _split_decode_reduce_kernel(out_ptr, query_start_loc_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
                                 num_partitions, stride_on, stride_oh,
                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
-    # Split-K, second pass as its own launch: program (s, h) merges its row's partials.
-    _merge_partials(out_ptr, query_start_loc_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
-                    tl.program_id(0), tl.program_id(1), tl.num_programs(1), num_partitions, stride_on, stride_oh,
-                    D, BLOCK_D, BLOCK_P)
+    # Split-K, second pass. Program (s, h) merges the P partials of its row with the log-sum-exp
+    # trick: partition i holds sums scaled by exp2(-m_i); rescaled to the largest max M they add
+    # up to the one-pass sums, out = sum_i acc_i * exp2(m_i - M) / sum_i l_i * exp2(m_i - M).
+    # A neutral partial (m_i = -1e30, l_i = 0, acc_i = 0) adds nothing, and a row whose partials
+    # are all neutral (ctx == 0) gives zeros, as in one pass. No exp2 here sees inf - inf.
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.arange(0, BLOCK_P)                                  # (BLOCK_P,) BLOCK_P >= num_partitions
+    p_mask = p < num_partitions
+    i = (s * tl.num_programs(1) + h) * num_partitions + p      # (BLOCK_P,) partial indices
+    d = tl.arange(0, BLOCK_D)
+    m = tl.load(part_max_ptr + i, mask=p_mask, other=-1e30)    # (BLOCK_P,)
+    l = tl.load(part_sum_ptr + i, mask=p_mask, other=0.0)      # (BLOCK_P,)
+    acc = tl.load(part_acc_ptr + i[:, None] * D + d[None, :],
+                  mask=p_mask[:, None] & (d < D)[None, :], other=0.0)   # (BLOCK_P, BD)
+    scale = tl.exp2(m - tl.max(m, axis=0))                     # (BLOCK_P,) in (0, 1]
+    l_all = tl.sum(l * scale, axis=0)
+    out = tl.sum(acc * scale[:, None], axis=0) / tl.where(l_all > 0, l_all, 1.0)   # (BD,)
+    q_row, d_io = _query_row(query_start_loc_ptr, s, D, BLOCK_D)
+    tl.store(out_ptr + q_row * stride_on + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d_io)
 
 
 @_jit(do_not_specialize=_DYNAMIC)
@@ -465,24 +440,6 @@ PROGRAMS_PER_SM = 4      # split until about this many decode programs per SM: 4
 INTERPRETER_SMS = 4      # "SMs" of a CPU running Triton's interpreter: small, so tiny test batches split
 
 
-# Where the split-K partials are merged: True, by the last of each row's P programs (one launch);
-# False, by a second kernel (two launches, the textbook Flash-Decoding).
-MERGE_IN_SPLIT_KERNEL = True
-_counts: dict[torch.device, torch.Tensor] = {}
-
-
-def _merge_counts(device: torch.device, n: int) -> torch.Tensor:
-    """(n,) int32 zeros for _split_decode_kernel's per-row counts, kept per device: the kernel
-    leaves them at zero, so one buffer serves every later call. It grows only outside CUDA
-    graph capture (the runner's warm-up calls every graph size first)."""
-    counts = _counts.get(device)
-    if counts is None or counts.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"split-K counts for {n} rows must exist before CUDA graph capture")
-        counts = _counts[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return counts
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -572,13 +529,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_max = torch.empty((S, H, P), dtype=torch.float32, device=q.device)     # (S, H, P)
         part_sum = torch.empty((S, H, P), dtype=torch.float32, device=q.device)     # (S, H, P)
         part_acc = torch.empty((S, H, P, D), dtype=torch.float32, device=q.device)  # (S, H, P, D)
-        counts = _merge_counts(q.device, S * H) if MERGE_IN_SPLIT_KERNEL else part_max
-        _split_decode_kernel[(S, H, P)](*args, part_max, part_sum, part_acc, counts, **consts,
-                                        MERGE=MERGE_IN_SPLIT_KERNEL, BLOCK_P=MAX_PARTITIONS, num_warps=4)
-        if not MERGE_IN_SPLIT_KERNEL:
-            _split_decode_reduce_kernel[(S, H)](out, meta.query_start_loc, part_max, part_sum, part_acc,
-                                                P, out.stride(0), out.stride(1),
-                                                D=D, BLOCK_D=BLOCK_D, BLOCK_P=MAX_PARTITIONS, num_warps=1)
+        _split_decode_kernel[(S, H, P)](*args, part_max, part_sum, part_acc, **consts, num_warps=4)
+        _split_decode_reduce_kernel[(S, H)](out, meta.query_start_loc, part_max, part_sum, part_acc,
+                                            P, out.stride(0), out.stride(1),
+                                            D=D, BLOCK_D=BLOCK_D, BLOCK_P=MAX_PARTITIONS, num_warps=1)
     else:
         if q.dtype == torch.float32:
             # tl.dot on fp32 defaults to TF32 (10-bit mantissa), far from the torch reference,

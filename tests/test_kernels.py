@@ -255,20 +255,6 @@ def test_split_decode_matches_reference(D: int, BS: int, num_partitions: int, dt
                      new_kv=new_kv)
 
 
-@pytest.mark.parametrize("merge_in_kernel", [True, False])
-def test_split_decode_merges_in_either_place_and_leaves_the_counts_at_zero(merge_in_kernel: bool, monkeypatch,
-                                                                           _no_one_pass_decode) -> None:
-    """The partials are merged by the last of each row's programs (one launch) or by the reduce
-    kernel (two): both give the reference, and the per-row counts the first way keeps are back
-    at zero afterwards, as the next call needs them."""
-    monkeypatch.setattr(kernels, "MERGE_IN_SPLIT_KERNEL", merge_in_kernel)
-    for _ in range(2):                          # a second call finds the counts the first left
-        _check_attention(SPLIT_SEQS, H=3, D=64, BS=16, dtype=torch.float32, num_padding=1, num_partitions=4)
-    counts = list(kernels._counts.values())
-    assert not any(c.any() for c in counts)
-    assert counts or not merge_in_kernel
-
-
 def test_split_decode_with_more_partitions_than_tiles_matches_reference(_no_one_pass_decode) -> None:
     """With P = MAX_PARTITIONS, every sequence has more partitions than tiles (most partials are
     neutral), and the reduce still gives the reference, with no NaN."""
@@ -327,23 +313,3 @@ def test_num_partitions_out_of_range_is_rejected() -> None:
     for bad in (0, kernels.MAX_PARTITIONS + 1):
         with pytest.raises(ValueError, match=f"between 1 and {kernels.MAX_PARTITIONS}"):
             kernels.paged_attention(q, k_cache, v_cache, meta, 0.25, num_partitions=bad)
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="memory ordering between SMs: a real GPU only")
-@pytest.mark.parametrize("S", [1, 4])
-def test_split_decode_merge_in_kernel_agrees_with_the_reduce_kernel_over_many_calls(S: int, monkeypatch,
-                                                                                   _no_one_pass_decode) -> None:
-    """GPT-2 XL's batch-1 shape (25 heads, 16 partitions) and a batch of 4, called 200 times
-    each way: the last-program merge must never read a partial before it is stored (a race
-    would show as a row that differs now and then), and must leave the counts at zero."""
-    seqs = [(random_ctx, 1) for random_ctx in torch.randint(0, 1000, (S,)).tolist()]
-    q, k, v, k_cache, v_cache, meta = _make_step(seqs, H=25, D=64, BS=16, dtype=torch.float16)
-    meta.max_context_len = 1024
-    ref.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    monkeypatch.setattr(kernels, "MERGE_IN_SPLIT_KERNEL", False)
-    want = kernels.paged_attention(q, k_cache, v_cache, meta, 0.125, num_partitions=16)
-    monkeypatch.setattr(kernels, "MERGE_IN_SPLIT_KERNEL", True)
-    for _ in range(200):
-        got = kernels.paged_attention(q, k_cache, v_cache, meta, 0.125, num_partitions=16)
-        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
-    assert not any(c.any() for c in kernels._counts.values())

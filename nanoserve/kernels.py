@@ -140,31 +140,39 @@ def _query_row(query_start_loc_ptr, s, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @_jit
-def _new_key(q, k_new_ptr, v_new_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, q_row, h, part, d_io,
-             stride_kn, stride_kh, stride_cb, stride_cs, stride_ch, BS: tl.constexpr, BLOCK_D: tl.constexpr):
-    # A decode step's own key and value, taken from registers instead of the cache: this saves
-    # the step a write_kv launch per layer (48 of GPT-2 XL's ~445 kernels at batch 1). Partition 0
-    # stores head h's K/V row into the token's slot (none for slot -1, a graph's padding) and
-    # starts its softmax with that one key: max = its score, sum = 1, acc = its value. The other
-    # partitions start neutral (m = -1e30, l = 0, acc = 0). No program reads the slot, so
-    # nothing races with the store.
+def _load_new_kv(k_new_ptr, v_new_ptr, slot_ptr, q_row, h, d_io, stride_kn, stride_kh, BLOCK_D: tl.constexpr):
+    # A decode step's own key and value (head h), and its cache slot. The slot is read into
+    # every lane under d_io: a sequence with no query this step (its q_row is the next one's,
+    # or past the end) reads nothing.
     d = tl.arange(0, BLOCK_D)
     row = q_row * stride_kn + h * stride_kh + d
     k = tl.load(k_new_ptr + row, mask=d_io, other=0.0)        # (BD,) in the cache's dtype
     v = tl.load(v_new_ptr + row, mask=d_io, other=0.0)
-    # The slot, read into every lane under d_io: a sequence with no query this step (its q_row
-    # is the next one's, or past the end) reads and writes nothing.
     slot = tl.load(slot_ptr + q_row + d * 0, mask=d_io, other=-1).to(tl.int64)    # (BD,) one value
+    return k, v, slot
+
+
+@_jit
+def _add_new_key(m_i, l_i, acc, q, k, v, slot, k_cache_ptr, v_cache_ptr, h, part, d_io,
+                 stride_cb, stride_cs, stride_ch, BS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The step's own key, taken from registers instead of the cache: this saves the step a
+    # write_kv launch per layer (48 of GPT-2 XL's ~445 kernels at batch 1). Partition 0 stores
+    # head h's K/V row into the token's slot (none for slot -1, a graph's padding) and adds the
+    # key to its softmax state, one more online-softmax update; the other partitions add nothing
+    # (a score of -inf). No program reads the slot, so nothing races with the store. This runs
+    # after the loop over the cache, so the loads of k and v (issued before it) cost no wait.
+    d = tl.arange(0, BLOCK_D)
     first = part == 0
     # (A count compared with the lanes, not a scalar bool `&`-ed into a mask: see _write_kv_kernel.)
     store = d_io & (slot >= 0) & (d < tl.where(first, BLOCK_D, 0))
     dst = (slot // BS) * stride_cb + (slot % BS) * stride_cs + h * stride_ch + d
     tl.store(k_cache_ptr + dst, k, mask=store)
     tl.store(v_cache_ptr + dst, v, mask=store)
-    m_i = tl.where(first, tl.sum(k.to(tl.float32) * q, axis=0), -1e30)
-    l_i = tl.where(first, 1.0, 0.0)
-    acc = tl.where(first, v.to(tl.float32), 0.0)               # (BD,)
-    return m_i, l_i, acc
+    score = tl.where(first, tl.sum(k.to(tl.float32) * q, axis=0), float("-inf"))
+    m_new = tl.maximum(m_i, score)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(score - m_new)                                  # 0 outside partition 0
+    return m_new, l_i * alpha + p, acc * alpha + p * v.to(tl.float32)
 
 
 @_jit
@@ -179,7 +187,7 @@ def _attend_partition(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context
     # sum l_i of the log2-scaled scores, and acc (BD,), the sum of V weighted by exp2(score - m_i),
     # not yet divided by l_i. One pass divides; split-K first combines it with the other parts'.
     # With NEW_KV, this step's key and value (at position ctx - 1) are not in the cache yet: they
-    # come from k_new/v_new (q's rows; their own strides), and partition 0 stores them (_new_key).
+    # come from k_new/v_new (q's rows; their own strides), and partition 0 stores them (_add_new_key).
     q_row, d_io = _query_row(query_start_loc_ptr, s, D, BLOCK_D)
     ctx = tl.load(context_lens_ptr + s)
     d = tl.arange(0, BLOCK_D)                                  # (BD,)
@@ -203,13 +211,12 @@ def _attend_partition(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context
     # a broadcast multiply and a row sum in fp32. Decode is bound by memory, not compute.
     n = tl.arange(0, BLOCK_N)                                  # (BLOCK_N,)
     bt_row = block_tables_ptr + s * stride_bt
+    m_i = tl.full([], -1e30, tl.float32)   # running max; finite, so m_i - m_new is never inf - inf
+    l_i = tl.full([], 0.0, tl.float32)     # running softmax denominator
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)                # (BD,) running weighted sum of V
     if NEW_KV:
-        m_i, l_i, acc = _new_key(q, k_new_ptr, v_new_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, q_row, h, part,
-                                 d_io, stride_kn, stride_kh, stride_cb, stride_cs, stride_ch, BS, BLOCK_D)
-    else:
-        m_i = tl.full([], -1e30, tl.float32)   # running max; finite, so m_i - m_new is never inf - inf
-        l_i = tl.full([], 0.0, tl.float32)     # running softmax denominator
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)            # (BD,) running weighted sum of V
+        k_new, v_new, slot = _load_new_kv(k_new_ptr, v_new_ptr, slot_ptr, q_row, h, d_io, stride_kn, stride_kh,
+                                          BLOCK_D)
     # We gather one block id per token (each id repeats BS times, so these loads hit L1). Block ids
     # of tile i+1 are loaded during tile i, leaving one memory round trip per iteration, not two.
     # The masks keep t >= lo: the holes (-1) of evicted blocks before the window are never read.
@@ -234,6 +241,9 @@ def _attend_partition(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)     # (BD,)
         m_i = m_new
+    if NEW_KV:
+        m_i, l_i, acc = _add_new_key(m_i, l_i, acc, q, k_new, v_new, slot, k_cache_ptr, v_cache_ptr, h, part, d_io,
+                                     stride_cb, stride_cs, stride_ch, BS, BLOCK_D)
     return m_i, l_i, acc
 
 

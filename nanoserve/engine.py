@@ -187,7 +187,8 @@ class LLMEngine:
         return self.device.type == "cpu" and bool(self.config.fused_decode) and not self.config.enforce_eager
 
     def _capture_graphs(self) -> None:
-        """Capture the decode CUDA graphs, of the fused step unless fused_decode=False."""
+        """Capture the decode CUDA graphs, of the fused step unless fused_decode=False, and
+        the graphs for one sequence's prompt (runner.capture_prefill_graphs)."""
         if self.config.fused_decode is not False:
             from .fused import compile_decode
             self.runner.decode_logits = compile_decode(self.model)
@@ -202,6 +203,7 @@ class LLMEngine:
                 self.runner.capture_cuda_graphs()
             else:
                 raise
+        self.runner.capture_prefill_graphs()       # a prompt that runs alone: the eager forward, captured
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: PromptType,

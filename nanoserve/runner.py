@@ -13,7 +13,8 @@ is now complete (it samples), and prompt rows whose prompt_logprobs were asked f
 On CUDA, decode-only steps (every sequence has one new token) replay a CUDA graph captured
 at warm-up for the next-larger batch size; this removes the CPU cost of launching ~10 kernels
 per layer, which dominates a small GPT-2 step. By default the graphs capture fused.py's
-compiled forward (the same model, fewer and larger kernels). On a CPU, with fused_decode=True,
+compiled forward (the same model, fewer and larger kernels). A step that is one sequence's
+prompt (up to 512 tokens) replays a graph of the eager forward (capture_prefill_graphs). On a CPU, with fused_decode=True,
 steps that decode a single sequence run fused.py's compiled step instead of the eager forward.
 
 A step is launched (`launch`: queued on the device) and collected (`collect`: the sampled
@@ -129,6 +130,7 @@ class ModelRunner:
         # fused.compile_decode(model), the same forward compiled (fewer, larger kernels).
         self.decode_logits: DecodeFn | None = None
         self.graph_bufs: dict[str, torch.Tensor] = {}
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}           # prompt tokens -> graph
         # On a CPU the engine may set fused.compile_cpu_decode(model): steps that decode one
         # sequence call it directly (there are no graphs to replay).
         self.cpu_decode: DecodeFn | None = None
@@ -257,6 +259,8 @@ class ModelRunner:
         graph_bs = self._graph_size(inp)
         if graph_bs is not None:
             logits = self._replay(inp, graph_bs)                            # (S, V)
+        elif (T := self._prefill_graph_size(inp)) is not None:
+            logits = self._replay_prefill(inp, T)                           # (1, V)
         elif self.cpu_decode is not None and self._is_single_decode(inp):
             logits = self.cpu_decode(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (1, V)
         else:
@@ -383,3 +387,68 @@ class ModelRunner:
             b["block_tables"][S:g, 0].fill_(0)
         self.graphs[g].replay()
         return self.graph_logits[g][:S]                                               # (S, V)
+
+    # ---- CUDA graphs for one sequence's prompt ---------------------------------------------
+    # A prompt that runs alone (a chat user's first token; the latency workload) is a step of
+    # one sequence and a few dozen tokens. On GPT-2 XL the GPU needs about 2 ms for it, and the
+    # eager forward's ~600 launches took the host ~15 ms (the TTFT). So we also capture the eager
+    # forward of one sequence with T tokens, for each T in PREFILL_GRAPH_TOKENS, plus the logits
+    # of one row. A step of n <= T tokens fills the first n rows and pads the rest (slot -1: no
+    # cache write; attention gives those rows zeros, and nothing reads them); the row to sample
+    # from (n - 1) is a device tensor too, so the graph serves any n, any cached prefix before
+    # it (context_lens and query_start_loc are read on the device) and any block table.
+    PREFILL_GRAPH_TOKENS = [16, 32, 64, 128, 256, 512]
+
+    def capture_prefill_graphs(self) -> None:
+        """Capture PREFILL_GRAPH_TOKENS' graphs (after capture_cuda_graphs: they share its pool)."""
+        sizes = [T for T in self.PREFILL_GRAPH_TOKENS if T <= self.model_cfg.n_ctx]
+        if not sizes:
+            return
+        dev, T_max = self.device, sizes[-1]
+        b = self.prefill_bufs = dict(
+            input_ids=torch.zeros(T_max, dtype=torch.int64, device=dev),
+            positions=torch.zeros(T_max, dtype=torch.int64, device=dev),
+            slot_mapping=torch.full((T_max,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros(1, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+            context_lens=torch.ones(1, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=dev),
+            last_row=torch.zeros(1, dtype=torch.int64, device=dev),
+        )
+        self.prefill_logits: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            for T in reversed(sizes):
+                meta = AttentionMetadata(slot_mapping=b["slot_mapping"][:T], block_tables=b["block_tables"],
+                                         context_lens=b["context_lens"], query_start_loc=b["query_start_loc"],
+                                         max_query_len=T, max_context_len=self.model_cfg.n_ctx,
+                                         attention_window=self.cfg.attention_window)
+                fwd = lambda: self.model.compute_logits(   # noqa: E731
+                    self.model(b["input_ids"][:T], b["positions"][:T], self.kv_cache, meta).index_select(0, b["last_row"]))
+                fwd()                                   # warm-up: Triton compiles, cuBLAS picks kernels
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.graph_pool):
+                    self.prefill_logits[T] = fwd()                                        # (1, V)
+                self.prefill_graphs[T] = graph
+        torch.cuda.synchronize()
+
+    def _prefill_graph_size(self, inp: StepInputs) -> int | None:
+        """The smallest captured prompt graph that fits this step: one sequence that samples,
+        N tokens, no prompt logprobs."""
+        if not self.prefill_graphs or inp.meta.num_seqs != 1 or len(inp.sample_seqs) != 1 \
+                or inp.prompt_rows:
+            return None
+        N = inp.input_ids.shape[0]
+        return next((T for T in sorted(self.prefill_graphs) if T >= N), None)
+
+    def _replay_prefill(self, inp: StepInputs, T: int) -> torch.Tensor:
+        b, m, N = self.prefill_bufs, inp.meta, inp.input_ids.shape[0]
+        b["input_ids"][:N].copy_(inp.input_ids)
+        b["positions"][:N].copy_(inp.positions)
+        b["slot_mapping"][:N].copy_(m.slot_mapping)
+        b["slot_mapping"][N:T].fill_(-1)                 # padding rows write nothing
+        b["block_tables"][:, :m.block_tables.shape[1]].copy_(m.block_tables)
+        b["context_lens"].copy_(m.context_lens)
+        b["query_start_loc"].copy_(m.query_start_loc)
+        b["last_row"].fill_(inp.sample_rows[0])
+        self.prefill_graphs[T].replay()
+        return self.prefill_logits[T]                                                 # (1, V)

@@ -167,3 +167,35 @@ def test_gemv_linear_above_the_bound_is_cublas_on_cuda():
     small = big[:gemv.MAX_M]
     assert gemv.uses_kernel(small)
     torch.testing.assert_close(gemv.linear(small, w, b), F.linear(small, w, b), atol=2e-3, rtol=2e-3)
+
+
+def test_prompt_graphs_give_the_eager_engines_tokens_and_logprobs(tiny_ckpt):
+    """A prompt that runs alone replays a captured graph (runner.capture_prefill_graphs), padded
+    to the next captured size, also after a cached prefix; its tokens and logprobs equal an
+    eager engine's (fp32). Prompts longer than the largest graph, or with prompt logprobs,
+    run eagerly."""
+    kw = dict(device="cuda", dtype="float32", quiet=True, num_blocks=256)
+    graphs, eager = LLM(str(tiny_ckpt), **kw), LLM(str(tiny_ckpt), enforce_eager=True, **kw)
+    runner = graphs.engine.runner
+    assert runner.prefill_graphs, "prompt graphs should have been captured"
+    replays = []
+    real = runner._replay_prefill
+    runner._replay_prefill = lambda inp, T: replays.append((inp.input_ids.shape[0], T)) or real(inp, T)
+    rng = random.Random(7)
+    shared = [rng.randrange(50256) for _ in range(40)]
+    prompts = [[rng.randrange(50256) for _ in range(n)] for n in (2, 16, 17, 33, 90)]
+    prompts += [shared + [1, 2, 3], shared + [4, 5, 6, 7, 8]]     # the second finds 32 tokens cached
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    for prompt in prompts:                                         # one at a time: each prompt runs alone
+        a = graphs.generate([prompt], p, use_tqdm=False)[0].outputs[0]
+        b = eager.generate([prompt], p, use_tqdm=False)[0].outputs[0]
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert la.keys() == lb.keys()
+            assert all(abs(la[t] - lb[t]) < 1e-4 for t in la)
+    # Each prompt's tokens in its step: all of them, but for the last: 2 blocks of 16 were cached.
+    assert sorted(runner.prefill_graphs) == [16, 32, 64, 128]                 # sizes up to n_ctx = 128
+    assert [n for n, _ in replays] == [2, 16, 17, 33, 90, 43, 13]
+    assert [T for _, T in replays] == [16, 16, 32, 64, 128, 64, 16]
+    scored = graphs.generate([prompts[1]], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    assert len(scored[0].prompt_logprobs) == len(prompts[1]) and len(replays) == 7    # prompt logprobs: eager

@@ -12,9 +12,10 @@ through block tables, take their lengths from device tensors, and write the KV c
 So each one becomes a custom op (torch.library.custom_op), an opaque call in the compiled graph
 with a declared effect: `decode_attention` writes the step's K/V into the cache views it is
 given, which Inductor keeps in place (no copy of the pool), and returns its output as a new
-tensor. On CUDA one kernel does both (the K/V write rides in the attention kernel: one launch
-per layer less); elsewhere attention.py's reference does, so CPU tests exercise the same
-compiled graph. (`write_kv`, the write alone as an op, serves the CPU's compiled step.)
+tensor. On CUDA, for small batches (split-K decode), one kernel does both: the K/V write rides
+in the attention kernel, one launch per layer less (kernels.paged_attention's new_kv);
+elsewhere attention.py's reference does, so CPU tests exercise the same compiled graph.
+(`write_kv`, the write alone as an op, serves the CPU's compiled step.)
 
 The runner calls the compiled function only while capturing its decode CUDA graphs (one per
 batch size); replays never enter Python, so Inductor's wrapper costs nothing per step. Batch
@@ -67,8 +68,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      context_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                      window: int) -> torch.Tensor:
     """Write this step's K/V (S, H, D) into their slots, then attend from each sequence's one
-    query to its cached keys: (S, H, D) -> (S, H, D), a new tensor. On CUDA one kernel does
-    both (kernels.paged_attention's new_kv): one launch per layer less than write_kv + attention.
+    query to its cached keys: (S, H, D) -> (S, H, D), a new tensor. On CUDA, kernels.py
+    (whose split-K kernel does both in one launch, see paged_attention's new_kv).
     window: EngineConfig.attention_window, or 0 for none (a custom op takes no Optional int)."""
     # A decode step's metadata, rebuilt from tensors (a custom op takes no dataclasses). The
     # Triton kernel reads lengths on the device; the reference needs a host-side bound on the

@@ -5,12 +5,12 @@ Three kernels, each built around one idea, and a split variant of the second:
                      into its cache slot, or does nothing for a padding token (slot -1).
   _decode_kernel     one query per sequence: one program per (sequence, head) walks the
                      sequence's block table, a BLOCK_N-token tile at a time, with an online softmax.
-                     Given the step's K/V (new_kv, the fused decode step), it also does
-                     _write_kv_kernel's work for its token and reads that key from registers.
   _prefill_kernel    many queries per sequence (a prompt, or a chunk of one): flash attention over
                      the block table, one program per (sequence, head, BLOCK_M queries).
   _split_decode_kernel + _split_decode_reduce_kernel
                      split-K decode ("flash decoding"), for small batches on a big GPU: below.
+                     Given the step's K/V (new_kv, the fused decode step), the first kernel also
+                     does _write_kv_kernel's work for its token and reads that key from registers.
 
 They have the same semantics as attention.write_kv and attention.paged_attention, which the
 tests use as the oracle. A sliding window (meta.attention_window) is a runtime argument: each
@@ -253,9 +253,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                    qk_scale, num_seqs, num_tokens, window,
                    stride_qn, stride_qh, stride_on, stride_oh,
                    stride_cb, stride_cs, stride_ch, stride_bt,
-                   k_new_ptr, v_new_ptr, slot_ptr, stride_kn, stride_kh,
-                   D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   NEW_KV: tl.constexpr):
+                   D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Program (s, h) produces one (D,) output row: sequence s's single query against all of its
     # ctx keys for head h. The loop runs over device-side ctx in BLOCK_N-token tiles (several cache
     # blocks each), so one compiled kernel serves every context length.
@@ -264,8 +262,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     m_i, l_i, acc = _attend_partition(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
                                       query_start_loc_ptr, s, h, 0, 1, qk_scale, window,
                                       stride_qn, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-                                      k_new_ptr, v_new_ptr, slot_ptr, stride_kn, stride_kh,
-                                      D, BS, BLOCK_N, BLOCK_D, NEW_KV)
+                                      q_ptr, q_ptr, context_lens_ptr, 0, 0,       # no new_kv: never read
+                                      D, BS, BLOCK_N, BLOCK_D, False)
     out = acc / tl.where(l_i > 0, l_i, 1.0)                    # ctx == 0 gives zeros, not NaN
     q_row, d_io = _query_row(query_start_loc_ptr, s, D, BLOCK_D)
     d = tl.arange(0, BLOCK_D)
@@ -492,9 +490,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scale: usually 1/sqrt(D).
         num_partitions: decode steps only: split each query's keys into this many partitions
             (1: the one-pass kernel); None lets decode_partitions choose.
-        new_kv: decode steps only: this step's (k, v), (N, H, D) each, not yet in the cache.
-            The decode kernel stores them at meta.slot_mapping (as write_kv would) and attends
-            to them from registers: one launch instead of two.
+        new_kv: decode steps only: this step's (k, v), (N, H, D) each, not yet in the cache,
+            to be stored at meta.slot_mapping as write_kv would. Split-K decode does it inside
+            its first kernel and attends to them from registers (one launch less); the one-pass
+            kernel, measured faster without, runs write_kv first.
     Returns:
         (N, H, D) in q's dtype. Rows past query_start_loc[-1] (padding tokens) are zeros.
     """
@@ -529,12 +528,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_N = max(BS, 64 if BLOCK_D <= 64 else 32)
         P = num_partitions or decode_partitions(S, H, meta.max_context_len, meta.attention_window, BLOCK_N,
                                                 _num_sms(q.device))
+        if P == 1:
+            if new_kv is not None:
+                # The one-pass kernel is faster without the write in it: at GPT-2's batch 256
+                # (an H200) a step's attention took 1.27 ms with write_kv launched before it
+                # and 1.49 ms with the write inside (docs/bench/2026-11-30-h200-s4/new_kv_bench.py).
+                write_kv(*new_kv, k_cache, v_cache, meta.slot_mapping)
+            _decode_kernel[(S, H)](*args, D=D, BS=BS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=2)
+            return out
+        # Split-K takes the write (at XL's batch 1 it saved 0.65-1.9 us a layer, new_kv_bench.py).
         k_new, v_new = new_kv or (q, q)                  # without new_kv, never read
         args += (k_new, v_new, meta.slot_mapping, k_new.stride(0), k_new.stride(1))
         consts = dict(D=D, BS=BS, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, NEW_KV=new_kv is not None)
-        if P == 1:
-            _decode_kernel[(S, H)](*args, **consts, num_warps=2)
-            return out
         # Per-call scratch: inside a CUDA graph, the graph's memory pool holds it.
         part_max = torch.empty((S, H, P), dtype=torch.float32, device=q.device)     # (S, H, P)
         part_sum = torch.empty((S, H, P), dtype=torch.float32, device=q.device)     # (S, H, P)

@@ -114,9 +114,10 @@ def profile_decode(llm, prompts: list[list[int]], num_steps: int = 30) -> dict:
     return res
 
 
-def vllm_compare(ckpt: Path, prompts: list[list[int]], max_tokens: int, warm: list[list[int]]) -> dict:
-    """vLLM on the same checkpoint and prompts, one generate call (as ../shared/tools/vllm_compare.py
-    runs it), or why it could not run. vLLM is not a dependency: it is used only if importable."""
+def vllm_compare(ckpt: Path, workloads: list[tuple[list[list[int]], int]], warm: list[list[int]]) -> list[dict]:
+    """vLLM on the same checkpoint, for each (prompts, max_tokens) workload one generate call
+    (as ../shared/tools/vllm_compare.py runs it) on one engine, or why it could not run: one
+    dict per workload. vLLM is not a dependency: it is used only if importable."""
     # No usage reports from a benchmark; greedy decoding never uses FlashInfer's sampler, whose
     # start-up probe would import flashinfer (often not installed beside vLLM).
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
@@ -128,7 +129,8 @@ def vllm_compare(ckpt: Path, prompts: list[list[int]], max_tokens: int, warm: li
         print(f"vLLM: not run, `import vllm` failed here ({type(e).__name__}: {e}). DESIGN.md records vLLM 0.26.0 "
               "measured on one H200 on 2026-11-30: throughput 19,700-32,000 output tok/s, latency 1.77-2.97 "
               "ms/token (gpt2), 2.81-2.95 (gpt2-xl).")
-        return {"vllm_error": f"{type(e).__name__}: {e}"}
+        return [{"vllm_error": f"{type(e).__name__}: {e}"}] * len(workloads)
+    rows = []
     try:
         # Half the GPU is far more KV cache than these workloads use, and leaves room for
         # whatever this process still holds.
@@ -137,16 +139,19 @@ def vllm_compare(ckpt: Path, prompts: list[list[int]], max_tokens: int, warm: li
         sp = lambda n: VSamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)   # noqa: E731
         run = lambda ps, n: llm.generate([{"prompt_token_ids": p} for p in ps], sp(n), use_tqdm=False)     # noqa: E731
         run(warm, 16)
-        t0 = time.perf_counter()
-        outs = run(prompts, max_tokens)
-        wall = time.perf_counter() - t0
+        for prompts, max_tokens in workloads:
+            t0 = time.perf_counter()
+            outs = run(prompts, max_tokens)
+            wall = time.perf_counter() - t0
+            n = sum(len(o.outputs[0].token_ids) for o in outs)
+            rows.append({"vllm_version": vllm.__version__, "vllm_wall_s": wall, "vllm_output_tokens": n,
+                         "vllm_tok_s": n / wall})
     except Exception as e:     # record, do not hide, a baseline that failed to run
         print(f"vLLM {vllm.__version__}: failed ({type(e).__name__}: {e})")
-        return {"vllm_version": vllm.__version__, "vllm_error": f"{type(e).__name__}: {e}"}
-    n = sum(len(o.outputs[0].token_ids) for o in outs)
+        rows += [{"vllm_version": vllm.__version__, "vllm_error": f"{type(e).__name__}: {e}"}] * (len(workloads) - len(rows))
     llm = None                 # shut vLLM's engine down before whatever runs next
     gc.collect()
-    return {"vllm_version": vllm.__version__, "vllm_wall_s": wall, "vllm_output_tokens": n, "vllm_tok_s": n / wall}
+    return rows
 
 
 def _new_llm(args, ckpt: Path, **kw):
@@ -182,7 +187,7 @@ def bench_throughput(args, ckpt: Path) -> list[dict]:
             row["hf_error"] = f"{type(e).__name__}: {e}"
         print(json.dumps({k: v for k, v in row.items() if k.startswith(("hf", "ratio"))}, indent=1))
     if args.compare == "vllm":
-        row.update(vllm_compare(ckpt, prompts, olen, random_prompts(16, 32, 64, seed=1)))
+        row.update(vllm_compare(ckpt, [(prompts, olen)], random_prompts(16, 32, 64, seed=1))[0])
         if "vllm_tok_s" in row:
             row["ratio_vllm"] = ours["output_tok_s"] / row["vllm_tok_s"]
         print(json.dumps({k: v for k, v in row.items() if "vllm" in k}, indent=1))
@@ -211,7 +216,7 @@ def bench_latency(args, ckpt: Path) -> list[dict]:
                    ratio=theirs["wall_s"] / best["wall_s"])
         del hf
     if args.compare == "vllm":
-        theirs = vllm_compare(ckpt, prompt, olen, prompt)
+        theirs = vllm_compare(ckpt, [(prompt, olen)], prompt)[0]
         row.update(theirs)
         if "vllm_tok_s" in theirs:
             row.update(vllm_ms_per_token=1000 * theirs["vllm_wall_s"] / olen,
@@ -239,6 +244,18 @@ def bench_sweep(args, ckpt: Path) -> list[dict]:
             c = r["concurrency"]
             theirs = _hf_generate(hf, random_prompts(c, 128, 128, seed=c), olen)
             r.update(hf_tok_s=theirs["output_tok_s"], ratio=r["nanoserve_tok_s"] / theirs["output_tok_s"])
+        del hf
+    if args.compare == "vllm":
+        if not args.compare_hf:
+            del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+        workloads = [(random_prompts(r["concurrency"], 128, 128, seed=r["concurrency"]), olen) for r in rows]
+        for r, theirs in zip(rows, vllm_compare(ckpt, workloads, random_prompts(16, 32, 64, seed=1))):
+            r.update(theirs)
+            if "vllm_tok_s" in theirs:
+                r["ratio_vllm"] = r["nanoserve_tok_s"] / theirs["vllm_tok_s"]
+    print(json.dumps(rows, indent=1))
     _plot(rows, Path(args.out) / "throughput_vs_concurrency.png", args.model)
     return rows
 
@@ -256,6 +273,8 @@ def _plot(rows: list[dict], path: Path, model: str) -> None:
     ax.plot(c, [r["nanoserve_tok_s"] for r in rows], "o-", label="nanoserve")
     if "hf_tok_s" in rows[0]:
         ax.plot(c, [r["hf_tok_s"] for r in rows], "s--", label="HF transformers generate (padded)")
+    if "vllm_tok_s" in rows[0]:
+        ax.plot(c, [r["vllm_tok_s"] for r in rows], "^-.", label=f"vLLM {rows[0]['vllm_version']}")
     ax.set_xscale("log", base=2); ax.set_yscale("log")
     ax.set_xlabel("concurrent requests (128 in, 128 out)"); ax.set_ylabel("output tokens / s")
     ax.set_title(f"{model} fp16, {torch.cuda.get_device_name()}"); ax.grid(True, which="both", alpha=0.3)

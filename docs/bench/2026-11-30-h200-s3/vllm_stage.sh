@@ -12,7 +12,9 @@
 #       bash docs/bench/2026-11-30-h200-s3/vllm_stage.sh install          # -> /tmp/vsite, /tmp/vdeps
 #   then: PYTHONPATH=$PWD:/tmp/vsite:/tmp/vdeps python3 -m nanoserve bench throughput --device cuda --compare vllm
 set -euo pipefail
-STAGE=.stage/vllm2
+STAGE=${STAGE:-.stage/vllm2}   # STAGE=.stage/vllm: the recipe's own 4 chunks of 59 MiB, which fit a
+                               # call whose working tree is small (the fourth session moved weights/
+                               # out of it for the staging calls)
 host() {   # needs ../shared/tools/vllm-on-device.sh host to have made /tmp/vllm.tar.xz and .stage/vllm/c*/deps
   [ -f /tmp/vllm.tar.xz ] || bash ../shared/tools/vllm-on-device.sh host
   rm -rf $STAGE /tmp/vparts.* && mkdir -p $STAGE && split -b 28M -d -a 1 /tmp/vllm.tar.xz /tmp/vparts.
@@ -26,7 +28,8 @@ append() { mkdir -p /tmp/stage && cp -r $STAGE/$1/. /tmp/stage/ && du -sh /tmp/s
 install() {
   (cd /tmp/stage && cat vllm.tar.xz.? > /tmp/vllm.tar.xz) && (cd /tmp && sha256sum -c /tmp/stage/vllm.tar.xz.sha256)
   rm -rf /tmp/vsite /tmp/vdeps && mkdir -p /tmp/vsite
-  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open('/tmp/vllm.tar.xz'), sys.stdout.buffer)" | tar -C /tmp/vsite -xf -
+  if command -v xz >/dev/null; then xz -dc -T0 /tmp/vllm.tar.xz | tar -C /tmp/vsite -xf -
+  else python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open('/tmp/vllm.tar.xz'), sys.stdout.buffer)" | tar -C /tmp/vsite -xf -; fi
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vdeps /tmp/stage/deps/*.whl
   PYTHONPATH=/tmp/vsite:/tmp/vdeps python3 -c "import vllm; print('import vllm', vllm.__version__)"
 }

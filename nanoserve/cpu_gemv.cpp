@@ -119,16 +119,28 @@ void check(const at::Tensor& x, const at::Tensor& wp, int64_t O, int64_t G, at::
               "gemv: bias must be a contiguous float32 (O,) tensor");
 }
 
-// y (1, O) float32 = acc + bias, for fp32 and bf16.
+// 16 floats rounded to bf16 as torch rounds them (to nearest, ties to even; NaN -> 0x7FC0), so
+// that a bf16 result is the fp32 one passed through .bfloat16(), bit for bit.
+__m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// y (1, O) = acc + bias, summed in fp32, for fp32 and bf16 weights; stored as `out` (float32,
+// or bfloat16 rounded once here: a separate .to() cost a few us a call, 49 calls a step).
 template <typename T>
 at::Tensor float_gemv(const typename T::X* x, const at::Tensor& wp, int64_t O, const c10::optional<at::Tensor>& b,
-                      const at::TensorOptions& opts) {
-  at::Tensor y = at::empty({1, O}, opts.dtype(at::kFloat));
+                      const at::TensorOptions& opts, at::ScalarType out) {
+  at::Tensor y = at::empty({1, O}, opts.dtype(out));
   const float* bias = b.has_value() ? b->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
+  void* yp = y.data_ptr();
   blocks<T>(x, reinterpret_cast<const typename T::W*>(wp.data_ptr()), wp.size(1), O, [&](int64_t o, __mmask16 m, __m512 acc) {
     if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, bias + o));
-    _mm512_mask_storeu_ps(yp + o, m, acc);
+    if (out == at::kBFloat16) _mm256_mask_storeu_epi16(static_cast<uint16_t*>(yp) + o, m, to_bf16(acc));
+    else _mm512_mask_storeu_ps(static_cast<float*>(yp) + o, m, acc);
   });
   return y;
 }
@@ -137,7 +149,7 @@ at::Tensor gemv_fp32(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, co
   check(x_in, wp, O, 1, at::kFloat, b);
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "gemv_fp32: x must be float32");
   const at::Tensor x = x_in.contiguous();
-  return float_gemv<Fp32>(x.data_ptr<float>(), wp, O, b, x.options());
+  return float_gemv<Fp32>(x.data_ptr<float>(), wp, O, b, x.options(), at::kFloat);
 }
 
 at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, const c10::optional<at::Tensor>& b) {
@@ -157,8 +169,7 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, co
       _mm256_mask_storeu_epi16(&xb[k], m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, xf + k)));
     }
   }
-  const at::Tensor y = float_gemv<Bf16>(reinterpret_cast<const int32_t*>(xb.data()), wp, O, b, x.options());
-  return y.to(x_in.scalar_type());
+  return float_gemv<Bf16>(reinterpret_cast<const int32_t*>(xb.data()), wp, O, b, x.options(), x_in.scalar_type());
 }
 
 at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, const at::Tensor& scale,
@@ -191,6 +202,31 @@ at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, co
   return y.to(x_in.scalar_type());
 }
 
+// One token's K and V, (1, H, D) each, into its slot of the (NB, BS, H, D) caches (any strides
+// but the last): what attention.write_kv does for one token, as H row copies. The compiled
+// one-token step (fused.py) calls it once per layer; through Python it cost ~40 us a call.
+void write_kv_one(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
+                  const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k.dim() == 3 && k.size(0) == 1 && v.sizes() == k.sizes() && v.strides() == k.strides() &&
+              k.stride(2) == 1 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+              k_cache.strides() == v_cache.strides() && k_cache.stride(3) == 1 && k_cache.size(2) == k.size(1) &&
+              k_cache.size(3) == k.size(2) && k.scalar_type() == k_cache.scalar_type() &&
+              v.scalar_type() == k.scalar_type() && v_cache.scalar_type() == k.scalar_type(),
+              "write_kv_one: k, v (1, H, D) and caches (NB, BS, H, D) of one dtype, last dims contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() >= 1, "write_kv_one: int64 slots");
+  const int64_t slot = slot_mapping.data_ptr<int64_t>()[0];
+  if (slot < 0) return;                                   // a padding token: nothing to write
+  const int64_t BS = k_cache.size(1), H = k.size(1), es = k.element_size(), row = k.size(2) * es;
+  TORCH_CHECK(slot < k_cache.size(0) * BS, "write_kv_one: slot ", slot, " is outside the pool");
+  const int64_t base = (slot / BS) * k_cache.stride(0) + (slot % BS) * k_cache.stride(1);
+  for (int64_t h = 0; h < H; ++h) {
+    std::memcpy(static_cast<char*>(k_cache.data_ptr()) + (base + h * k_cache.stride(2)) * es,
+                static_cast<const char*>(k.data_ptr()) + h * k.stride(1) * es, row);
+    std::memcpy(static_cast<char*>(v_cache.data_ptr()) + (base + h * v_cache.stride(2)) * es,
+                static_cast<const char*>(v.data_ptr()) + h * v.stride(1) * es, row);
+  }
+}
+
 }  // namespace
 
 // Registered as torch ops (torch.ops.nanoserve_cpu.*) so that torch.compile keeps them as
@@ -199,10 +235,12 @@ TORCH_LIBRARY(nanoserve_cpu, m) {
   m.def("gemv_fp32(Tensor x, Tensor w, int O, Tensor? b) -> Tensor");
   m.def("gemv_bf16(Tensor x, Tensor w, int O, Tensor? b) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, int O, Tensor scale, Tensor rowsum, Tensor? b) -> Tensor");
+  m.def("write_kv_one(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nanoserve_cpu, CPU, m) {
   m.impl("gemv_fp32", gemv_fp32);
   m.impl("gemv_bf16", gemv_bf16);
   m.impl("gemv_int8", gemv_int8);
+  m.impl("write_kv_one", write_kv_one);
 }

@@ -22,7 +22,8 @@ linears keep oneDNN. NANOSERVE_CPU_GEMV=0 turns it off, for A/B measurements.
 
 The ops are torch ops (torch.ops.nanoserve_cpu.gemv_fp32 / _bf16 / _int8), so a
 torch.compile'd decode step (fused.py) keeps them as opaque calls; the fake kernels below give
-Inductor their output shapes.
+Inductor their output shapes. A fourth, write_kv_one, stores one token's K/V in the cache for
+that step (the same copies as attention.write_kv, without a trip through Python).
 
 References: llama.cpp ggml-cpu (ggml_vec_dot_bf16, ggml_vec_dot_q8_0_q8_0); Intel's intrinsics
 guide for _mm512_dpbf16_ps and _mm512_dpbusd_epi32; Williams et al., "Roofline" (2009).
@@ -94,6 +95,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], out_features)
     for name in ("gemv_fp32", "gemv_bf16", "gemv_int8"):
         torch.library.register_fake(f"nanoserve_cpu::{name}", fake)
+    torch.library.register_fake("nanoserve_cpu::write_kv_one", lambda k, v, k_cache, v_cache, slot_mapping: None)
 
 
 def int8_row_sums(q: torch.Tensor) -> torch.Tensor:

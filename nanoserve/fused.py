@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import attention, cpu_attention, kernels
+from . import attention, cpu_attention, cpu_gemv, kernels
 from .attention import AttentionMetadata
 from .config import cdiv
 from .model import GPT2
@@ -139,11 +139,22 @@ def compile_decode(model: GPT2) -> DecodeFn:
 # graphs on a CPU: Inductor's Python wrapper runs every step, behind TorchDynamo's guards.
 #
 # With freezing, Inductor treats the weights as constants, which lets oneDNN's packed bf16 and
-# int8 weights (linear.py) stay in the graph as its own mkldnn ops. The K/V write stays the
-# write_kv custom op above: written as an index assignment in the graph (gpt-fast's way), it
-# compiled to a copy of each layer's whole K and V pool per step (our pool is head-major).
+# int8 weights (linear.py) stay in the graph as its own mkldnn ops. The K/V write stays an
+# opaque op (cpu_gemv's C++ write_kv_one where it is built, else the write_kv op above): written
+# as an index assignment in the graph (gpt-fast's way), it compiled to a copy of each layer's
+# whole K and V pool per step (our pool is head-major).
 # Only one-sequence steps take this path: batched steps already share each op's cost among
 # their sequences, and the eager oneDNN kernels are the faster ones there.
+
+def _cpu_write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """The step's one K/V row into the cache: cpu_gemv's C++ op where it is built (the write_kv
+    op above runs attention.write_kv through Python, ~40 us a layer), else that op."""
+    if cpu_gemv.is_available():
+        torch.ops.nanoserve_cpu.write_kv_one(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        write_kv(k, v, k_cache, v_cache, slot_mapping)
+
 
 def _cpu_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                    scale: float) -> torch.Tensor:
@@ -165,7 +176,7 @@ def compile_cpu_decode(model: GPT2) -> DecodeFn:
         # Only the fields the two functions above read; the rest are fixed for a decode step.
         meta = AttentionMetadata(slot_mapping, blocks, context_lens, query_start_loc=context_lens,
                                  max_query_len=1, max_context_len=0)
-        hidden = model(input_ids, positions, kv_cache, meta, attn_fn=_cpu_attention, write_fn=write_kv)
+        hidden = model(input_ids, positions, kv_cache, meta, attn_fn=_cpu_attention, write_fn=_cpu_write_kv)
         return model.compute_logits(hidden)                                             # (1, V)
 
     torch.compiler.reset()      # as compile_decode: each engine compiles its own weights

@@ -147,3 +147,25 @@ def test_a_failed_build_warns_once_and_falls_back_to_onednn(monkeypatch):
     assert len(record) == 1
     _, w, b = _case(37, 50, True)
     assert PackedLinear(w, b).gemv_weight is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slot", [0, 21, 39, -1])
+def test_write_kv_one_writes_exactly_what_write_kv_writes(dtype, slot):
+    """write_kv_one (the compiled CPU step's K/V write) stores one token's K/V rows, taken as
+    strided views of a fused qkv row, into the head-major pool exactly as attention.write_kv
+    does; slot -1 (padding) writes nothing; every other slot keeps its value."""
+    from nanoserve.attention import write_kv
+    assert cpu_gemv.is_available()
+    NB, BS, H, D = 5, 8, 3, 16
+    g = torch.Generator().manual_seed(slot + 2)
+    qkv = torch.randn(1, 3, H, D, generator=g).to(dtype)
+    k, v = qkv[:, 1], qkv[:, 2]                                   # (1, H, D) views, as model.py makes them
+    pool = torch.randn(2, NB, H, BS, D, generator=g).to(dtype).transpose(2, 3)   # (2, NB, BS, H, D) head-major
+    want = pool.clone()
+    slots = torch.tensor([slot])
+    write_kv(k, v, want[0], want[1], slots)
+    torch.ops.nanoserve_cpu.write_kv_one(k, v, pool[0], pool[1], slots)
+    assert torch.equal(pool, want)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        torch.ops.nanoserve_cpu.write_kv_one(k, v, pool[0], pool[1], torch.tensor([NB * BS]))

@@ -4,7 +4,7 @@ GPT-2 124M shapes, random weights: where a batch-1 step goes outside the product
     PYTHONPATH=$PWD OMP_NUM_THREADS=2 python docs/bench/2026-11-30-cpu-gemv/step_profile.py bfloat16 none
     (or: float32 int8)
 """
-import os, sys, time, torch
+import sys, time, torch
 from pathlib import Path
 from nanoserve.bench import checkpoint_for, random_prompts, run_nanoserve
 from nanoserve.llm import LLM

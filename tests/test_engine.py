@@ -746,3 +746,31 @@ def test_skip_special_tokens_false_shows_generated_eos_but_not_the_one_that_stop
     assert text(ignore_eos=True, skip_special_tokens=False) == ("<|endoftext|>" * 3, "length", [eos] * 3)
     assert text(ignore_eos=True) == ("", "length", [eos] * 3)
     assert text(skip_special_tokens=False) == ("", "stop", [eos])
+
+
+def test_prompt_graph_is_chosen_only_for_one_sampling_sequence_that_fits(tiny_llm, monkeypatch):
+    """The runner replays a prompt graph (captured on CUDA only) for a step of one sequence that
+    samples, has no prompt logprobs and fits a captured size, the smallest that fits; any other
+    step runs eagerly. The choice is host logic, so it is checked here with stand-in graphs."""
+    from nanoserve.attention import AttentionMetadata
+    from nanoserve.runner import StepInputs
+    runner = tiny_llm.engine.runner
+    seq = object()
+
+    def step(n_tokens: int, n_seqs: int = 1, samples: bool = True, prompt_rows: bool = False) -> StepInputs:
+        meta = AttentionMetadata(slot_mapping=torch.zeros(n_tokens, dtype=torch.int64),
+                                 block_tables=torch.zeros(n_seqs, 1, dtype=torch.int32),
+                                 context_lens=torch.ones(n_seqs, dtype=torch.int32),
+                                 query_start_loc=torch.zeros(n_seqs + 1, dtype=torch.int32),
+                                 max_query_len=n_tokens, max_context_len=n_tokens)
+        return StepInputs(torch.zeros(n_tokens, dtype=torch.int64), torch.zeros(n_tokens, dtype=torch.int64), meta,
+                          sample_rows=[n_tokens - 1] if samples else [], sample_seqs=[seq] if samples else [],
+                          prompt_rows=[0] if prompt_rows else [])
+
+    assert runner._prefill_graph_size(step(5)) is None                 # a CPU engine captures none
+    monkeypatch.setattr(runner, "prefill_graphs", {32: "graph32", 16: "graph16"})
+    assert [runner._prefill_graph_size(step(n)) for n in (1, 5, 16, 17, 32)] == [16, 16, 16, 32, 32]
+    assert runner._prefill_graph_size(step(33)) is None                # larger than every graph
+    assert runner._prefill_graph_size(step(8, n_seqs=2)) is None       # two sequences
+    assert runner._prefill_graph_size(step(8, samples=False)) is None  # a chunk that ends no prompt
+    assert runner._prefill_graph_size(step(8, prompt_rows=True)) is None   # prompt logprobs: eager

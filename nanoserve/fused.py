@@ -15,7 +15,8 @@ given, which Inductor keeps in place (no copy of the pool), and returns its outp
 tensor. On CUDA, for small batches (split-K decode), one kernel does both: the K/V write rides
 in the attention kernel, one launch per layer less (kernels.paged_attention's new_kv);
 elsewhere attention.py's reference does, so CPU tests exercise the same compiled graph.
-(`write_kv`, the write alone as an op, serves the CPU's compiled step.)
+(`write_kv`, the write alone as an op, serves the CPU's compiled step where cpu_gemv.py's C++
+write is not built.)
 
 The runner calls the compiled function only while capturing its decode CUDA graphs (one per
 batch size); replays never enter Python, so Inductor's wrapper costs nothing per step. Batch

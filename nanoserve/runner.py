@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -114,6 +114,11 @@ def _upload(parts: list, dtype: torch.dtype, device: torch.device) -> list[torch
         host[a:a + len(p)] = p
     dev = to_device(torch.from_numpy(host), dtype, device)
     return [dev[a:a + len(p)] for p, a in zip(parts, starts)]
+
+
+def _smallest_fit(sizes: list[int], n: int) -> int | None:
+    """The smallest of the sorted captured sizes that holds n, or None."""
+    return next((size for size in sizes if size >= n), None)
 
 
 class ModelRunner:
@@ -350,13 +355,8 @@ class ModelRunner:
                                          context_lens=b["context_lens"][:g], query_start_loc=b["query_start_loc"][:g + 1],
                                          max_query_len=1, max_context_len=self.model_cfg.n_ctx,
                                          attention_window=self.cfg.attention_window)
-                fwd = lambda: decode(b["input_ids"][:g], b["positions"][:g], self.kv_cache, meta)   # noqa: E731
-                fwd()                           # warm-up: Triton compiles, cuBLAS picks kernels
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.graph_pool):
-                    self.graph_logits[g] = fwd()                                          # (g, V)
-                self.graphs[g] = graph
+                self.graphs[g], self.graph_logits[g] = self._capture(                   # logits (g, V)
+                    lambda: decode(b["input_ids"][:g], b["positions"][:g], self.kv_cache, meta))
         torch.cuda.synchronize()
         self.graph_sizes = sorted(self.graphs)
         import logging
@@ -364,15 +364,22 @@ class ModelRunner:
                                             len(sizes), sizes, "fused" if self.decode_logits else "eager",
                                             time.perf_counter() - t0)
 
+    def _capture(self, fwd: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Run fwd once (warm-up: Triton compiles, cuBLAS picks kernels), then capture it into a
+        graph in the shared pool: the graph and the output tensor its replays overwrite."""
+        fwd()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            out = fwd()
+        return graph, out
+
     def _graph_size(self, inp: StepInputs) -> int | None:
         """The smallest captured batch size that fits this step, if it is a pure decode step."""
         S = len(inp.sample_seqs)
         if not self.graphs or not inp.meta.is_decode or inp.prompt_rows or S != inp.meta.num_seqs:
             return None
-        for g in self.graph_sizes:
-            if g >= S:
-                return g
-        return None
+        return _smallest_fit(self.graph_sizes, S)
 
     def _replay(self, inp: StepInputs, g: int) -> torch.Tensor:
         b, m, S = self.graph_bufs, inp.meta, inp.meta.num_seqs
@@ -421,14 +428,9 @@ class ModelRunner:
                                          context_lens=b["context_lens"], query_start_loc=b["query_start_loc"],
                                          max_query_len=T, max_context_len=self.model_cfg.n_ctx,
                                          attention_window=self.cfg.attention_window)
-                fwd = lambda: self.model.compute_logits(   # noqa: E731
-                    self.model(b["input_ids"][:T], b["positions"][:T], self.kv_cache, meta).index_select(0, b["last_row"]))
-                fwd()                                   # warm-up: Triton compiles, cuBLAS picks kernels
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.graph_pool):
-                    self.prefill_logits[T] = fwd()                                        # (1, V)
-                self.prefill_graphs[T] = graph
+                self.prefill_graphs[T], self.prefill_logits[T] = self._capture(         # logits (1, V)
+                    lambda: self.model.compute_logits(self.model(b["input_ids"][:T], b["positions"][:T], self.kv_cache,
+                                                                 meta).index_select(0, b["last_row"])))
         torch.cuda.synchronize()
 
     def _prefill_graph_size(self, inp: StepInputs) -> int | None:
@@ -437,8 +439,7 @@ class ModelRunner:
         if not self.prefill_graphs or inp.meta.num_seqs != 1 or len(inp.sample_seqs) != 1 \
                 or inp.prompt_rows:
             return None
-        N = inp.input_ids.shape[0]
-        return next((T for T in sorted(self.prefill_graphs) if T >= N), None)
+        return _smallest_fit(sorted(self.prefill_graphs), inp.input_ids.shape[0])
 
     def _replay_prefill(self, inp: StepInputs, T: int) -> torch.Tensor:
         b, m, N = self.prefill_bufs, inp.meta, inp.input_ids.shape[0]

@@ -48,10 +48,13 @@ def generate_side_by_side(llms: list[LLM]) -> list[tuple[list[int], list[float],
 # %% [markdown]
 # Two engines over the same weights; the second forgets every K/V after each step. Each pool
 # holds 64 blocks x 16 tokens = n_ctx. One short warm-up run each, so that the first timed
-# step does not pay for memory allocation.
+# step does not pay for memory allocation. Both run model.py for every step (fused_decode=False):
+# on a CPU with AVX-512, an engine otherwise decodes one sequence in C++ (cpu_step.cpp, the
+# same arithmetic), which the hook on model.py's forward would not see.
 
 # %%
-cached = LLM(str(MODEL_DIR), device="cpu", quiet=True, num_blocks=64, enable_prefix_caching=False)
+cached = LLM(str(MODEL_DIR), device="cpu", quiet=True, num_blocks=64, enable_prefix_caching=False,
+             fused_decode=False)
 recompute = LLM(str(MODEL_DIR), device="cpu", quiet=True, num_blocks=64, enable_kv_cache=False)
 for llm in (cached, recompute):
     llm.generate(PROMPT, SamplingParams(max_tokens=8))

@@ -31,9 +31,9 @@
 // so int32 is exact for K < 66,000.
 //
 // O = out features   K = in features   G = inputs per lane per instruction   KG = ceil(K / G)
-#include <torch/extension.h>
+#include "cpu_gemv.h"
+
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -119,6 +119,10 @@ void check(const at::Tensor& x, const at::Tensor& wp, int64_t O, int64_t G, at::
               "gemv: bias must be a contiguous float32 (O,) tensor");
 }
 
+}  // namespace
+
+namespace nanoserve_cpu {
+
 // 16 floats rounded to bf16 as torch rounds them (to nearest, ties to even; NaN -> 0x7FC0), so
 // that a bf16 result is the fp32 one passed through .bfloat16(), bit for bit.
 __m256i to_bf16(__m512 v) {
@@ -131,6 +135,7 @@ __m256i to_bf16(__m512 v) {
 
 // y (1, O) = acc + bias, summed in fp32, for fp32 and bf16 weights; stored as `out` (float32,
 // or bfloat16 rounded once here: a separate .to() cost a few us a call, 49 calls a step).
+namespace {
 template <typename T>
 at::Tensor float_gemv(const typename T::X* x, const at::Tensor& wp, int64_t O, const c10::optional<at::Tensor>& b,
                       const at::TensorOptions& opts, at::ScalarType out) {
@@ -144,6 +149,7 @@ at::Tensor float_gemv(const typename T::X* x, const at::Tensor& wp, int64_t O, c
   });
   return y;
 }
+}  // namespace
 
 at::Tensor gemv_fp32(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, const c10::optional<at::Tensor>& b) {
   check(x_in, wp, O, 1, at::kFloat, b);
@@ -227,7 +233,7 @@ void write_kv_one(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, 
   }
 }
 
-}  // namespace
+}  // namespace nanoserve_cpu
 
 // Registered as torch ops (torch.ops.nanoserve_cpu.*) so that torch.compile keeps them as
 // opaque calls; cpu_gemv.py gives them their shape functions ("fake" kernels).
@@ -239,8 +245,8 @@ TORCH_LIBRARY(nanoserve_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(nanoserve_cpu, CPU, m) {
-  m.impl("gemv_fp32", gemv_fp32);
-  m.impl("gemv_bf16", gemv_bf16);
-  m.impl("gemv_int8", gemv_int8);
-  m.impl("write_kv_one", write_kv_one);
+  m.impl("gemv_fp32", nanoserve_cpu::gemv_fp32);
+  m.impl("gemv_bf16", nanoserve_cpu::gemv_bf16);
+  m.impl("gemv_int8", nanoserve_cpu::gemv_int8);
+  m.impl("write_kv_one", nanoserve_cpu::write_kv_one);
 }

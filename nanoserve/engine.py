@@ -158,7 +158,7 @@ class LLMEngine:
 
     def _set_up_decode(self) -> None:
         """The decode fast path: CUDA graphs (of the fused step, with gemv.py's linears) on CUDA,
-        or the compiled one-sequence step on a CPU with fused_decode=True; a clear error where
+        or the one-sequence step on a CPU (cpu_step.py, or fused.py's compiled one); a clear error where
         an option asked for one that cannot run here."""
         # CUDA graphs need kernels that never synchronise with the host: the Triton ones.
         cfg = self.config
@@ -176,14 +176,19 @@ class LLMEngine:
                 from .gemv import use_gemv_linears
                 use_gemv_linears(self.model)
             self._capture_graphs()
-        elif self._use_cpu_decode():
-            from .fused import compile_cpu_decode
-            self.runner.cpu_decode = compile_cpu_decode(self.model)   # compiles on its first step
+        elif self.device.type == "cpu" and cfg.fused_decode is not False and not cfg.enforce_eager:
+            from . import cpu_step
+            if cpu_step.supports(self.model):     # one C++ call a step, nothing to compile: on by default
+                self.runner.cpu_decode = cpu_step.build(self.model)
+            elif self._use_cpu_decode():
+                from .fused import compile_cpu_decode
+                self.runner.cpu_decode = compile_cpu_decode(self.model)   # compiles on its first step
 
     def _use_cpu_decode(self) -> bool:
-        """Whether one-sequence decode steps run fused.compile_cpu_decode: on a CPU with
-        fused_decode=True only. Off by default: it compiles for 13-84 s on first use, in every
-        process whose Inductor cache is cold (BENCHMARKS.md, issue 12, has its speed)."""
+        """Whether one-sequence decode steps may run a fused step on a CPU: cpu_step.py's C++
+        step where cpu_gemv runs (also by default), else fused.compile_cpu_decode. The compiled
+        one only with fused_decode=True: it compiles for 13-84 s on first use, in every process
+        whose Inductor cache is cold (BENCHMARKS.md, issue 12, has its speed)."""
         return self.device.type == "cpu" and bool(self.config.fused_decode) and not self.config.enforce_eager
 
     def _capture_graphs(self) -> None:

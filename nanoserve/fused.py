@@ -24,11 +24,13 @@ size is a dynamic dimension: one compilation serves every graph size but 1, whic
 always specialises (a second, short compilation).
 
 On a CPU (compile_cpu_decode, below, with `EngineConfig(fused_decode=True)`) the same forward
-is compiled for steps that decode one sequence, the case where per-op costs dominate there.
+is compiled for steps that decode one sequence, the case where per-op costs dominate there,
+where cpu_step.py's C++ step (faster, nothing to compile) cannot run: a CPU without AVX-512
+BF16 and VNNI, or no C++ compiler.
 
 The eager path (model.py + kernels.py, no compiler) stays the reference: it runs prefill,
 every step with enforce_eager, and `EngineConfig(fused_decode=False)`; on a CPU also batched
-decode steps, and everything unless fused_decode=True.
+decode steps, and every step where neither CPU step (C++ or compiled) runs.
 
 S = sequences (= tokens: one each)   H = n_head   D = head_dim   V = vocab_size
 NB = KV blocks in pool   BS = tokens per block   MB = max blocks per sequence

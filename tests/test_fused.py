@@ -18,7 +18,7 @@ import torch
 from nanoserve import LLM, SamplingParams
 from nanoserve.attention import AttentionMetadata
 from nanoserve.config import GPT2Config
-from nanoserve.fused import compile_decode
+from nanoserve.fused import compile_cpu_decode, compile_decode
 from nanoserve.model import GPT2
 from nanoserve.weights import load_state_dict
 
@@ -111,12 +111,18 @@ _ENGINES: dict[str, LLM] = {}
 
 
 def _fused_engine(ckpt, mode: str) -> LLM:
-    """An engine with fused_decode=True in `mode`, one per mode for this file: each compiles its
-    step once, on first use (seconds), and keeps it."""
+    """An engine whose one-sequence steps run compile_cpu_decode in `mode`, one per mode for this
+    file: each compiles its step once, on first use (seconds), and keeps it. (fused_decode=True
+    picks cpu_step.py's C++ step instead where cpu_gemv runs: tests/test_cpu_step.py.)"""
     if mode not in _ENGINES:
-        _ENGINES[mode] = LLM(str(ckpt), device="cpu", quiet=True, enable_prefix_caching=False, fused_decode=True,
-                             num_blocks=16, **MODES[mode])
+        _ENGINES[mode] = _compiled_engine(ckpt, **MODES[mode])
     return _ENGINES[mode]
+
+
+def _compiled_engine(ckpt, **kw) -> LLM:
+    llm = LLM(str(ckpt), device="cpu", quiet=True, enable_prefix_caching=False, fused_decode=True, num_blocks=16, **kw)
+    llm.engine.runner.cpu_decode = compile_cpu_decode(llm.engine.model)
+    return llm
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -176,7 +182,7 @@ def test_cpu_fused_engines_with_different_weights_each_decode_with_their_own(tin
     other_ckpt = save_checkpoint(make_hf_model(seed=5), tmp_path / "other", layout="hub")
     other_eager = LLM(str(other_ckpt), device="cpu", quiet=True)
     first = _fused_engine(tiny_ckpt, "float32")
-    other = LLM(str(other_ckpt), device="cpu", quiet=True, num_blocks=16, fused_decode=True)
+    other = _compiled_engine(other_ckpt)
     [(other_tokens, _)] = _greedy(other, [PROMPT], 12)
     [(first_tokens, _)] = _greedy(first, [PROMPT], 12)
     assert other_tokens == _greedy(other_eager, [PROMPT], 12)[0][0]

@@ -1,0 +1,254 @@
+// One token through GPT-2 on the CPU, in C++: model.py's forward and compute_logits for a
+// decode step of one sequence, as one call from Python. cpu_step.py builds it and says when
+// the engine uses it.
+//
+// Why it exists. At batch 1 a CPU decode step is 49 matrix-vector products (cpu_gemv.cpp;
+// for GPT-2 124M in int8, ~4 ms of reading weights) and ~250 small operations between them:
+// layer norms, residual adds, GELU, the K/V write, attention over ~100 cached tokens. From
+// Python each small operation costs microseconds of dispatch whatever its size; compiled by
+// torch.compile (fused.py) they still cost ~1.5 ms a step (Inductor's Python wrapper, one
+// OpenMP region per fused kernel, TorchDynamo's guards), a third of the products. Here they are
+// plain loops over a few hundred floats between the products, and Python makes one call a
+// step: the shape of llama.cpp's and llama2.c's decode loops.
+//
+// The arithmetic is model.py's, step for step (the comments name its lines), with one
+// difference: activations stay float32 whatever the weights' dtype. cpu_gemv rounds (bf16) or
+// quantizes (int8) each product's input itself, as llama.cpp does; K and V are stored in the
+// cache's dtype, rounded as torch rounds. tests/test_cpu_step.py compares the two.
+//
+// C = n_embd  H = n_head  D = head_dim  L = n_layer  NB = blocks in pool  BS = tokens per block
+// ctx = tokens of context, this one included
+#include "cpu_gemv.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/custom_class.h>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using c10::BFloat16;
+
+// One linear layer as cpu_gemv packs it. bias, scale and rowsum are undefined when absent
+// (scale and rowsum belong to int8 weights).
+struct Linear {
+  Tensor wp, bias, scale, rowsum;
+  int64_t O = 0;
+
+  Tensor operator()(const Tensor& x) const {                  // (1, K) float32 -> (1, O) float32
+    const c10::optional<Tensor> b = bias.defined() ? c10::optional<Tensor>(bias) : c10::nullopt;
+    switch (wp.scalar_type()) {
+      case at::kChar: return nanoserve_cpu::gemv_int8(x, wp, O, scale, rowsum, b);
+      case at::kBFloat16: return nanoserve_cpu::gemv_bf16(x, wp, O, b);
+      default: return nanoserve_cpu::gemv_fp32(x, wp, O, b);
+    }
+  }
+};
+
+struct Layer {
+  Tensor ln_1_w, ln_1_b, ln_2_w, ln_2_b;                      // (C,) float32 copies
+  Linear c_attn, attn_proj, c_fc, mlp_proj;
+};
+
+// nn.LayerNorm over C floats: y = (x - mean) / sqrt(var + eps) * w + b (sums in double).
+void layer_norm(const float* x, const Tensor& w, const Tensor& b, double eps, int64_t C, float* y) {
+  double mean = 0, var = 0;
+  for (int64_t c = 0; c < C; ++c) mean += x[c];
+  mean /= C;
+  for (int64_t c = 0; c < C; ++c) var += (x[c] - mean) * (x[c] - mean);
+  const double inv = 1.0 / std::sqrt(var / C + eps);
+  const float *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) y[c] = static_cast<float>((x[c] - mean) * inv) * wp[c] + bp[c];
+}
+
+// 16 cached values (fewer under mask m) as floats: float32 as they are, bf16 widened.
+__m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+__m512 load16(const BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+__mmask16 lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+
+// Where token t of the context lies in one layer's K (or V) cache, in elements: the paged
+// layout (attention.py), block table -> block -> row of the block -> head.
+struct CacheView {
+  int64_t s_block, s_token, s_head, BS;
+  const std::vector<int64_t>& blocks;                          // this sequence's block table
+  int64_t at(int64_t t, int64_t h) const { return blocks[t / BS] * s_block + (t % BS) * s_token + h * s_head; }
+};
+
+// attention.paged_attention for one query: out[h] = softmax(q[h] . K[h]^T * scale) V[h] over
+// the ctx cached tokens (this step's K/V already written), heads split between threads.
+template <typename E>
+void attend(const float* q, const E* k, const E* v, const CacheView& cv, int64_t ctx, int64_t H, int64_t D,
+            float scale, float* out) {
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(ctx);                                 // scores, then probabilities
+    std::vector<__m512> acc((D + 15) / 16);
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* qh = q + h * D;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < ctx; ++t) {                      // scores: q . k_t
+        const E* kt = k + cv.at(t, h);
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16)
+          s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes(D - d), qh + d), load16(kt + d, lanes(D - d)), s);
+        p[t] = _mm512_reduce_add_ps(s) * scale;
+        top = std::max(top, p[t]);
+      }
+      float sum = 0;                                           // softmax, less its max for range
+      for (int64_t t = 0; t < ctx; ++t) sum += (p[t] = std::exp(p[t] - top));
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int64_t t = 0; t < ctx; ++t) {                      // weighted sum of the values
+        const E* vt = v + cv.at(t, h);
+        const __m512 pt = _mm512_set1_ps(p[t]);
+        for (int64_t d = 0, j = 0; d < D; d += 16, ++j) acc[j] = _mm512_fmadd_ps(pt, load16(vt + d, lanes(D - d)), acc[j]);
+      }
+      for (int64_t d = 0, j = 0; d < D; d += 16, ++j)
+        _mm512_mask_storeu_ps(out + h * D + d, lanes(D - d), _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / sum)));
+    }
+  });
+}
+
+// The first n values of an int32 or int64 tensor (ids, positions, lengths, block tables).
+std::vector<int64_t> ints(const Tensor& t, int64_t n) {
+  TORCH_CHECK(t.numel() >= n && (t.scalar_type() == at::kInt || t.scalar_type() == at::kLong),
+              "cpu_step: expected ", n, " int32/int64 values, got ", t.scalar_type(), " ", t.sizes());
+  const Tensor c = t.contiguous();
+  std::vector<int64_t> out(n);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = c.scalar_type() == at::kInt ? c.data_ptr<int32_t>()[i] : c.data_ptr<int64_t>()[i];
+  return out;
+}
+
+float value(const Tensor& t, int64_t i) {                     // element i of a float32 / bf16 tensor
+  return t.scalar_type() == at::kBFloat16 ? static_cast<float>(t.data_ptr<BFloat16>()[i]) : t.data_ptr<float>()[i];
+}
+
+class Decoder : public torch::CustomClassHolder {
+ public:
+  // tensors: wte, wpe, ln_f.weight, ln_f.bias, the head's (wp, bias, scale, rowsum), then per
+  // layer ln_1.weight, ln_1.bias, ln_2.weight, ln_2.bias and the (wp, bias, scale, rowsum) of
+  // c_attn, attn.c_proj, c_fc, mlp.c_proj; an absent tensor is an empty one. out_features: the
+  // head's, then each layer's four. cpu_step.py assembles both from a GPT2.
+  Decoder(std::vector<Tensor> tensors, std::vector<int64_t> out_features, int64_t n_head, double eps,
+          bool tanh_gelu, double attn_scale)
+      : H_(n_head), eps_(eps), gelu_(tanh_gelu ? "tanh" : "none"), scale_(static_cast<float>(attn_scale)) {
+    const int64_t L = (static_cast<int64_t>(tensors.size()) - 8) / 20;
+    TORCH_CHECK(L >= 1 && static_cast<int64_t>(tensors.size()) == 8 + 20 * L &&
+                static_cast<int64_t>(out_features.size()) == 1 + 4 * L,
+                "cpu_step.Decoder: expected 8 + 20 L tensors and 1 + 4 L out_features, got ", tensors.size(),
+                " and ", out_features.size());
+    size_t i = 0, o = 0;
+    auto next = [&]() { return tensors[i++].contiguous(); };
+    auto norm = [&]() { return next().to(at::kFloat); };
+    auto linear = [&]() {
+      Linear lin;
+      lin.wp = next();
+      for (Tensor* t : {&lin.bias, &lin.scale, &lin.rowsum}) {
+        Tensor x = next();
+        if (x.numel() > 0) *t = x;
+      }
+      lin.O = out_features[o++];
+      return lin;
+    };
+    wte_ = next(), wpe_ = next(), ln_f_w_ = norm(), ln_f_b_ = norm();
+    head_ = linear();
+    for (int64_t l = 0; l < L; ++l) {
+      Layer y;
+      y.ln_1_w = norm(), y.ln_1_b = norm(), y.ln_2_w = norm(), y.ln_2_b = norm();
+      y.c_attn = linear(), y.attn_proj = linear(), y.c_fc = linear(), y.mlp_proj = linear();
+      layers_.push_back(std::move(y));
+    }
+    C_ = wte_.size(1);
+    TORCH_CHECK(C_ % H_ == 0 && layers_[0].c_attn.O == 3 * C_, "cpu_step.Decoder: n_embd ", C_, " and n_head ", H_,
+                " do not fit c_attn's ", layers_[0].c_attn.O, " outputs");
+    for (Tensor* t : {&x_, &h_, &a_}) *t = at::empty({1, C_}, at::kFloat);
+  }
+
+  // One decode step of one sequence, as runner.launch passes it: ids, positions, kv_cache
+  // (L, 2, NB, BS, H, D), block_tables (1, MB), context_lens (1,), slot_mapping (1,) -> (1, V)
+  // float32 logits. Writes this token's K/V into its slot first, as model.py does.
+  Tensor step(Tensor input_ids, Tensor positions, Tensor kv_cache, Tensor block_tables, Tensor context_lens,
+              Tensor slot_mapping) {
+    const int64_t L = static_cast<int64_t>(layers_.size()), D = C_ / H_;
+    TORCH_CHECK(kv_cache.dim() == 6 && kv_cache.size(0) == L && kv_cache.size(1) == 2 && kv_cache.size(4) == H_ &&
+                kv_cache.size(5) == D && kv_cache.stride(5) == 1 &&
+                (kv_cache.scalar_type() == at::kFloat || kv_cache.scalar_type() == at::kBFloat16),
+                "cpu_step: kv_cache must be (L=", L, ", 2, NB, BS, H=", H_, ", D=", D,
+                ") float32 or bfloat16 with contiguous rows, got ", kv_cache.sizes(), " ", kv_cache.scalar_type());
+    const int64_t NB = kv_cache.size(2), BS = kv_cache.size(3);
+    const int64_t token = ints(input_ids, 1)[0], pos = ints(positions, 1)[0];
+    const int64_t ctx = ints(context_lens, 1)[0], slot = ints(slot_mapping, 1)[0];
+    TORCH_CHECK(0 <= token && token < wte_.size(0), "cpu_step: token id ", token, " is outside [0, ", wte_.size(0), ")");
+    TORCH_CHECK(0 <= pos && pos < wpe_.size(0), "cpu_step: position ", pos, " is outside [0, n_ctx=", wpe_.size(0), ")");
+    TORCH_CHECK(1 <= ctx && ctx <= block_tables.size(-1) * BS, "cpu_step: context of ", ctx,
+                " tokens does not fit a block table of ", block_tables.size(-1), " blocks of ", BS);
+    TORCH_CHECK(0 <= slot && slot < NB * BS, "cpu_step: slot ", slot, " is outside the pool's ", NB * BS);
+    const std::vector<int64_t> blocks = ints(block_tables, (ctx + BS - 1) / BS);
+    for (int64_t b : blocks) TORCH_CHECK(0 <= b && b < NB, "cpu_step: block ", b, " is outside the pool's ", NB);
+    const CacheView cv{kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4), BS, blocks};
+    const int64_t slot_at = (slot / BS) * cv.s_block + (slot % BS) * cv.s_token;
+
+    float *x = x_.data_ptr<float>(), *h = h_.data_ptr<float>(), *a = a_.data_ptr<float>();
+    for (int64_t c = 0; c < C_; ++c) x[c] = value(wte_, token * C_ + c) + value(wpe_, pos * C_ + c);   // wte + wpe
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& y = layers_[l];
+      // x = x + attn(ln_1(x)): q, k, v from one product; k, v into the cache; attention; c_proj
+      layer_norm(x, y.ln_1_w, y.ln_1_b, eps_, C_, h);
+      const Tensor qkv = y.c_attn(h_);                                                   // (1, 3C)
+      const float* q = qkv.data_ptr<float>();
+      if (kv_cache.scalar_type() == at::kBFloat16)
+        layer_step<BFloat16>(q, kv_cache[l], cv, slot_at, ctx, a);
+      else
+        layer_step<float>(q, kv_cache[l], cv, slot_at, ctx, a);
+      const Tensor o = y.attn_proj(a_);                                                  // (1, C)
+      const float* op = o.data_ptr<float>();
+      for (int64_t c = 0; c < C_; ++c) x[c] += op[c];
+      // x = x + mlp(ln_2(x))
+      layer_norm(x, y.ln_2_w, y.ln_2_b, eps_, C_, h);
+      Tensor f = y.c_fc(h_);                                                             // (1, 4C)
+      at::gelu_(f, gelu_);
+      const Tensor m = y.mlp_proj(f);
+      const float* mp = m.data_ptr<float>();
+      for (int64_t c = 0; c < C_; ++c) x[c] += mp[c];
+    }
+    layer_norm(x, ln_f_w_, ln_f_b_, eps_, C_, h);
+    return head_(h_);                                                                    // (1, V)
+  }
+
+ private:
+  // Store this token's k, v (q + C, q + 2C) at its slot of layer l's cache (kv: (2, NB, BS, H, D)),
+  // then attend from q to the ctx cached tokens into out.
+  template <typename E>
+  void layer_step(const float* q, const Tensor& kv, const CacheView& cv, int64_t slot_at, int64_t ctx, float* out) {
+    E* k = static_cast<E*>(kv[0].data_ptr());
+    E* v = static_cast<E*>(kv[1].data_ptr());
+    const int64_t D = C_ / H_;
+    for (int64_t hd = 0; hd < H_; ++hd)
+      for (int64_t d = 0; d < D; ++d) {
+        k[slot_at + hd * cv.s_head + d] = static_cast<E>(q[C_ + hd * D + d]);
+        v[slot_at + hd * cv.s_head + d] = static_cast<E>(q[2 * C_ + hd * D + d]);
+      }
+    attend<E>(q, k, v, cv, ctx, H_, D, scale_, out);
+  }
+
+  int64_t H_, C_ = 0;
+  double eps_;
+  std::string gelu_;
+  float scale_;
+  Tensor wte_, wpe_, ln_f_w_, ln_f_b_;
+  Linear head_;
+  std::vector<Layer> layers_;
+  Tensor x_, h_, a_;                                           // (1, C): the residual, ln output, attention output
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(nanoserve_cpu, m) {
+  m.class_<Decoder>("Decoder")
+      .def(torch::init<std::vector<Tensor>, std::vector<int64_t>, int64_t, double, bool, double>())
+      .def("step", &Decoder::step);
+}

@@ -1,0 +1,71 @@
+"""One sequence's decode step on the CPU as one C++ call (cpu_step.cpp).
+
+When one sequence decodes on a CPU, the step is 49 matrix-vector products (cpu_gemv.py) and
+~250 small operations between them. The products are as fast as this CPU reads memory; the
+small operations are not work but overhead: microseconds of dispatch each from Python, ~1.5 ms
+a step even when torch.compile fuses them (fused.compile_cpu_decode), against ~4 ms of products
+for GPT-2 124M in int8. cpu_step.cpp writes model.py's forward for that one token as plain C++
+loops around cpu_gemv's products, so a step costs one call from Python, as it does in
+llama.cpp or llama2.c. Its arithmetic follows model.py line by line (read that first); its
+activations are float32 whatever the weights' dtype.
+
+The engine uses it (`EngineConfig(fused_decode=True)`, or by default: see
+LLMEngine._set_up_decode) for steps that decode one sequence without a sliding window, when
+every linear layer holds cpu_gemv's packed weights, i.e. on a CPU with AVX-512 BF16 and VNNI
+where cpu_gemv.cpp built. Everything else runs model.py.
+
+L = n_layer   V = vocab_size
+"""
+from __future__ import annotations
+
+import torch
+
+from . import cpu_gemv
+from .attention import AttentionMetadata
+from .fused import DecodeFn
+from .model import GPT2
+
+_NONE = torch.empty(0)              # "absent" in the Decoder's tensor list (it takes no None)
+
+
+def _linear(mod: torch.nn.Module) -> tuple[list[torch.Tensor], int]:
+    """A linear layer's cpu_gemv tensors (packed weights, bias, int8 scale, int8 row sums)."""
+    extras = [getattr(mod, name, None) for name in ("gemv_bias", "w_scale", "row_sums")]
+    is_int8 = mod.gemv_weight.dtype == torch.int8
+    if not is_int8:
+        extras[1:] = [None, None]
+    return [mod.gemv_weight] + [_NONE if t is None else t for t in extras], mod.out_features
+
+
+def supports(model: GPT2) -> bool:
+    """Whether every linear layer of `model` (and its head) holds cpu_gemv's packed weights."""
+    mods = [model.fast_head] + [m for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    return cpu_gemv.is_available() and all(getattr(m, "gemv_weight", None) is not None for m in mods)
+
+
+def build(model: GPT2) -> DecodeFn:
+    """model's one-token decode step: (1,) token id at (1,) position -> (1, V) float32 logits,
+    writing the step's K/V into kv_cache as model.py does. The C++ object keeps references to
+    the model's tensors (no copies, except float32 copies of the layer norms' weights)."""
+    assert supports(model), "cpu_step needs cpu_gemv's packed weights in every linear layer"
+    cfg = model.config
+    tensors, out_features = [model.wte.weight, model.wpe.weight, model.ln_f.weight, model.ln_f.bias], []
+
+    def add(mod: torch.nn.Module) -> None:
+        ts, O = _linear(mod)
+        tensors.extend(ts)
+        out_features.append(O)
+    add(model.fast_head)
+    for block in model.h:
+        tensors.extend([block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias])
+        for mod in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            add(mod)
+    decoder = torch.classes.nanoserve_cpu.Decoder([t.detach() for t in tensors], out_features, cfg.n_head,
+                                                  cfg.layer_norm_epsilon, cfg.activation_function != "gelu",
+                                                  model.h[0].attn.scale)
+
+    def step(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+             meta: AttentionMetadata) -> torch.Tensor:
+        assert meta.num_seqs == 1 and meta.is_decode and meta.attention_window is None, "one decode token, no window"
+        return decoder.step(input_ids, positions, kv_cache, meta.block_tables, meta.context_lens, meta.slot_mapping)
+    return step

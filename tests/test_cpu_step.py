@@ -1,0 +1,190 @@
+"""cpu_step.cpp's one-token C++ step against model.py's eager forward, on the CPU.
+
+Tolerances: in float32 the step is model.py's arithmetic with sums in another order (logits and
+K/V within 1e-4). int8 quantizes the same products' inputs as the eager forward does (1e-4
+too). bf16 rounds them the same way, but the C++ step keeps activations in float32 where the
+eager bf16 forward rounds every op's output to bf16: a few bf16 steps at |logit| ~ 8 (0.25, as
+test_fused). Against the float32 reference: logits within 5% (bf16) and 2% (int8) of their norm.
+
+Skipped only on a CPU without AVX-512 BF16 and VNNI, where the step is not built."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoserve import LLM, SamplingParams, cpu_gemv, cpu_step
+from nanoserve.attention import AttentionMetadata
+
+pytestmark = pytest.mark.skipif(not cpu_gemv.cpu_has_instructions(), reason="CPU lacks AVX-512 BF16 / VNNI")
+
+PROMPT = [464, 3139, 286, 4881, 318, 6342, 13, 383, 198, 50, 1000, 7, 42, 99, 2001, 50256, 11]
+MODES = {"float32": dict(), "bfloat16": dict(dtype="bfloat16"), "int8": dict(quantization="int8"),
+         "bf16-int8": dict(dtype="bfloat16", quantization="int8")}
+TOL = {"float32": 1e-4, "bfloat16": 0.25, "int8": 1e-4, "bf16-int8": 0.25}     # against eager, same mode
+REL = {"float32": 1e-6, "bfloat16": 0.05, "int8": 0.02, "bf16-int8": 0.05}     # against float32, of the norm
+
+
+def _engine(ckpt, **kw) -> LLM:
+    return LLM(str(ckpt), device="cpu", quiet=True, enable_prefix_caching=False, num_blocks=16, **kw)
+
+
+def _one_step(llm: LLM, ctx: int = 37, pool: torch.Tensor | None = None, token: int = 4881):
+    """One decode step at context ctx over a random pool (or `pool`), the context's blocks in a
+    scrambled order, run by the engine's step and by the eager forward on copies of the pool:
+    (pool, (logits, pool after) eager, (logits, pool after) C++)."""
+    model, BS = llm.engine.model, llm.engine.config.block_size
+    if pool is None:
+        pool = torch.randn(llm.engine.kv_cache.shape, generator=torch.Generator().manual_seed(ctx))
+        pool = pool.to(llm.engine.kv_cache.dtype)                                # (L, 2, NB, BS, H, D)
+    table = [3, 0, 7, 1, 9, 2, 5, 4, 11, 6][:-(-ctx // BS)]
+    last = table[(ctx - 1) // BS] * BS + (ctx - 1) % BS
+    pool = pool.clone()
+    pool[:, :, last // BS, last % BS] = 1e4      # no K/V value: so every written value differs from it
+    meta = AttentionMetadata(slot_mapping=torch.tensor([last]), block_tables=torch.tensor([table], dtype=torch.int32),
+                             context_lens=torch.tensor([ctx], dtype=torch.int32),
+                             query_start_loc=torch.tensor([0, 1], dtype=torch.int32), max_query_len=1,
+                             max_context_len=ctx)
+    ids, positions = torch.tensor([token]), torch.tensor([ctx - 1])
+    with torch.inference_mode():
+        kv_eager, kv_step = pool.clone(), pool.clone()
+        eager = model.compute_logits(model(ids, positions, kv_eager, meta)).float()          # (1, V)
+        step = llm.engine.runner.cpu_decode(ids, positions, kv_step, meta)                   # (1, V)
+    return pool, (eager, kv_eager), (step, kv_step)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_ckpt):
+    return {mode: _engine(tiny_ckpt, **kw) for mode, kw in MODES.items()}
+
+
+def test_a_cpu_engine_uses_the_step_by_default_and_not_when_told(tiny_ckpt, engines):
+    """By default (and with fused_decode=True) a CPU engine with cpu_gemv runs one-sequence
+    decode steps in C++; fused_decode=False or enforce_eager=True keep model.py for them."""
+    assert all(llm.engine.runner.cpu_decode is not None for llm in engines.values())
+    assert _engine(tiny_ckpt, fused_decode=True).engine.runner.cpu_decode is not None
+    assert _engine(tiny_ckpt, fused_decode=False).engine.runner.cpu_decode is None
+    assert _engine(tiny_ckpt, enforce_eager=True).engine.runner.cpu_decode is None
+
+
+@pytest.mark.parametrize("ctx", [1, 16, 37, 128])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_the_step_gives_the_eager_forwards_logits_and_kv_writes(engines, mode, ctx):
+    """Over a random pool with a scrambled block table, at contexts of one token, one full
+    block, a partial block and n_ctx, the C++ step gives the eager forward's logits and writes
+    the same K/V to the same slot, and nothing else of the pool changes."""
+    pool, (eager, kv_eager), (step, kv_step) = _one_step(engines[mode], ctx)
+    assert step.dtype == torch.float32 and step.shape == eager.shape
+    torch.testing.assert_close(step, eager, atol=TOL[mode], rtol=0)
+    written = kv_eager != pool
+    assert written.any() and torch.equal(kv_step != pool, written)
+    torch.testing.assert_close(kv_step.float(), kv_eager.float(), atol=TOL[mode], rtol=0)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_the_step_is_close_to_the_float32_reference(engines, mode):
+    """Each mode's step against the float32 eager forward over the same pool (the mode's cache
+    dtype, widened): logits within REL of their norm."""
+    pool, _, (step, _) = _one_step(engines[mode])
+    _, (reference, _), _ = _one_step(engines["float32"], pool=pool.float())
+    rel = ((step - reference).norm() / reference.norm()).item()
+    assert rel < REL[mode], f"{mode}: {rel:.4f} of the norm"
+
+
+@pytest.mark.parametrize("shape", [dict(n_layer=1, n_head=2, n_embd=40), dict(n_layer=2, n_head=3, n_embd=96)])
+@pytest.mark.parametrize("act", ["gelu_new", "gelu"])
+def test_head_sizes_that_are_not_a_vector_and_both_gelus(tmp_path, shape, act):
+    """head_dim 20 (masked vector tails), 32, and the erf GELU: the step equals the eager forward."""
+    from conftest import make_hf_model, save_checkpoint
+    ckpt = save_checkpoint(make_hf_model(seed=2, activation_function=act, **shape), tmp_path / "m", layout="hub")
+    _, (eager, kv_eager), (step, kv_step) = _one_step(_engine(ckpt), ctx=40)
+    assert _engine(ckpt).engine.runner.cpu_decode is not None
+    torch.testing.assert_close(step, eager, atol=1e-4, rtol=0)
+    torch.testing.assert_close(kv_step, kv_eager, atol=1e-5, rtol=0)
+
+
+def _greedy(llm: LLM, prompts: list[list[int]], max_tokens: int = 24) -> list[tuple[list[int], torch.Tensor]]:
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    outs = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    return [(o.token_ids, torch.tensor([lp[t] for lp, t in zip(o.logprobs, o.token_ids)])) for o in outs]
+
+
+def _counting(llm: LLM) -> list:
+    """Make llm's C++ step record its calls in the returned list (llm: an engine of one test)."""
+    calls, step = [], llm.engine.runner.cpu_decode
+    llm.engine.runner.cpu_decode = lambda *a: calls.append(1) or step(*a)
+    return calls
+
+
+def test_float32_greedy_tokens_and_logprobs_equal_the_eager_engines(tiny_ckpt):
+    """A request decoded by the C++ step (every step after its prompt's, across block
+    boundaries) gets the eager engine's greedy tokens, each logprob within 1e-4."""
+    llm, eager = _engine(tiny_ckpt), _engine(tiny_ckpt, fused_decode=False)
+    calls = _counting(llm)
+    [(tokens, lps)] = _greedy(llm, [PROMPT], 40)
+    [(eager_tokens, eager_lps)] = _greedy(eager, [PROMPT], 40)
+    assert len(calls) == len(tokens) - 1
+    assert tokens == eager_tokens
+    torch.testing.assert_close(lps, eager_lps, atol=1e-4, rtol=0)
+
+
+def test_batched_steps_and_windows_run_model_py(tiny_ckpt):
+    """Steps that decode several sequences do not call the C++ step (and give the eager
+    engine's tokens); nor does any step of an engine with a sliding window."""
+    llm, eager = _engine(tiny_ckpt), _engine(tiny_ckpt, fused_decode=False)
+    calls = _counting(llm)
+    prompts = [PROMPT, PROMPT[:9]]
+    assert [t for t, _ in _greedy(llm, prompts, 6)] == [t for t, _ in _greedy(eager, prompts, 6)]
+    assert calls == []
+    windowed = _engine(tiny_ckpt, attention_window=16)
+    calls = _counting(windowed)
+    _greedy(windowed, [PROMPT], 8)
+    assert calls == []
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("token", 50257, "token id 50257 is outside"), ("position", 128, "position 128 is outside"),
+    ("block", 16, "block 16 is outside the pool's 16"), ("slot", 16 * 16, "slot 256 is outside the pool's 256"),
+    ("context", 5 * 16, "context of 80 tokens does not fit a block table of 3 blocks")])
+def test_bad_inputs_raise_naming_the_value_and_leave_the_pool_alone(engines, field, value, message):
+    """A step given an id, position, block, slot or context outside its limits raises an error
+    that names the value and the limit, before writing anything."""
+    llm = engines["float32"]
+    BS = llm.engine.config.block_size
+    ids, pos, table, ctx = [7], [20], [2, 5, 1], 21
+    slot = 5 * BS + 4
+    if field == "token":
+        ids = [value]
+    elif field == "position":
+        pos = [value]
+    elif field == "block":
+        table = [2, value, 1]
+    elif field == "slot":
+        slot = value
+    else:
+        ctx = value
+    meta = AttentionMetadata(slot_mapping=torch.tensor([slot]), block_tables=torch.tensor([table], dtype=torch.int32),
+                             context_lens=torch.tensor([ctx], dtype=torch.int32),
+                             query_start_loc=torch.tensor([0, 1], dtype=torch.int32), max_query_len=1,
+                             max_context_len=ctx)
+    pool = torch.randn_like(llm.engine.kv_cache)
+    before = pool.clone()
+    with pytest.raises(RuntimeError, match=message):
+        llm.engine.runner.cpu_decode(torch.tensor(ids), torch.tensor(pos), pool, meta)
+    assert torch.equal(pool, before)
+
+
+def test_the_step_holds_the_models_weights_not_copies(engines):
+    """The C++ object references the packed weights (no second copy of the model)."""
+    llm = engines["int8"]
+    assert cpu_step.supports(llm.engine.model)
+    c_fc = llm.engine.model.h[0].mlp.c_fc
+    before = c_fc.gemv_weight.clone()
+    _, _, (step, _) = _one_step(llm)
+    c_fc.gemv_weight.zero_()                      # the step must now see zero weights in that layer
+    try:
+        _, _, (changed, _) = _one_step(llm)
+    finally:
+        c_fc.gemv_weight.copy_(before)
+    assert not torch.equal(step, changed)
+    _, _, (again, _) = _one_step(llm)
+    assert torch.equal(step, again)

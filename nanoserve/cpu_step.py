@@ -64,8 +64,28 @@ def build(model: GPT2) -> DecodeFn:
                                                   cfg.layer_norm_epsilon, cfg.activation_function != "gelu",
                                                   model.h[0].attn.scale)
 
+    vocab, n_ctx = model.wte.weight.shape[0], model.wpe.weight.shape[0]
+
     def step(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
              meta: AttentionMetadata) -> torch.Tensor:
         assert meta.num_seqs == 1 and meta.is_decode and meta.attention_window is None, "one decode token, no window"
+        _check(input_ids.tolist()[0], positions.tolist()[0], meta, vocab, n_ctx, kv_cache)
         return decoder.step(input_ids, positions, kv_cache, meta.block_tables, meta.context_lens, meta.slot_mapping)
     return step
+
+
+def _check(token: int, pos: int, meta: AttentionMetadata, vocab: int, n_ctx: int, kv_cache: torch.Tensor) -> None:
+    """Raise ValueError, naming the value and its limit, for a step the C++ would refuse (it
+    checks too, but an exception thrown in a C++ extension crashed the process on one machine:
+    torch 2.11 with g++ 13). The runner never builds such a step; ~5 us a step."""
+    NB, BS = kv_cache.shape[2], kv_cache.shape[3]
+    ctx, slot = meta.context_lens.tolist()[0], meta.slot_mapping.tolist()[0]
+    table = meta.block_tables[0].tolist()
+    problems = [f"token id {token} is outside [0, {vocab})" if not 0 <= token < vocab else "",
+                f"position {pos} is outside [0, n_ctx={n_ctx})" if not 0 <= pos < n_ctx else "",
+                f"slot {slot} is outside the pool's {NB * BS}" if not 0 <= slot < NB * BS else "",
+                f"context of {ctx} tokens does not fit a block table of {len(table)} blocks of {BS}"
+                if not 1 <= ctx <= len(table) * BS else ""]
+    problems += [f"block {b} is outside the pool's {NB}" for b in table[:-(-ctx // BS)] if not 0 <= b < NB]
+    if any(problems):
+        raise ValueError("cpu_step: " + "; ".join(p for p in problems if p))

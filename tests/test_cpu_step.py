@@ -147,7 +147,8 @@ def test_batched_steps_and_windows_run_model_py(tiny_ckpt):
     ("context", 5 * 16, "context of 80 tokens does not fit a block table of 3 blocks")])
 def test_bad_inputs_raise_naming_the_value_and_leave_the_pool_alone(engines, field, value, message):
     """A step given an id, position, block, slot or context outside its limits raises an error
-    that names the value and the limit, before writing anything."""
+    that names the value and the limit, before writing anything. (cpu_step.py checks before
+    the C++ runs; the C++ checks the same again.)"""
     llm = engines["float32"]
     BS = llm.engine.config.block_size
     ids, pos, table, ctx = [7], [20], [2, 5, 1], 21
@@ -168,7 +169,7 @@ def test_bad_inputs_raise_naming_the_value_and_leave_the_pool_alone(engines, fie
                              max_context_len=ctx)
     pool = torch.randn_like(llm.engine.kv_cache)
     before = pool.clone()
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message):
         llm.engine.runner.cpu_decode(torch.tensor(ids), torch.tensor(pos), pool, meta)
     assert torch.equal(pool, before)
 

@@ -89,9 +89,11 @@ def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def one_seq_engine(tiny_ckpt: Path) -> LLMEngine:
-    """An engine that runs one sequence at a time: a request with n=8 keeps it busy for
-    hundreds of steps, so queues, timeouts and drains are deterministic."""
-    return LLMEngine(EngineConfig(model=str(tiny_ckpt), device="cpu", quiet=True, max_num_seqs=1, num_blocks=256))
+    """An engine that runs one sequence at a time, shifting its context past n_ctx: LONG keeps
+    it busy for 32,000 steps (half a minute even at the C++ step's ~1 ms), so queues, timeouts,
+    hang-ups and drains happen while it runs, however fast the machine."""
+    return LLMEngine(EngineConfig(model=str(tiny_ckpt), device="cpu", quiet=True, max_num_seqs=1, num_blocks=256,
+                                  context_overflow="shift"))
 
 
 @contextlib.contextmanager
@@ -155,7 +157,7 @@ def _post(base: str, **body) -> httpx.Response:
 
 
 ABORTED = 'nanoserve_requests_finished_total{finish_reason="abort"}'
-LONG = dict(prompt="Hi", n=16, max_tokens=110, ignore_eos=True, temperature=0.0)   # 1760 steps on one_seq_engine
+LONG = dict(prompt="Hi", n=16, max_tokens=2000, ignore_eos=True, temperature=0.0)   # 32,000 steps on one_seq_engine
 
 
 # ---- the OpenAI API, compared with the offline engine ---------------------------------
@@ -634,7 +636,7 @@ def test_request_timeout_aborts_with_a_clear_error(one_seq_engine):
         assert lines[-1] == "data: [DONE]"
         assert _events(lines)[-1]["error"]["code"] == "request_timeout"
         with pytest.raises(openai.APIError, match="--request-timeout"):   # the official client raises it
-            list(_client(base).completions.create(model=MODEL, prompt="Hi", n=16, max_tokens=110, temperature=0,
+            list(_client(base).completions.create(model=MODEL, prompt="Hi", n=16, max_tokens=LONG["max_tokens"], temperature=0,
                                                   stream=True, extra_body={"ignore_eos": True}))
         _wait_aborted(base, 2)                        # at least one completion of each request
         assert server.num_admitted == server.core.num_dequeued == 3
@@ -805,7 +807,8 @@ def test_dead_engine_thread_answers_every_request_and_reports_failure(tiny_ckpt)
     """If the engine thread dies (here: a step error whose clean-up fails too), the running
     stream gets an error event, requests still waiting to be admitted get 500 (even with no
     request timeout), /health says "failed" and new requests get 503: no request hangs."""
-    engine = LLMEngine(EngineConfig(model=str(tiny_ckpt), device="cpu", quiet=True, max_num_seqs=1, num_blocks=256))
+    engine = LLMEngine(EngineConfig(model=str(tiny_ckpt), device="cpu", quiet=True, max_num_seqs=1, num_blocks=256,
+                                    context_overflow="shift"))      # as one_seq_engine, for LONG
     gate = threading.Event()
 
     def stuck_step(*args, **kwargs):

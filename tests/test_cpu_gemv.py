@@ -12,6 +12,8 @@ Skipped only on a CPU without AVX-512 BF16 and VNNI (CI's CPU has them); if the 
 there, the tests fail."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,3 +171,34 @@ def test_write_kv_one_writes_exactly_what_write_kv_writes(dtype, slot):
     assert torch.equal(pool, want)
     with pytest.raises(RuntimeError, match="outside the pool"):
         torch.ops.nanoserve_cpu.write_kv_one(k, v, pool[0], pool[1], torch.tensor([NB * BS]))
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:                  # a mapping's first line: start-end perms ...
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only: /proc/self/smaps")
+def test_packed_weights_live_in_memory_advised_for_huge_pages():
+    """pack() puts a large W in a 2 MiB-aligned mapping advised for transparent huge pages
+    (VmFlags "hg"), with the same values as a plain repack; a small W stays in torch's memory."""
+    assert cpu_gemv.is_available()
+    w = torch.randn(3000, 770).bfloat16()                    # 4.6 MiB packed
+    wp = cpu_gemv.pack(w)
+    assert wp.data_ptr() % (2 << 20) == 0 and "hg" in _vm_flags(wp.data_ptr())
+    plain = torch.zeros(3008, 770, dtype=w.dtype)
+    plain[:3000] = w
+    assert torch.equal(wp, plain.view(188, 16, 385, 2).permute(0, 2, 1, 3))
+    small = cpu_gemv.pack(torch.randn(16, 16))
+    assert "hg" not in _vm_flags(small.data_ptr())
+    x = torch.randn(1, 770)                                   # and the op reads it as before
+    torch.testing.assert_close(cpu_gemv.gemv(x, wp, 3000, None), F.linear(x.bfloat16().float(), w.float()),
+                               atol=1e-3, rtol=1e-3)

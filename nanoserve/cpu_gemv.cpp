@@ -1,10 +1,11 @@
-// One token times a weight matrix on an AVX-512 CPU: y = x @ W.T + b for x of one row.
-// Built by cpu_gemv.py (torch.utils.cpp_extension) the first time a CPU engine needs it;
-// cpu_gemv.py explains when it runs and why. Three ops, one per weight dtype:
+// A few tokens times a weight matrix on an AVX-512 CPU: y = x @ W.T + b for x of M = 1..8 rows
+// (one decode step of up to 8 sequences). Built by cpu_gemv.py (torch.utils.cpp_extension)
+// the first time a CPU engine needs it; cpu_gemv.py explains when it runs and why. Three ops,
+// one per weight dtype:
 //
-//   gemv_fp32(x (1, K) f32,      Wp f32,  O, b (O,) f32?)                        -> (1, O) f32
-//   gemv_bf16(x (1, K) f32|bf16, Wp bf16, O, b (O,) f32?)                        -> (1, O) x's dtype
-//   gemv_int8(x (1, K) f32|bf16, Wp s8,   O, scale (O,) f32, rowsum (O,) s32, b) -> (1, O) x's dtype
+//   gemv_fp32(x (M, K) f32,      Wp f32,  O, b (O,) f32?)                        -> (M, O) f32
+//   gemv_bf16(x (M, K) f32|bf16, Wp bf16, O, b (O,) f32?)                        -> (M, O) x's dtype
+//   gemv_int8(x (M, K) f32|bf16, Wp s8,   O, scale (O,) f32, rowsum (O,) s32, b) -> (M, O) x's dtype
 //
 // Layout. Wp is W (O, K) repacked once, at load, to (O/16, K/G, 16, G) (cpu_gemv.pack): for
 // each block of 16 output rows, the G consecutive weights of each row for one group of G
@@ -44,23 +45,27 @@ namespace {
 // One weight dtype: the lane type of x as the instruction takes it (X: G inputs packed in
 // 32 bits, or one float), the accumulator, and one multiply-add of 64 bytes of weights.
 struct Fp32 {
-  using W = float; using X = float; using Acc = __m512;
+  using W = float; using X = float; using Acc = __m512; using Vec = __m512;
   static Acc zero() { return _mm512_setzero_ps(); }
-  static Acc dot(Acc a, const W* w, X x) { return _mm512_fmadd_ps(_mm512_loadu_ps(w), _mm512_set1_ps(x), a); }
+  static Vec load(const W* w) { return _mm512_loadu_ps(w); }
+  static Acc fma(Acc a, Vec w, X x) { return _mm512_fmadd_ps(w, _mm512_set1_ps(x), a); }
+  static Acc dot(Acc a, const W* w, X x) { return fma(a, load(w), x); }
   static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
 };
 struct Bf16 {
-  using W = uint16_t; using X = int32_t; using Acc = __m512;   // X: 2 bf16 of x
+  using W = uint16_t; using X = int32_t; using Acc = __m512; using Vec = __m512i;   // X: 2 bf16 of x
   static Acc zero() { return _mm512_setzero_ps(); }
-  static Acc dot(Acc a, const W* w, X x) {
-    return _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_set1_epi32(x));
-  }
+  static Vec load(const W* w) { return _mm512_loadu_si512(w); }
+  static Acc fma(Acc a, Vec w, X x) { return _mm512_dpbf16_ps(a, (__m512bh)w, (__m512bh)_mm512_set1_epi32(x)); }
+  static Acc dot(Acc a, const W* w, X x) { return fma(a, load(w), x); }
   static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
 };
 struct Int8 {
-  using W = int8_t; using X = int32_t; using Acc = __m512i;    // X: 4 uint8 of x
+  using W = int8_t; using X = int32_t; using Acc = __m512i; using Vec = __m512i;    // X: 4 uint8 of x
   static Acc zero() { return _mm512_setzero_si512(); }
-  static Acc dot(Acc a, const W* w, X x) { return _mm512_dpbusd_epi32(a, _mm512_set1_epi32(x), _mm512_loadu_si512(w)); }
+  static Vec load(const W* w) { return _mm512_loadu_si512(w); }
+  static Acc fma(Acc a, Vec w, X x) { return _mm512_dpbusd_epi32(a, _mm512_set1_epi32(x), w); }
+  static Acc dot(Acc a, const W* w, X x) { return fma(a, load(w), x); }
   static Acc add(Acc a, Acc b) { return _mm512_add_epi32(a, b); }
 };
 
@@ -109,9 +114,70 @@ void blocks(const typename T::X* x, const typename T::W* w, int64_t KG, int64_t 
   });
 }
 
+// The same for M rows of x at once (a decode step of M sequences): each 64-byte vector of
+// weights, loaded once, feeds M instructions, one per row, into M accumulators, so the weights
+// are still read once for all M rows. x holds M rows of KG lanes; finish(r, o, mask, acc).
+template <typename T, int M, typename Finish>
+void blocks_rows(const typename T::X* x, const typename T::W* w, int64_t KG, int64_t O, const Finish& finish) {
+  constexpr int64_t V = 64 / sizeof(typename T::W);
+  using Acc = typename T::Acc;
+  const int64_t nb = (O + 15) / 16;
+  auto finish_block = [&](int64_t bl, const Acc* acc) {
+    const int64_t o = bl * 16;
+    const __mmask16 m = O - o >= 16 ? 0xFFFF : (__mmask16)((1u << (O - o)) - 1);
+    for (int r = 0; r < M; ++r) finish(r, o, m, acc[r]);
+  };
+  at::parallel_for(0, nb, 4, [&](int64_t b0, int64_t b1) {
+    const int64_t h = (b1 - b0) / 2;
+    for (int64_t i = 0; i < h; ++i) {                          // two streams, as blocks() above
+      const typename T::W* wa = w + (b0 + i) * KG * V;
+      const typename T::W* wc = w + (b0 + h + i) * KG * V;
+      Acc a[M], c[M];
+      for (int r = 0; r < M; ++r) a[r] = c[r] = T::zero();
+      for (int64_t k = 0; k < KG; ++k) {
+        const typename T::Vec va = T::load(wa + k * V), vc = T::load(wc + k * V);
+        for (int r = 0; r < M; ++r) {
+          a[r] = T::fma(a[r], va, x[r * KG + k]);
+          c[r] = T::fma(c[r], vc, x[r * KG + k]);
+        }
+      }
+      finish_block(b0 + i, a);
+      finish_block(b0 + h + i, c);
+    }
+    for (int64_t bl = b0 + 2 * h; bl < b1; ++bl) {
+      const typename T::W* wb = w + bl * KG * V;
+      Acc a[M];
+      for (int r = 0; r < M; ++r) a[r] = T::zero();
+      for (int64_t k = 0; k < KG; ++k) {
+        const typename T::Vec vb = T::load(wb + k * V);
+        for (int r = 0; r < M; ++r) a[r] = T::fma(a[r], vb, x[r * KG + k]);
+      }
+      finish_block(bl, a);
+    }
+  });
+}
+
+// blocks() for one row, blocks_rows<M> for 2..kMaxRows: M is a template argument so that the
+// accumulators live in registers.
+constexpr int64_t kMaxRows = 8;
+template <typename T, typename Finish>
+void products(int64_t M, const typename T::X* x, const typename T::W* w, int64_t KG, int64_t O, const Finish& finish) {
+  switch (M) {
+    case 1: return blocks<T>(x, w, KG, O, [&](int64_t o, __mmask16 m, typename T::Acc acc) { finish(0, o, m, acc); });
+    case 2: return blocks_rows<T, 2>(x, w, KG, O, finish);
+    case 3: return blocks_rows<T, 3>(x, w, KG, O, finish);
+    case 4: return blocks_rows<T, 4>(x, w, KG, O, finish);
+    case 5: return blocks_rows<T, 5>(x, w, KG, O, finish);
+    case 6: return blocks_rows<T, 6>(x, w, KG, O, finish);
+    case 7: return blocks_rows<T, 7>(x, w, KG, O, finish);
+    default: return blocks_rows<T, 8>(x, w, KG, O, finish);
+  }
+}
+
 void check(const at::Tensor& x, const at::Tensor& wp, int64_t O, int64_t G, at::ScalarType wtype,
            const c10::optional<at::Tensor>& b) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "gemv: x must be one row (1, K), got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "gemv: x must be 1 to ", kMaxRows,
+              " rows (M, K), got ", x.sizes());
   TORCH_CHECK(wp.scalar_type() == wtype && wp.is_contiguous() && wp.dim() == 4 && wp.size(0) == (O + 15) / 16 &&
               wp.size(1) == (x.size(1) + G - 1) / G && wp.size(2) == 16 && wp.size(3) == G,
               "gemv: W must be packed by cpu_gemv.pack for O = ", O, " and K = ", x.size(1), ", got ", wp.sizes());
@@ -133,19 +199,21 @@ __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-// y (1, O) = acc + bias, summed in fp32, for fp32 and bf16 weights; stored as `out` (float32,
+// y (M, O) = acc + bias, summed in fp32, for fp32 and bf16 weights; stored as `out` (float32,
 // or bfloat16 rounded once here: a separate .to() cost a few us a call, 49 calls a step).
+// x: M rows of KG lanes.
 namespace {
 template <typename T>
-at::Tensor float_gemv(const typename T::X* x, const at::Tensor& wp, int64_t O, const c10::optional<at::Tensor>& b,
-                      const at::TensorOptions& opts, at::ScalarType out) {
-  at::Tensor y = at::empty({1, O}, opts.dtype(out));
+at::Tensor float_gemv(int64_t M, const typename T::X* x, const at::Tensor& wp, int64_t O,
+                      const c10::optional<at::Tensor>& b, const at::TensorOptions& opts, at::ScalarType out) {
+  at::Tensor y = at::empty({M, O}, opts.dtype(out));
   const float* bias = b.has_value() ? b->data_ptr<float>() : nullptr;
   void* yp = y.data_ptr();
-  blocks<T>(x, reinterpret_cast<const typename T::W*>(wp.data_ptr()), wp.size(1), O, [&](int64_t o, __mmask16 m, __m512 acc) {
+  products<T>(M, x, reinterpret_cast<const typename T::W*>(wp.data_ptr()), wp.size(1), O,
+              [&](int64_t r, int64_t o, __mmask16 m, __m512 acc) {
     if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, bias + o));
-    if (out == at::kBFloat16) _mm256_mask_storeu_epi16(static_cast<uint16_t*>(yp) + o, m, to_bf16(acc));
-    else _mm512_mask_storeu_ps(static_cast<float*>(yp) + o, m, acc);
+    if (out == at::kBFloat16) _mm256_mask_storeu_epi16(static_cast<uint16_t*>(yp) + r * O + o, m, to_bf16(acc));
+    else _mm512_mask_storeu_ps(static_cast<float*>(yp) + r * O + o, m, acc);
   });
   return y;
 }
@@ -155,27 +223,29 @@ at::Tensor gemv_fp32(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, co
   check(x_in, wp, O, 1, at::kFloat, b);
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "gemv_fp32: x must be float32");
   const at::Tensor x = x_in.contiguous();
-  return float_gemv<Fp32>(x.data_ptr<float>(), wp, O, b, x.options(), at::kFloat);
+  return float_gemv<Fp32>(x.size(0), x.data_ptr<float>(), wp, O, b, x.options(), at::kFloat);
 }
 
 at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, const c10::optional<at::Tensor>& b) {
   check(x_in, wp, O, 2, at::kBFloat16, b);
-  const int64_t K = x_in.size(1);
-  // x as bf16, zero-padded to an even length; from float32 rounded to nearest even, as
-  // torch's .bfloat16() rounds.
+  const int64_t M = x_in.size(0), K = x_in.size(1), Kp = K + K % 2;
+  // x as bf16, each row zero-padded to an even length; from float32 rounded to nearest even,
+  // as torch's .bfloat16() rounds.
   const at::Tensor x = x_in.contiguous();
-  std::vector<uint16_t> xb(K + K % 2, 0);
-  if (x.scalar_type() == at::kBFloat16) {
-    std::memcpy(xb.data(), x.data_ptr(), K * sizeof(uint16_t));
-  } else {
+  std::vector<uint16_t> xb(M * Kp, 0);
+  for (int64_t r = 0; r < M; ++r) {
+    if (x.scalar_type() == at::kBFloat16) {
+      std::memcpy(&xb[r * Kp], static_cast<const uint16_t*>(x.data_ptr()) + r * K, K * sizeof(uint16_t));
+      continue;
+    }
     TORCH_CHECK(x.scalar_type() == at::kFloat, "gemv_bf16: x must be float32 or bfloat16");
-    const float* xf = x.data_ptr<float>();
+    const float* xf = x.data_ptr<float>() + r * K;
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 m = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-      _mm256_mask_storeu_epi16(&xb[k], m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, xf + k)));
+      _mm256_mask_storeu_epi16(&xb[r * Kp + k], m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, xf + k)));
     }
   }
-  return float_gemv<Bf16>(reinterpret_cast<const int32_t*>(xb.data()), wp, O, b, x.options(), x_in.scalar_type());
+  return float_gemv<Bf16>(M, reinterpret_cast<const int32_t*>(xb.data()), wp, O, b, x.options(), x_in.scalar_type());
 }
 
 at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, const at::Tensor& scale,
@@ -184,26 +254,31 @@ at::Tensor gemv_int8(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, co
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == O && rowsum.scalar_type() == at::kInt &&
               rowsum.numel() == O, "gemv_int8: scale must be float32 (O,) and rowsum int32 (O,)");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const float* xf = x.data_ptr<float>();
-  const int64_t K = x.size(1);
-  float amax = 1e-12f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xf[k]));
-  // 128.5 + x * 127 / amax lies in [1.5, 255.5]: truncating rounds half up. Padding: 128 (= 0).
-  std::vector<uint8_t> xq((K + 3) / 4 * 4, 128);
-  const float inv = 127.f / amax, xs = amax / 127.f;
-  for (int64_t k = 0; k < K; ++k) xq[k] = (uint8_t)(int)(128.5f + xf[k] * inv);
+  const int64_t M = x.size(0), K = x.size(1), Kp = (K + 3) / 4 * 4;
+  // Each row quantized with its own scale, xs[r] = max|x[r]| / 127: 128.5 + x * 127 / amax
+  // lies in [1.5, 255.5], so truncating rounds half up. Padding: 128 (= 0).
+  std::vector<uint8_t> xq(M * Kp, 128);
+  std::vector<float> xs(M);
+  for (int64_t r = 0; r < M; ++r) {
+    const float* xf = x.data_ptr<float>() + r * K;
+    float amax = 1e-12f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xf[k]));
+    const float inv = 127.f / amax;
+    xs[r] = amax / 127.f;
+    for (int64_t k = 0; k < K; ++k) xq[r * Kp + k] = (uint8_t)(int)(128.5f + xf[k] * inv);
+  }
 
-  at::Tensor y = at::empty({1, O}, x.options());
+  at::Tensor y = at::empty({M, O}, x.options());
   const float* bias = b.has_value() ? b->data_ptr<float>() : nullptr;
   const float* sc = scale.data_ptr<float>();
   const int32_t* rs = rowsum.data_ptr<int32_t>();
   float* yp = y.data_ptr<float>();
-  blocks<Int8>(reinterpret_cast<const int32_t*>(xq.data()), wp.data_ptr<int8_t>(), wp.size(1), O,
-               [&](int64_t o, __mmask16 m, __m512i acc) {
+  products<Int8>(M, reinterpret_cast<const int32_t*>(xq.data()), wp.data_ptr<int8_t>(), wp.size(1), O,
+                 [&](int64_t r, int64_t o, __mmask16 m, __m512i acc) {
     acc = _mm512_sub_epi32(acc, _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m, rs + o), 7));   // - 128 * rowsum
-    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + o), _mm512_set1_ps(xs)));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + o), _mm512_set1_ps(xs[r])));
     if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + o));
-    _mm512_mask_storeu_ps(yp + o, m, v);
+    _mm512_mask_storeu_ps(yp + r * O + o, m, v);
   });
   return y.to(x_in.scalar_type());
 }

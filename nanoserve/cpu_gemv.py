@@ -1,4 +1,4 @@
-"""Hand-written AVX-512 matrix-vector products for one-token decode on the CPU.
+"""Hand-written AVX-512 matrix-vector products for decode steps of 1-8 tokens on the CPU.
 
 When one sequence decodes, each linear layer multiplies one row of activations by its whole
 weight matrix: every weight is read once and used once, so the layer can be no faster than
@@ -11,7 +11,10 @@ one front-to-back stream, one 64-byte vector per instruction, 16 outputs per vec
 narrow types it uses the CPU's dot-product instructions, vdpbf16ps (bf16 pairs into fp32) and
 vpdpbusd (uint8 x int8 quads into int32), as llama.cpp's bf16 and Q8_0 kernels do. For
 GPT-2 124M's step that is 1.2-1.5x oneDNN's speed in fp32, 1.3-1.6x in bf16, 2-2.2x in int8,
-at about the rate a plain streaming read reaches here (BENCHMARKS.md, issue 12). The cost is
+at about the rate a plain streaming read reaches here (BENCHMARKS.md, issue 12). A decode
+step of a few sequences (M up to MAX_ROWS = 8) is still bound by reading the weights, so the
+same loop takes M rows: each weight vector, loaded once, feeds M instructions (at M = 8 the 49
+products ran 1.1x oneDNN in bf16, 1.8x in fp32, 2.3x in int8; fifth session). The cost is
 memory: the packed copy sits beside oneDNN's (which batched steps and prefill still use).
 
 It is built the first time an engine on the CPU needs it, with torch.utils.cpp_extension
@@ -45,6 +48,7 @@ import torch
 _CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni"]
 _CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"}
 _state: dict[str, bool] = {}            # "loaded": the ops exist (True) or cannot (False)
+MAX_ROWS = 8                            # rows of x one call takes (cpu_gemv.cpp's kMaxRows)
 
 
 def cpu_has_instructions() -> bool:
@@ -145,7 +149,7 @@ def huge_pages_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor
 
 def gemv(x: torch.Tensor, wp: torch.Tensor, out_features: int, bias: torch.Tensor | None,
          scale: torch.Tensor | None = None, row_sums: torch.Tensor | None = None) -> torch.Tensor:
-    """x (1, K) @ W.T + bias -> (1, O), W given as pack(W) and O = out_features, by W's dtype:
+    """x (M, K) @ W.T + bias -> (M, O) for M <= MAX_ROWS, W given as pack(W) and O = out_features, by W's dtype:
     float32, bfloat16, or int8 with its per-row scale (O,) float32 and row_sums (O,) int32.
     bias is float32 or None. The result has x's dtype."""
     if wp.dtype == torch.int8:

@@ -18,10 +18,11 @@ with one of:
                  int8 x int8 products run in oneDNN's VNNI kernel (torch.ops.onednn), as
                  CTranslate2's int8 and llama.cpp's Q8_0 do. A quarter of fp32's bytes.
 
-With one token (N = 1, a single sequence decoding) both run cpu_gemv.py's hand-written
-AVX-512 kernels instead, on a second copy of the weights packed for them, where the CPU has
-AVX-512 BF16 and VNNI: at one row they read the weights 1.2-2.2x faster than oneDNN does
-(BENCHMARKS.md, issue 12, third session). Elsewhere, the compiled one-sequence decode step
+With one to eight tokens (N <= cpu_gemv.MAX_ROWS: decode steps of up to 8 sequences) both
+run cpu_gemv.py's hand-written AVX-512 kernels instead, on a second copy of the weights packed
+for them, where the CPU has AVX-512 BF16 and VNNI: at one row they read the weights 1.2-2.2x
+faster than oneDNN does, at 8 rows 1.1-2.3x (BENCHMARKS.md, issue 12, third and fifth
+sessions). Elsewhere, the compiled one-sequence decode step
 (fused.compile_cpu_decode) runs gemv() below in float32, an Inductor-generated loop that reads
 the plain weights faster than oneDNN reads its packed ones for one row, so it keeps both.
 
@@ -96,7 +97,7 @@ class PackedLinear(_OneTokenGemv):
         self.register_buffer("weight", weight.detach() if keep_weight else None, persistent=False)   # (O, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:        # (N, K) -> (N, O)
-        if self.gemv_weight is not None and x.shape[0] == 1:   # eager and in the compiled step
+        if self.gemv_weight is not None and x.shape[0] <= cpu_gemv.MAX_ROWS:   # eager and in the compiled step
             return cpu_gemv.gemv(x, self.gemv_weight, self.out_features, self.gemv_bias)
         # Only while torch.compile traces the batch-1 step: eager, the same loop would be slow.
         if self.weight is not None and x.shape[0] == 1 and torch.compiler.is_compiling():
@@ -125,7 +126,7 @@ class Int8Linear(_OneTokenGemv):
         self.register_buffer("half_step", torch.tensor(128.5), persistent=False)   # zero point + rounding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:        # (N, K) -> (N, O)
-        if self.gemv_weight is not None and x.shape[0] == 1:
+        if self.gemv_weight is not None and x.shape[0] <= cpu_gemv.MAX_ROWS:
             return cpu_gemv.gemv(x, self.gemv_weight, self.out_features, self.gemv_bias, self.w_scale, self.row_sums)
         # Each row gets its own scale (its largest |x| / 127), so a token's result does not
         # depend on its batch. At one token per step every op here is a fixed cost paid 49

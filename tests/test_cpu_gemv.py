@@ -27,9 +27,9 @@ pytestmark = pytest.mark.skipif(not cpu_gemv.cpu_has_instructions(), reason="CPU
 SHAPES = [(96, 64), (37, 50), (769, 771), (5, 33), (3, 1), (130, 3075)]
 
 
-def _case(O: int, K: int, bias: bool, seed: int = 0):
+def _case(O: int, K: int, bias: bool, seed: int = 0, rows: int = 1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, K, generator=g)
+    x = torch.randn(rows, K, generator=g) * torch.linspace(0.5, 2, rows)[:, None]   # rows of different scales
     w = torch.randn(O, K, generator=g) * 0.2
     b = torch.randn(O, generator=g) if bias else None
     return x, w, b
@@ -44,46 +44,55 @@ def test_the_kernels_build_on_a_cpu_that_has_the_instructions():
     assert cpu_gemv.is_available()
 
 
+ROWS = [1, 3, 8]        # one token; a few; the most a call takes (cpu_gemv.MAX_ROWS)
+
+
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("O,K", SHAPES)
-def test_fp32_gemv_equals_f_linear(O, K, bias):
-    """gemv on fp32 weights is F.linear within 1e-4 for any O and K, with or without bias."""
-    x, w, b = _case(O, K, bias)
+def test_fp32_gemv_equals_f_linear(O, K, bias, rows):
+    """gemv on fp32 weights is F.linear within 1e-4 for any O and K, with or without bias,
+    for 1 to MAX_ROWS rows of x."""
+    x, w, b = _case(O, K, bias, rows=rows)
     torch.testing.assert_close(cpu_gemv.gemv(x, cpu_gemv.pack(w), O, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("O,K", SHAPES)
-def test_bf16_gemv_equals_f_linear_on_bf16_rounded_values(O, K, bias):
+def test_bf16_gemv_equals_f_linear_on_bf16_rounded_values(O, K, bias, rows):
     """gemv on bf16 weights rounds x to bf16 and sums in fp32: F.linear on the rounded x and W
     within 1e-4 relative, and the fp32 product within 1% of its norm."""
-    x, w, b = _case(O, K, bias)
+    x, w, b = _case(O, K, bias, rows=rows)
     wb = w.bfloat16()
-    y = cpu_gemv.gemv(x, cpu_gemv.pack(wb), O, b)                          # (1, O) float32: x's dtype
+    y = cpu_gemv.gemv(x, cpu_gemv.pack(wb), O, b)                          # (M, O) float32: x's dtype
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, F.linear(x.bfloat16().float(), wb.float(), b), atol=1e-4, rtol=1e-4)
     assert _rel(y, F.linear(x, w, b)) < 1e-2
 
 
-def test_bf16_gemv_returns_bf16_for_bf16_input():
+@pytest.mark.parametrize("rows", ROWS)
+def test_bf16_gemv_returns_bf16_for_bf16_input(rows):
     """With x in bf16 (a bf16 model) the result is bf16: the fp32 sums rounded once."""
-    x, w, b = _case(37, 50, True)
+    x, w, b = _case(37, 50, True, rows=rows)
     wb, xb = w.bfloat16(), x.bfloat16()
     y = cpu_gemv.gemv(xb, cpu_gemv.pack(wb), 37, b)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, F.linear(xb.float(), wb.float(), b).bfloat16(), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("O,K", SHAPES)
-def test_int8_gemv_equals_f_linear_on_the_quantized_values(O, K, bias):
-    """gemv on int8 weights quantizes x per token (max |x| -> 127, rounded half up) and sums
-    exactly: F.linear on the dequantized x and W within 1e-4 relative, fp32 within 5%."""
-    x, w, b = _case(O, K, bias)
+def test_int8_gemv_equals_f_linear_on_the_quantized_values(O, K, bias, rows):
+    """gemv on int8 weights quantizes x per token, each row with its own scale (max |x| -> 127,
+    rounded half up) and sums exactly: F.linear on the dequantized x and W within 1e-4
+    relative, fp32 within 5%."""
+    x, w, b = _case(O, K, bias, rows=rows)
     q, scale = quantize_per_channel(w)
     y = cpu_gemv.gemv(x, cpu_gemv.pack(q), O, b, scale, cpu_gemv.int8_row_sums(q))
-    amax = x.abs().max()
-    xq = torch.floor(x * (127 / amax) + 0.5) * (amax / 127)                # (1, K) dequantized
+    amax = x.abs().amax(dim=1, keepdim=True)                                # (M, 1) a scale per row
+    xq = torch.floor(x * (127 / amax) + 0.5) * (amax / 127)                # (M, K) dequantized
     ref = F.linear(xq, q.float() * scale[:, None], b)
     torch.testing.assert_close(y, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
     assert _rel(y, F.linear(x, w, b)) < 5e-2
@@ -103,21 +112,25 @@ def test_int8_linear_gives_the_same_token_result_through_gemv_and_onednn(monkeyp
     torch.testing.assert_close(y_fast.float(), y_slow.float(), atol=1e-3 if dtype == torch.float32 else 2e-2, rtol=1e-2)
 
 
-def test_packed_linear_runs_gemv_for_one_token_and_onednn_for_more():
-    """PackedLinear gives F.linear's result (1e-4) for 1 token (gemv) and for 3 (oneDNN)."""
-    x, w, b = _case(37, 50, True)
+def test_packed_linear_runs_gemv_for_few_tokens_and_onednn_for_more(monkeypatch):
+    """PackedLinear gives F.linear's result (1e-4) for 1 and MAX_ROWS tokens (gemv) and for
+    MAX_ROWS + 1 (oneDNN), each through the path it says."""
+    x, w, b = _case(37, 50, True, rows=cpu_gemv.MAX_ROWS + 1)
     lin = PackedLinear(w, b)
     assert lin.gemv_weight is not None
-    x3 = torch.cat([x, x * 2, -x])
-    for xs in (x, x3):
-        torch.testing.assert_close(lin(xs), F.linear(xs, w, b), atol=1e-4, rtol=1e-4)
+    calls = []
+    real = cpu_gemv.gemv
+    monkeypatch.setattr(cpu_gemv, "gemv", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    for n in (1, cpu_gemv.MAX_ROWS, cpu_gemv.MAX_ROWS + 1):
+        torch.testing.assert_close(lin(x[:n]), F.linear(x[:n], w, b), atol=1e-4, rtol=1e-4)
+    assert calls == [1, cpu_gemv.MAX_ROWS]
 
 
-def test_gemv_rejects_more_than_one_row():
-    """The op is for one token: x with 2 rows is an error naming the shape, not a wrong result."""
-    x, w, b = _case(37, 50, True)
-    with pytest.raises(RuntimeError, match="one row"):
-        cpu_gemv.gemv(torch.cat([x, x]), cpu_gemv.pack(w), 37, b)
+def test_gemv_rejects_more_rows_than_it_takes():
+    """The op takes 1 to 8 rows: 9 is an error naming the shape, not a wrong result."""
+    x, w, b = _case(37, 50, True, rows=9)
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        cpu_gemv.gemv(x, cpu_gemv.pack(w), 37, b)
 
 
 @pytest.mark.parametrize("ckpt", ["tiny_ckpt", "odd_ckpt"])

@@ -1,6 +1,6 @@
 // One token through GPT-2 on the CPU, in C++: model.py's forward and compute_logits for a
-// decode step of one sequence, as one call from Python. cpu_step.py builds it and says when
-// the engine uses it.
+// decode step of one to eight sequences, as one call from Python. cpu_step.py builds it and
+// says when the engine uses it.
 //
 // Why it exists. At batch 1 a CPU decode step is 49 matrix-vector products (cpu_gemv.cpp;
 // for GPT-2 124M in int8, ~4 ms of reading weights) and ~250 small operations between them:
@@ -79,37 +79,31 @@ struct CacheView {
   int64_t at(int64_t t, int64_t h) const { return blocks[t / BS] * s_block + (t % BS) * s_token + h * s_head; }
 };
 
-// attention.paged_attention for one query: out[h] = softmax(q[h] . K[h]^T * scale) V[h] over
-// the ctx cached tokens (this step's K/V already written), heads split between threads.
+// attention.paged_attention for one query and one head: out = softmax(q . K^T * scale) V over
+// the ctx cached tokens of head h (this step's K/V already written).
 template <typename E>
-void attend(const float* q, const E* k, const E* v, const CacheView& cv, int64_t ctx, int64_t H, int64_t D,
+void attend(const float* q, const E* k, const E* v, const CacheView& cv, int64_t ctx, int64_t h, int64_t D,
             float scale, float* out) {
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> p(ctx);                                 // scores, then probabilities
-    std::vector<__m512> acc((D + 15) / 16);
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* qh = q + h * D;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < ctx; ++t) {                      // scores: q . k_t
-        const E* kt = k + cv.at(t, h);
-        __m512 s = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16)
-          s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes(D - d), qh + d), load16(kt + d, lanes(D - d)), s);
-        p[t] = _mm512_reduce_add_ps(s) * scale;
-        top = std::max(top, p[t]);
-      }
-      float sum = 0;                                           // softmax, less its max for range
-      for (int64_t t = 0; t < ctx; ++t) sum += (p[t] = std::exp(p[t] - top));
-      for (auto& a : acc) a = _mm512_setzero_ps();
-      for (int64_t t = 0; t < ctx; ++t) {                      // weighted sum of the values
-        const E* vt = v + cv.at(t, h);
-        const __m512 pt = _mm512_set1_ps(p[t]);
-        for (int64_t d = 0, j = 0; d < D; d += 16, ++j) acc[j] = _mm512_fmadd_ps(pt, load16(vt + d, lanes(D - d)), acc[j]);
-      }
-      for (int64_t d = 0, j = 0; d < D; d += 16, ++j)
-        _mm512_mask_storeu_ps(out + h * D + d, lanes(D - d), _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / sum)));
-    }
-  });
+  std::vector<float> p(ctx);                                   // scores, then probabilities
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < ctx; ++t) {                          // scores: q . k_t
+    const E* kt = k + cv.at(t, h);
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16)
+      s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes(D - d), q + d), load16(kt + d, lanes(D - d)), s);
+    p[t] = _mm512_reduce_add_ps(s) * scale;
+    top = std::max(top, p[t]);
+  }
+  float sum = 0;                                               // softmax, less its max for range
+  for (int64_t t = 0; t < ctx; ++t) sum += (p[t] = std::exp(p[t] - top));
+  std::vector<__m512> acc((D + 15) / 16, _mm512_setzero_ps());
+  for (int64_t t = 0; t < ctx; ++t) {                          // weighted sum of the values
+    const E* vt = v + cv.at(t, h);
+    const __m512 pt = _mm512_set1_ps(p[t]);
+    for (int64_t d = 0, j = 0; d < D; d += 16, ++j) acc[j] = _mm512_fmadd_ps(pt, load16(vt + d, lanes(D - d)), acc[j]);
+  }
+  for (int64_t d = 0, j = 0; d < D; d += 16, ++j)
+    _mm512_mask_storeu_ps(out + d, lanes(D - d), _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / sum)));
 }
 
 // The first n values of an int32 or int64 tensor (ids, positions, lengths, block tables).
@@ -165,74 +159,100 @@ class Decoder : public torch::CustomClassHolder {
     C_ = wte_.size(1);
     TORCH_CHECK(C_ % H_ == 0 && layers_[0].c_attn.O == 3 * C_, "cpu_step.Decoder: n_embd ", C_, " and n_head ", H_,
                 " do not fit c_attn's ", layers_[0].c_attn.O, " outputs");
-    for (Tensor* t : {&x_, &h_, &a_}) *t = at::empty({1, C_}, at::kFloat);
   }
 
-  // One decode step of one sequence, as runner.launch passes it: ids, positions, kv_cache
-  // (L, 2, NB, BS, H, D), block_tables (1, MB), context_lens (1,), slot_mapping (1,) -> (1, V)
-  // float32 logits. Writes this token's K/V into its slot first, as model.py does.
+  // One decode step of M = 1..8 sequences, one token each, as runner.launch passes it: ids,
+  // positions (M,), kv_cache (L, 2, NB, BS, H, D), block_tables (M, MB), context_lens (M,),
+  // slot_mapping (M,) -> (M, V) float32 logits. Writes the step's K/V into their slots before
+  // attending, as model.py does. (cpu_step.py checks the same limits first, in Python.)
   Tensor step(Tensor input_ids, Tensor positions, Tensor kv_cache, Tensor block_tables, Tensor context_lens,
               Tensor slot_mapping) {
-    const int64_t L = static_cast<int64_t>(layers_.size()), D = C_ / H_;
+    const int64_t L = static_cast<int64_t>(layers_.size()), D = C_ / H_, M = input_ids.numel();
     TORCH_CHECK(kv_cache.dim() == 6 && kv_cache.size(0) == L && kv_cache.size(1) == 2 && kv_cache.size(4) == H_ &&
                 kv_cache.size(5) == D && kv_cache.stride(5) == 1 &&
                 (kv_cache.scalar_type() == at::kFloat || kv_cache.scalar_type() == at::kBFloat16),
                 "cpu_step: kv_cache must be (L=", L, ", 2, NB, BS, H=", H_, ", D=", D,
                 ") float32 or bfloat16 with contiguous rows, got ", kv_cache.sizes(), " ", kv_cache.scalar_type());
-    const int64_t NB = kv_cache.size(2), BS = kv_cache.size(3);
-    const int64_t token = ints(input_ids, 1)[0], pos = ints(positions, 1)[0];
-    const int64_t ctx = ints(context_lens, 1)[0], slot = ints(slot_mapping, 1)[0];
-    TORCH_CHECK(0 <= token && token < wte_.size(0), "cpu_step: token id ", token, " is outside [0, ", wte_.size(0), ")");
-    TORCH_CHECK(0 <= pos && pos < wpe_.size(0), "cpu_step: position ", pos, " is outside [0, n_ctx=", wpe_.size(0), ")");
-    TORCH_CHECK(1 <= ctx && ctx <= block_tables.size(-1) * BS, "cpu_step: context of ", ctx,
-                " tokens does not fit a block table of ", block_tables.size(-1), " blocks of ", BS);
-    TORCH_CHECK(0 <= slot && slot < NB * BS, "cpu_step: slot ", slot, " is outside the pool's ", NB * BS);
-    const std::vector<int64_t> blocks = ints(block_tables, (ctx + BS - 1) / BS);
-    for (int64_t b : blocks) TORCH_CHECK(0 <= b && b < NB, "cpu_step: block ", b, " is outside the pool's ", NB);
-    const CacheView cv{kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4), BS, blocks};
-    const int64_t slot_at = (slot / BS) * cv.s_block + (slot % BS) * cv.s_token;
+    TORCH_CHECK(1 <= M && M <= 8 && positions.numel() == M && context_lens.numel() == M &&
+                slot_mapping.numel() == M && block_tables.dim() == 2 && block_tables.size(0) == M,
+                "cpu_step: 1 to 8 sequences, one token each, got ", M, " ids and block tables ", block_tables.sizes());
+    const int64_t NB = kv_cache.size(2), BS = kv_cache.size(3), MB = block_tables.size(1);
+    const std::vector<int64_t> tokens = ints(input_ids, M), pos = ints(positions, M);
+    const std::vector<int64_t> ctx = ints(context_lens, M), slots = ints(slot_mapping, M);
+    const std::vector<int64_t> table = ints(block_tables, M * MB);
+    std::vector<std::vector<int64_t>> blocks(M);
+    for (int64_t r = 0; r < M; ++r) {
+      TORCH_CHECK(0 <= tokens[r] && tokens[r] < wte_.size(0), "cpu_step: token id ", tokens[r], " is outside [0, ",
+                  wte_.size(0), ")");
+      TORCH_CHECK(0 <= pos[r] && pos[r] < wpe_.size(0), "cpu_step: position ", pos[r], " is outside [0, n_ctx=",
+                  wpe_.size(0), ")");
+      TORCH_CHECK(1 <= ctx[r] && ctx[r] <= MB * BS, "cpu_step: context of ", ctx[r],
+                  " tokens does not fit a block table of ", MB, " blocks of ", BS);
+      TORCH_CHECK(0 <= slots[r] && slots[r] < NB * BS, "cpu_step: slot ", slots[r], " is outside the pool's ", NB * BS);
+      blocks[r].assign(table.begin() + r * MB, table.begin() + r * MB + (ctx[r] + BS - 1) / BS);
+      for (int64_t b : blocks[r]) TORCH_CHECK(0 <= b && b < NB, "cpu_step: block ", b, " is outside the pool's ", NB);
+    }
+    std::vector<CacheView> views;
+    for (int64_t r = 0; r < M; ++r) views.push_back({kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4), BS, blocks[r]});
 
-    float *x = x_.data_ptr<float>(), *h = h_.data_ptr<float>(), *a = a_.data_ptr<float>();
-    for (int64_t c = 0; c < C_; ++c) x[c] = value(wte_, token * C_ + c) + value(wpe_, pos * C_ + c);   // wte + wpe
+    // x: the residual stream, h: a layer norm's output, a: attention's output; (M, C) each
+    const Tensor x_t = at::empty({M, C_}, at::kFloat), h_t = at::empty({M, C_}, at::kFloat),
+                 a_t = at::empty({M, C_}, at::kFloat);
+    float *x = x_t.data_ptr<float>(), *h = h_t.data_ptr<float>(), *a = a_t.data_ptr<float>();
+    for (int64_t r = 0; r < M; ++r)                                                      // wte + wpe
+      for (int64_t c = 0; c < C_; ++c) x[r * C_ + c] = value(wte_, tokens[r] * C_ + c) + value(wpe_, pos[r] * C_ + c);
+    auto norm_rows = [&](const Tensor& w, const Tensor& b) {
+      for (int64_t r = 0; r < M; ++r) layer_norm(x + r * C_, w, b, eps_, C_, h + r * C_);
+    };
+    auto add_rows = [&](const Tensor& y) {                                               // x += y, (M, C)
+      const float* yp = y.data_ptr<float>();
+      for (int64_t i = 0; i < M * C_; ++i) x[i] += yp[i];
+    };
     for (int64_t l = 0; l < L; ++l) {
       const Layer& y = layers_[l];
       // x = x + attn(ln_1(x)): q, k, v from one product; k, v into the cache; attention; c_proj
-      layer_norm(x, y.ln_1_w, y.ln_1_b, eps_, C_, h);
-      const Tensor qkv = y.c_attn(h_);                                                   // (1, 3C)
-      const float* q = qkv.data_ptr<float>();
+      norm_rows(y.ln_1_w, y.ln_1_b);
+      const Tensor qkv = y.c_attn(h_t);                                                  // (M, 3C)
       if (kv_cache.scalar_type() == at::kBFloat16)
-        layer_step<BFloat16>(q, kv_cache[l], cv, slot_at, ctx, a);
+        layer_step<BFloat16>(qkv.data_ptr<float>(), kv_cache[l], views, slots, ctx, a);
       else
-        layer_step<float>(q, kv_cache[l], cv, slot_at, ctx, a);
-      const Tensor o = y.attn_proj(a_);                                                  // (1, C)
-      const float* op = o.data_ptr<float>();
-      for (int64_t c = 0; c < C_; ++c) x[c] += op[c];
+        layer_step<float>(qkv.data_ptr<float>(), kv_cache[l], views, slots, ctx, a);
+      add_rows(y.attn_proj(a_t));
       // x = x + mlp(ln_2(x))
-      layer_norm(x, y.ln_2_w, y.ln_2_b, eps_, C_, h);
-      Tensor f = y.c_fc(h_);                                                             // (1, 4C)
+      norm_rows(y.ln_2_w, y.ln_2_b);
+      Tensor f = y.c_fc(h_t);                                                            // (M, 4C)
       at::gelu_(f, gelu_);
-      const Tensor m = y.mlp_proj(f);
-      const float* mp = m.data_ptr<float>();
-      for (int64_t c = 0; c < C_; ++c) x[c] += mp[c];
+      add_rows(y.mlp_proj(f));
     }
-    layer_norm(x, ln_f_w_, ln_f_b_, eps_, C_, h);
-    return head_(h_);                                                                    // (1, V)
+    norm_rows(ln_f_w_, ln_f_b_);
+    return head_(h_t);                                                                   // (M, V)
   }
 
  private:
-  // Store this token's k, v (q + C, q + 2C) at its slot of layer l's cache (kv: (2, NB, BS, H, D)),
-  // then attend from q to the ctx cached tokens into out.
+  // Store each row's k, v (row r of qkv: q, k, v of C each) at its slot of layer l's cache (kv:
+  // (2, NB, BS, H, D)), then attend from each row's q to its sequence's ctx cached tokens, one
+  // (row, head) pair per task, into out (M, C).
   template <typename E>
-  void layer_step(const float* q, const Tensor& kv, const CacheView& cv, int64_t slot_at, int64_t ctx, float* out) {
+  void layer_step(const float* qkv, const Tensor& kv, const std::vector<CacheView>& views,
+                  const std::vector<int64_t>& slots, const std::vector<int64_t>& ctx, float* out) {
     E* k = static_cast<E*>(kv[0].data_ptr());
     E* v = static_cast<E*>(kv[1].data_ptr());
-    const int64_t D = C_ / H_;
-    for (int64_t hd = 0; hd < H_; ++hd)
-      for (int64_t d = 0; d < D; ++d) {
-        k[slot_at + hd * cv.s_head + d] = static_cast<E>(q[C_ + hd * D + d]);
-        v[slot_at + hd * cv.s_head + d] = static_cast<E>(q[2 * C_ + hd * D + d]);
+    const int64_t M = static_cast<int64_t>(views.size()), D = C_ / H_, C3 = 3 * C_;
+    for (int64_t r = 0; r < M; ++r) {
+      const CacheView& cv = views[r];
+      const int64_t where = (slots[r] / cv.BS) * cv.s_block + (slots[r] % cv.BS) * cv.s_token;
+      for (int64_t hd = 0; hd < H_; ++hd)
+        for (int64_t d = 0; d < D; ++d) {
+          k[where + hd * cv.s_head + d] = static_cast<E>(qkv[r * C3 + C_ + hd * D + d]);
+          v[where + hd * cv.s_head + d] = static_cast<E>(qkv[r * C3 + 2 * C_ + hd * D + d]);
+        }
+    }
+    at::parallel_for(0, M * H_, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = i / H_, hd = i % H_;
+        attend<E>(qkv + r * C3 + hd * D, k, v, views[r], ctx[r], hd, D, scale_, out + r * C_ + hd * D);
       }
-    attend<E>(q, k, v, cv, ctx, H_, D, scale_, out);
+    });
   }
 
   int64_t H_, C_ = 0;
@@ -242,7 +262,6 @@ class Decoder : public torch::CustomClassHolder {
   Tensor wte_, wpe_, ln_f_w_, ln_f_b_;
   Linear head_;
   std::vector<Layer> layers_;
-  Tensor x_, h_, a_;                                           // (1, C): the residual, ln output, attention output
 };
 
 }  // namespace

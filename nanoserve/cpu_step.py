@@ -1,4 +1,4 @@
-"""One sequence's decode step on the CPU as one C++ call (cpu_step.cpp).
+"""A decode step of one to eight sequences on the CPU as one C++ call (cpu_step.cpp).
 
 When one sequence decodes on a CPU, the step is 49 matrix-vector products (cpu_gemv.py) and
 ~250 small operations between them. The products are as fast as this CPU reads memory; the
@@ -7,14 +7,16 @@ a step even when torch.compile fuses them (fused.compile_cpu_decode), against ~4
 for GPT-2 124M in int8. cpu_step.cpp writes model.py's forward for that one token as plain C++
 loops around cpu_gemv's products, so a step costs one call from Python, as it does in
 llama.cpp or llama2.c. Its arithmetic follows model.py line by line (read that first); its
-activations are float32 whatever the weights' dtype.
+activations are float32 whatever the weights' dtype. With a few sequences (up to 8, the rows
+cpu_gemv's products take) the same loops run once per sequence and each product serves all of
+them: the weights are still read once a step.
 
 The engine uses it (`EngineConfig(fused_decode=True)`, or by default: see
-LLMEngine._set_up_decode) for steps that decode one sequence without a sliding window, when
-every linear layer holds cpu_gemv's packed weights, i.e. on a CPU with AVX-512 BF16 and VNNI
-where cpu_gemv.cpp built. Everything else runs model.py.
+LLMEngine._set_up_decode) for steps that only decode, 1 to 8 sequences, all sampling, without a
+sliding window, when every linear layer holds cpu_gemv's packed weights, i.e. on a CPU with
+AVX-512 BF16 and VNNI where cpu_gemv.cpp built. Everything else runs model.py.
 
-L = n_layer   V = vocab_size
+L = n_layer   S = sequences in the step   V = vocab_size
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from .fused import DecodeFn
 from .model import GPT2
 
 _NONE = torch.empty(0)              # "absent" in the Decoder's tensor list (it takes no None)
+MAX_SEQS = cpu_gemv.MAX_ROWS        # sequences one step takes: the products' rows (cpu_step.cpp checks 8)
 
 
 def _linear(mod: torch.nn.Module) -> tuple[list[torch.Tensor], int]:
@@ -44,8 +47,8 @@ def supports(model: GPT2) -> bool:
 
 
 def build(model: GPT2) -> DecodeFn:
-    """model's one-token decode step: (1,) token id at (1,) position -> (1, V) float32 logits,
-    writing the step's K/V into kv_cache as model.py does. The C++ object keeps references to
+    """model's decode step for 1 to MAX_SEQS sequences: (S,) token ids at (S,) positions ->
+    (S, V) float32 logits, writing the step's K/V into kv_cache as model.py does. The C++ object keeps references to
     the model's tensors (no copies, except float32 copies of the layer norms' weights)."""
     assert supports(model), "cpu_step needs cpu_gemv's packed weights in every linear layer"
     cfg = model.config
@@ -68,24 +71,27 @@ def build(model: GPT2) -> DecodeFn:
 
     def step(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
              meta: AttentionMetadata) -> torch.Tensor:
-        assert meta.num_seqs == 1 and meta.is_decode and meta.attention_window is None, "one decode token, no window"
-        _check(input_ids.tolist()[0], positions.tolist()[0], meta, vocab, n_ctx, kv_cache)
+        assert 1 <= meta.num_seqs <= MAX_SEQS and input_ids.numel() == meta.num_seqs and meta.is_decode \
+            and meta.attention_window is None, "one decode token for each of 1 to 8 sequences, no window"
+        _check(input_ids.tolist(), positions.tolist(), meta, vocab, n_ctx, kv_cache)
         return decoder.step(input_ids, positions, kv_cache, meta.block_tables, meta.context_lens, meta.slot_mapping)
     return step
 
 
-def _check(token: int, pos: int, meta: AttentionMetadata, vocab: int, n_ctx: int, kv_cache: torch.Tensor) -> None:
+def _check(tokens: list[int], positions: list[int], meta: AttentionMetadata, vocab: int, n_ctx: int,
+           kv_cache: torch.Tensor) -> None:
     """Raise ValueError, naming the value and its limit, for a step the C++ would refuse (it
     checks too, but an exception thrown in a C++ extension crashed the process on one machine:
-    torch 2.11 with g++ 13). The runner never builds such a step; ~5 us a step."""
+    torch 2.11 with g++ 13). The runner never builds such a step; ~5 us a sequence."""
     NB, BS = kv_cache.shape[2], kv_cache.shape[3]
-    ctx, slot = meta.context_lens.tolist()[0], meta.slot_mapping.tolist()[0]
-    table = meta.block_tables[0].tolist()
-    problems = [f"token id {token} is outside [0, {vocab})" if not 0 <= token < vocab else "",
-                f"position {pos} is outside [0, n_ctx={n_ctx})" if not 0 <= pos < n_ctx else "",
-                f"slot {slot} is outside the pool's {NB * BS}" if not 0 <= slot < NB * BS else "",
-                f"context of {ctx} tokens does not fit a block table of {len(table)} blocks of {BS}"
-                if not 1 <= ctx <= len(table) * BS else ""]
-    problems += [f"block {b} is outside the pool's {NB}" for b in table[:-(-ctx // BS)] if not 0 <= b < NB]
+    problems = []
+    for token, pos, ctx, slot, table in zip(tokens, positions, meta.context_lens.tolist(), meta.slot_mapping.tolist(),
+                                            meta.block_tables.tolist()):
+        problems += [f"token id {token} is outside [0, {vocab})" if not 0 <= token < vocab else "",
+                     f"position {pos} is outside [0, n_ctx={n_ctx})" if not 0 <= pos < n_ctx else "",
+                     f"slot {slot} is outside the pool's {NB * BS}" if not 0 <= slot < NB * BS else "",
+                     f"context of {ctx} tokens does not fit a block table of {len(table)} blocks of {BS}"
+                     if not 1 <= ctx <= len(table) * BS else ""]
+        problems += [f"block {b} is outside the pool's {NB}" for b in table[:-(-ctx // BS)] if not 0 <= b < NB]
     if any(problems):
         raise ValueError("cpu_step: " + "; ".join(p for p in problems if p))

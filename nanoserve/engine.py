@@ -179,7 +179,7 @@ class LLMEngine:
         elif self.device.type == "cpu" and cfg.fused_decode is not False and not cfg.enforce_eager:
             from . import cpu_step
             if cpu_step.supports(self.model):     # one C++ call a step, nothing to compile: on by default
-                self.runner.cpu_decode = cpu_step.build(self.model)
+                self.runner.cpu_decode, self.runner.cpu_decode_seqs = cpu_step.build(self.model), cpu_step.MAX_SEQS
             elif self._use_cpu_decode():
                 from .fused import compile_cpu_decode
                 self.runner.cpu_decode = compile_cpu_decode(self.model)   # compiles on its first step

@@ -136,9 +136,11 @@ class ModelRunner:
         self.decode_logits: DecodeFn | None = None
         self.graph_bufs: dict[str, torch.Tensor] = {}
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}           # prompt tokens -> graph
-        # On a CPU the engine may set fused.compile_cpu_decode(model): steps that decode one
-        # sequence call it directly (there are no graphs to replay).
+        # On a CPU the engine may set a fused decode step (cpu_step.build, for up to
+        # cpu_decode_seqs = 8 sequences, or fused.compile_cpu_decode, for 1): steps that only
+        # decode that many sequences call it directly (there are no graphs to replay).
         self.cpu_decode: DecodeFn | None = None
+        self.cpu_decode_seqs = 1
         # Block tables live in a host array with one row per running sequence, updated only
         # when a sequence gains a block: turning 256 Python lists into a tensor every step
         # cost more (~2 ms) than the GPU's whole decode step. numpy, not a CPU tensor: writing
@@ -266,8 +268,8 @@ class ModelRunner:
             logits = self._replay(inp, graph_bs)                            # (S, V)
         elif (T := self._prefill_graph_size(inp)) is not None:
             logits = self._replay_prefill(inp, T)                           # (1, V)
-        elif self.cpu_decode is not None and self._is_single_decode(inp):
-            logits = self.cpu_decode(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (1, V)
+        elif self.cpu_decode is not None and self._is_small_decode(inp):
+            logits = self.cpu_decode(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (S, V)
         else:
             hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (N, C)
             logits = None
@@ -305,11 +307,12 @@ class ModelRunner:
                     result.logprobs[row] = dict(zip(ids[row][1:k + 1], lps[row][1:k + 1])) | {ids[row][0]: lps[row][0]}
         return result
 
-    def _is_single_decode(self, inp: StepInputs) -> bool:
-        """One sequence, one new token, sampled, no prompt logprobs, no sliding window."""
+    def _is_small_decode(self, inp: StepInputs) -> bool:
+        """At most cpu_decode_seqs sequences, one new token each, all sampled, no prompt
+        logprobs, no sliding window: what the CPU's fused decode steps take."""
         m = inp.meta
-        return m.num_seqs == 1 and m.is_decode and len(inp.sample_seqs) == 1 and not inp.prompt_rows \
-            and m.attention_window is None
+        return m.num_seqs <= self.cpu_decode_seqs and m.is_decode and len(inp.sample_seqs) == m.num_seqs \
+            and not inp.prompt_rows and m.attention_window is None
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inp: StepInputs, result: StepResult) -> None:
         lp = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)   # (P, V)

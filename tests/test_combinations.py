@@ -121,13 +121,16 @@ def test_stop_string_after_a_shift_with_special_tokens_shown_cuts_where_the_text
 def test_a_window_wider_than_the_context_changes_nothing_in_bf16_or_int8(ckpt, kw):
     """attention_window=n_ctx evicts nothing a query could see, so with bfloat16 or int8 linears,
     n=2 and chunked prefill, tokens and logprobs equal the same engine without a window (and
-    without prefix caching, which a window turns off: shared blocks change how steps batch)."""
+    without prefix caching, which a window turns off: shared blocks change how steps batch).
+    Both run model.py for every step (fused_decode=False): the CPU's C++ decode step takes no
+    window, and its float32 activations differ from the bf16 forward's in the last bits."""
     prompts = [_ids(50, seed=5), _ids(9, seed=6)]
     params = [SamplingParams(n=2, temperature=0.8, seed=1, max_tokens=14, ignore_eos=True, logprobs=3),
               SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)]
     runs = []
     for window in (None, N_CTX):
-        llm = _llm(ckpt, attention_window=window, enable_prefix_caching=False, max_num_batched_tokens=16, **kw)
+        llm = _llm(ckpt, attention_window=window, enable_prefix_caching=False, max_num_batched_tokens=16,
+                   fused_decode=False, **kw)
         runs.append(llm.generate(prompts, params, use_tqdm=False))
         _check_stats_and_empty(llm)
     assert _tokens(runs[0]) == _tokens(runs[1])

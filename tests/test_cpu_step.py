@@ -109,9 +109,9 @@ def _greedy(llm: LLM, prompts: list[list[int]], max_tokens: int = 24) -> list[tu
 
 
 def _counting(llm: LLM) -> list:
-    """Make llm's C++ step record its calls in the returned list (llm: an engine of one test)."""
+    """Make llm's C++ step record each call's sequence count in the returned list."""
     calls, step = [], llm.engine.runner.cpu_decode
-    llm.engine.runner.cpu_decode = lambda *a: calls.append(1) or step(*a)
+    llm.engine.runner.cpu_decode = lambda *a: calls.append(a[3].num_seqs) or step(*a)   # sequences per call
     return calls
 
 
@@ -127,18 +127,65 @@ def test_float32_greedy_tokens_and_logprobs_equal_the_eager_engines(tiny_ckpt):
     torch.testing.assert_close(lps, eager_lps, atol=1e-4, rtol=0)
 
 
-def test_batched_steps_and_windows_run_model_py(tiny_ckpt):
-    """Steps that decode several sequences do not call the C++ step (and give the eager
-    engine's tokens); nor does any step of an engine with a sliding window."""
+def test_steps_of_up_to_8_sequences_run_in_cpp_with_the_eager_tokens(tiny_ckpt):
+    """Three requests of different lengths decode together through the C++ step (steps of 3,
+    then fewer as they finish), each with the eager engine's greedy tokens, logprobs within 1e-4."""
     llm, eager = _engine(tiny_ckpt), _engine(tiny_ckpt, fused_decode=False)
     calls = _counting(llm)
-    prompts = [PROMPT, PROMPT[:9]]
-    assert [t for t, _ in _greedy(llm, prompts, 6)] == [t for t, _ in _greedy(eager, prompts, 6)]
+    prompts = [PROMPT, PROMPT[:9], PROMPT[:4]]
+    sp = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=0) for n in (20, 12, 6)]
+    for a, b in zip(llm.generate(prompts, sp, use_tqdm=False), eager.generate(prompts, sp, use_tqdm=False)):
+        a, b = a.outputs[0], b.outputs[0]
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor([lp[t] for lp, t in zip(a.logprobs, a.token_ids)]),
+                                   torch.tensor([lp[t] for lp, t in zip(b.logprobs, b.token_ids)]), atol=1e-4, rtol=0)
+    assert max(calls) == 3 and set(calls) == {1, 2, 3}
+
+
+def test_steps_of_more_than_8_sequences_and_windows_run_model_py(tiny_ckpt):
+    """Steps that decode 9 sequences do not call the C++ step (and give the eager engine's
+    tokens); nor does any step of an engine with a sliding window."""
+    llm, eager = _engine(tiny_ckpt), _engine(tiny_ckpt, fused_decode=False)
+    calls = _counting(llm)
+    prompts = [PROMPT[:k] for k in range(4, 13)]                      # 9 prompts, 4 tokens each after
+    assert [t for t, _ in _greedy(llm, prompts, 4)] == [t for t, _ in _greedy(eager, prompts, 4)]
     assert calls == []
     windowed = _engine(tiny_ckpt, attention_window=16)
     calls = _counting(windowed)
     _greedy(windowed, [PROMPT], 8)
     assert calls == []
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_step_of_four_sequences_equals_the_eager_forward(engines, mode):
+    """Four sequences at contexts 1, 17, 37 and n_ctx, each in its own scrambled blocks, in one
+    C++ step: the eager forward's logits and K/V writes, within TOL of the mode."""
+    llm = engines[mode]
+    model, BS = llm.engine.model, llm.engine.config.block_size
+    ctxs = [1, 17, 37, 128]
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(1)).tolist()
+    tables, slots = [], []
+    for c in ctxs:
+        tables.append([perm.pop() for _ in range(-(-c // BS))])
+        slots.append(tables[-1][(c - 1) // BS] * BS + (c - 1) % BS)
+    width = max(map(len, tables))
+    pool = torch.randn(llm.engine.kv_cache.shape, generator=torch.Generator().manual_seed(2)).to(llm.engine.kv_cache.dtype)
+    for sl in slots:
+        pool[:, :, sl // BS, sl % BS] = 1e4                  # as _one_step: every write differs from it
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slots),
+                             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+                             context_lens=torch.tensor(ctxs, dtype=torch.int32),
+                             query_start_loc=torch.arange(5, dtype=torch.int32), max_query_len=1, max_context_len=128)
+    ids, positions = torch.tensor([4881, 7, 50256, 300]), torch.tensor(ctxs) - 1
+    with torch.inference_mode():
+        kv_eager, kv_step = pool.clone(), pool.clone()
+        eager = model.compute_logits(model(ids, positions, kv_eager, meta)).float()          # (4, V)
+        step = llm.engine.runner.cpu_decode(ids, positions, kv_step, meta)                   # (4, V)
+    assert step.shape == eager.shape == (4, model.num_logits)
+    torch.testing.assert_close(step, eager, atol=TOL[mode], rtol=0)
+    written = kv_eager != pool
+    assert written.any() and torch.equal(kv_step != pool, written)
+    torch.testing.assert_close(kv_step.float(), kv_eager.float(), atol=TOL[mode], rtol=0)
 
 
 @pytest.mark.parametrize("field,value,message", [

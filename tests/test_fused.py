@@ -122,6 +122,7 @@ def _fused_engine(ckpt, mode: str) -> LLM:
 def _compiled_engine(ckpt, **kw) -> LLM:
     llm = LLM(str(ckpt), device="cpu", quiet=True, enable_prefix_caching=False, fused_decode=True, num_blocks=16, **kw)
     llm.engine.runner.cpu_decode = compile_cpu_decode(llm.engine.model)
+    llm.engine.runner.cpu_decode_seqs = 1          # the compiled step takes one sequence
     return llm
 
 

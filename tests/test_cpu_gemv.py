@@ -98,11 +98,13 @@ def test_int8_gemv_equals_f_linear_on_the_quantized_values(O, K, bias, rows):
     assert _rel(y, F.linear(x, w, b)) < 5e-2
 
 
+@pytest.mark.parametrize("rows", [1, 20, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_gives_the_same_token_result_through_gemv_and_onednn(monkeypatch, dtype):
-    """Int8Linear's one-token result is the same through cpu_gemv as through oneDNN (the same
-    quantization of x and W): the kernel is a drop-in for the module's batched path."""
-    x, w, b = _case(130, 3075, True)
+def test_int8_linear_gives_the_same_token_result_through_gemv_and_onednn(monkeypatch, dtype, rows):
+    """Int8Linear's result is the same through cpu_gemv (1 row; 20 rows in chunks of 8) as
+    through oneDNN (the same quantization of x and W, per row): the kernel is a drop-in for the
+    module's batched path. (33 rows: both run oneDNN.)"""
+    x, w, b = _case(130, 3075, True, rows=rows)
     fast = Int8Linear(w, b)
     monkeypatch.setattr(cpu_gemv, "is_available", lambda: False)
     slow = Int8Linear(w, b)

@@ -29,8 +29,8 @@ _ENGINE_HELP = {
     "enforce_eager": "no CUDA graphs", "compile_cpu_attention": "torch.compile the CPU decode attention "
     "(fused gather + softmax; ~10 s compile on first use; needs a C++ compiler)", "use_triton": "Triton attention kernels on CUDA (default: when installed)",
     "fused_decode": "CUDA: graphs capture the torch.compile'd decode step (default: on with CUDA graphs); "
-    "CPU: one-sequence decode steps in C++ where AVX-512 BF16/VNNI cpu_gemv builds (default: on); "
-    "elsewhere compiled by torch.compile (default: off; 13-84 s compile on first use)",
+    "CPU: decode steps of up to 8 sequences in C++ where AVX-512 BF16/VNNI cpu_gemv builds (default: on); "
+    "elsewhere one-sequence steps compiled by torch.compile (default: off; 13-84 s compile on first use)",
     "gemv": "CUDA: decode linears of 1-2 rows run a Triton GEMV, not cuBLAS (default: on with CUDA graphs)",
     "quiet": "no progress bars or info logs",
     "log_stats_interval": "seconds between one-line engine stats logs while busy (0: none)",

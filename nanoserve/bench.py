@@ -3,7 +3,7 @@
     python -m nanoserve bench cpu                      # the CPU workloads (2 cores, fp32)
     python -m nanoserve bench cpu --dtype bfloat16     # ... bf16 weights (HF in bf16 too)
     python -m nanoserve bench cpu --quantization int8  # ... int8 weights (HF in fp32)
-    python -m nanoserve bench cpu --fused-decode       # ... one-sequence decode steps in C++ (or compiled)
+    python -m nanoserve bench cpu --fused-decode       # ... decode steps in C++ (or one-sequence ones compiled)
     python -m nanoserve bench throughput --device cuda --compare-hf
     python -m nanoserve bench latency --device cuda --model gpt2-xl --compare-hf
     python -m nanoserve bench throughput --device cuda --compare vllm   # vLLM too, if importable
@@ -38,9 +38,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench_out", help="directory for JSON results and plots")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--fused-decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPU: CUDA graphs of the compiled decode step (default: on); cpu: one-sequence decode "
-                        "steps in C++ (cpu_step.py, default: on where it builds), elsewhere compiled (default: "
-                        "off) (EngineConfig.fused_decode)")
+                   help="GPU: CUDA graphs of the compiled decode step (default: on); cpu: decode steps of up "
+                        "to 8 sequences in C++ (cpu_step.py, default: on where it builds), elsewhere one-sequence "
+                        "steps compiled (default: off) (EngineConfig.fused_decode)")
     p.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
                    help="GPU: decode linears of few rows through gemv.py's Triton kernel (EngineConfig.gemv; default: on)")
     p.add_argument("--compare", choices=["vllm"], default=None,

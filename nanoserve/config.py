@@ -190,7 +190,7 @@ class EngineConfig:
     compile_cpu_attention: bool = False # CPU: torch.compile the decode attention (needs a C++ compiler)
     fused_decode: bool | None = None    # CUDA graphs capture the torch.compile'd decode step (fused.py);
                                         # None: when CUDA graphs are on, falling back to eager if it fails.
-                                        # CPU: one-sequence decode steps run cpu_step.cpp (None, True) where
+                                        # CPU: decode steps of <= 8 sequences run cpu_step.cpp (None, True) where
                                         # cpu_gemv builds, else with True fused.py's compiled step; False: model.py
     gemv: bool | None = None            # decode linears with few rows run gemv.py's Triton kernel, not cuBLAS;
                                         # None: where it applies (CUDA graphs on, Triton kernels in use)

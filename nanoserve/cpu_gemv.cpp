@@ -78,7 +78,7 @@ void blocks(const typename T::X* x, const typename T::W* w, int64_t KG, int64_t 
   const int64_t nb = (O + 15) / 16;
   auto finish_block = [&](int64_t bl, typename T::Acc acc) {
     const int64_t o = bl * 16;
-    const __mmask16 m = O - o >= 16 ? 0xFFFF : (__mmask16)((1u << (O - o)) - 1);
+    const __mmask16 m = nanoserve_cpu::lanes(O - o);
     finish(o, m, acc);
   };
   at::parallel_for(0, nb, 4, [&](int64_t b0, int64_t b1) {
@@ -124,7 +124,7 @@ void blocks_rows(const typename T::X* x, const typename T::W* w, int64_t KG, int
   const int64_t nb = (O + 15) / 16;
   auto finish_block = [&](int64_t bl, const Acc* acc) {
     const int64_t o = bl * 16;
-    const __mmask16 m = O - o >= 16 ? 0xFFFF : (__mmask16)((1u << (O - o)) - 1);
+    const __mmask16 m = nanoserve_cpu::lanes(O - o);
     for (int r = 0; r < M; ++r) finish(r, o, m, acc[r]);
   };
   at::parallel_for(0, nb, 4, [&](int64_t b0, int64_t b1) {
@@ -159,7 +159,7 @@ void blocks_rows(const typename T::X* x, const typename T::W* w, int64_t KG, int
 
 // blocks() for one row, blocks_rows<M> for 2..kMaxRows: M is a template argument so that the
 // accumulators live in registers.
-constexpr int64_t kMaxRows = 8;
+using nanoserve_cpu::kMaxRows;
 template <typename T, typename Finish>
 void products(int64_t M, const typename T::X* x, const typename T::W* w, int64_t KG, int64_t O, const Finish& finish) {
   switch (M) {
@@ -189,6 +189,10 @@ void check(const at::Tensor& x, const at::Tensor& wp, int64_t O, int64_t G, at::
 
 namespace nanoserve_cpu {
 
+// y (M, O) = acc + bias, summed in fp32, for fp32 and bf16 weights; stored as `out` (float32,
+// or bfloat16 rounded once here: a separate .to() cost a few us a call, 49 calls a step).
+// x: M rows of KG lanes.
+namespace {
 // 16 floats rounded to bf16 as torch rounds them (to nearest, ties to even; NaN -> 0x7FC0), so
 // that a bf16 result is the fp32 one passed through .bfloat16(), bit for bit.
 __m256i to_bf16(__m512 v) {
@@ -199,10 +203,6 @@ __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-// y (M, O) = acc + bias, summed in fp32, for fp32 and bf16 weights; stored as `out` (float32,
-// or bfloat16 rounded once here: a separate .to() cost a few us a call, 49 calls a step).
-// x: M rows of KG lanes.
-namespace {
 template <typename T>
 at::Tensor float_gemv(int64_t M, const typename T::X* x, const at::Tensor& wp, int64_t O,
                       const c10::optional<at::Tensor>& b, const at::TensorOptions& opts, at::ScalarType out) {
@@ -241,7 +241,7 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& wp, int64_t O, co
     TORCH_CHECK(x.scalar_type() == at::kFloat, "gemv_bf16: x must be float32 or bfloat16");
     const float* xf = x.data_ptr<float>() + r * K;
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 m = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+      const __mmask16 m = lanes(K - k);
       _mm256_mask_storeu_epi16(&xb[r * Kp + k], m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, xf + k)));
     }
   }

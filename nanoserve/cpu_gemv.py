@@ -89,7 +89,7 @@ def _build() -> None:
         # The first engine on a machine waits for g++: say why (later runs load the cached .so).
         print("nanoserve: compiling the AVX-512 GEMV (cpu_gemv.cpp) once for this machine, ~30 s ...",
               file=sys.stderr, flush=True)
-    here = Path(__file__).parent      # cpu_step.cpp: the one-token step over these ops (cpu_step.py)
+    here = Path(__file__).parent      # cpu_step.cpp: the decode step over these ops (cpu_step.py)
     load(name="nanoserve_cpu_gemv", sources=[str(here / "cpu_gemv.cpp"), str(here / "cpu_step.cpp")],
          extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     _register_fakes()

@@ -31,6 +31,8 @@ namespace {
 
 using at::Tensor;
 using c10::BFloat16;
+using nanoserve_cpu::kMaxRows;
+using nanoserve_cpu::lanes;
 
 // One linear layer as cpu_gemv packs it. bias, scale and rowsum are undefined when absent
 // (scale and rowsum belong to int8 weights).
@@ -38,7 +40,7 @@ struct Linear {
   Tensor wp, bias, scale, rowsum;
   int64_t O = 0;
 
-  Tensor operator()(const Tensor& x) const {                  // (1, K) float32 -> (1, O) float32
+  Tensor operator()(const Tensor& x) const {                  // (M, K) float32 -> (M, O) float32
     const c10::optional<Tensor> b = bias.defined() ? c10::optional<Tensor>(bias) : c10::nullopt;
     switch (wp.scalar_type()) {
       case at::kChar: return nanoserve_cpu::gemv_int8(x, wp, O, scale, rowsum, b);
@@ -69,7 +71,6 @@ __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p);
 __m512 load16(const BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
-__mmask16 lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
 
 // Where token t of the context lies in one layer's K (or V) cache, in elements: the paged
 // layout (attention.py), block table -> block -> row of the block -> head.
@@ -173,9 +174,9 @@ class Decoder : public torch::CustomClassHolder {
                 (kv_cache.scalar_type() == at::kFloat || kv_cache.scalar_type() == at::kBFloat16),
                 "cpu_step: kv_cache must be (L=", L, ", 2, NB, BS, H=", H_, ", D=", D,
                 ") float32 or bfloat16 with contiguous rows, got ", kv_cache.sizes(), " ", kv_cache.scalar_type());
-    TORCH_CHECK(1 <= M && M <= 8 && positions.numel() == M && context_lens.numel() == M &&
+    TORCH_CHECK(1 <= M && M <= kMaxRows && positions.numel() == M && context_lens.numel() == M &&
                 slot_mapping.numel() == M && block_tables.dim() == 2 && block_tables.size(0) == M,
-                "cpu_step: 1 to 8 sequences, one token each, got ", M, " ids and block tables ", block_tables.sizes());
+                "cpu_step: 1 to ", kMaxRows, " sequences, one token each, got ", M, " ids and block tables ", block_tables.sizes());
     const int64_t NB = kv_cache.size(2), BS = kv_cache.size(3), MB = block_tables.size(1);
     const std::vector<int64_t> tokens = ints(input_ids, M), pos = ints(positions, M);
     const std::vector<int64_t> ctx = ints(context_lens, M), slots = ints(slot_mapping, M);

@@ -158,8 +158,8 @@ class LLMEngine:
 
     def _set_up_decode(self) -> None:
         """The decode fast path: CUDA graphs (of the fused step, with gemv.py's linears) on CUDA,
-        or the one-sequence step on a CPU (cpu_step.py, or fused.py's compiled one); a clear error where
-        an option asked for one that cannot run here."""
+        or on a CPU cpu_step.py's C++ step (up to 8 sequences) or fused.py's compiled one (one); a
+        clear error where an option asked for one that cannot run here."""
         # CUDA graphs need kernels that never synchronise with the host: the Triton ones.
         cfg = self.config
         use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and self.model.attn_fn is not paged_attention
@@ -185,10 +185,10 @@ class LLMEngine:
                 self.runner.cpu_decode = compile_cpu_decode(self.model)   # compiles on its first step
 
     def _use_cpu_decode(self) -> bool:
-        """Whether one-sequence decode steps may run a fused step on a CPU: cpu_step.py's C++
-        step where cpu_gemv runs (also by default), else fused.compile_cpu_decode. The compiled
-        one only with fused_decode=True: it compiles for 13-84 s on first use, in every process
-        whose Inductor cache is cold (BENCHMARKS.md, issue 12, has its speed)."""
+        """Whether fused_decode=True asks for a fused step on a CPU: the C++ step runs there by
+        default anyway where cpu_gemv builds; elsewhere this is what turns on
+        fused.compile_cpu_decode, which compiles for 13-84 s on first use, in every process whose
+        Inductor cache is cold (BENCHMARKS.md, issue 12, has its speed)."""
         return self.device.type == "cpu" and bool(self.config.fused_decode) and not self.config.enforce_eager
 
     def _capture_graphs(self) -> None:

@@ -68,7 +68,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
     return (y if b is None else y + b)[None]                   # (1, O)
 
 
-class _OneTokenGemv(nn.Module):
+class _FewTokenGemv(nn.Module):
     """Holds W packed for cpu_gemv (a second copy of the weights, made at load) when the CPU
     can run it; `gemv_weight` is None otherwise and the subclass keeps only oneDNN."""
 
@@ -79,9 +79,9 @@ class _OneTokenGemv(nn.Module):
         self.register_buffer("gemv_bias", None if bias is None or not use else bias.detach().float(), persistent=False)
 
 
-class PackedLinear(_OneTokenGemv):
+class PackedLinear(_FewTokenGemv):
     """y = x @ W.T + b with W held in oneDNN's blocked layout (an opaque mkldnn tensor), and
-    for one token in cpu_gemv's layout where the CPU runs it.
+    for up to cpu_gemv.MAX_ROWS tokens in cpu_gemv's layout where the CPU runs it.
 
     keep_weight=True (float32 only) also keeps W as it is, for the compiled batch-1 decode step
     (fused.py), which runs gemv() on it when cpu_gemv is not available: a second copy of the
@@ -106,10 +106,10 @@ class PackedLinear(_OneTokenGemv):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-class Int8Linear(_OneTokenGemv):
-    """y ~= x @ W.T + b with W as per-channel int8 and x quantized per token (row); for one
-    token through cpu_gemv where the CPU runs it (the same quantization, the same result up
-    to float32 rounding)."""
+class Int8Linear(_FewTokenGemv):
+    """y ~= x @ W.T + b with W as per-channel int8 and x quantized per token (row); for up to
+    INT8_GEMV_ROWS tokens through cpu_gemv where the CPU runs it (the same quantization, the
+    same result up to float32 rounding)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:   # (O, K), (O,)
         super().__init__()

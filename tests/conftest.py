@@ -93,3 +93,45 @@ def odd_ckpt(tmp_path_factory, odd_hf) -> Path:
 def tiny_llm(tiny_ckpt):
     from nanoserve import LLM
     return LLM(str(tiny_ckpt), device="cpu", quiet=True)
+
+
+# ---- CPU decode steps (test_cpu_step.py, test_fused.py) -------------------------------------
+def decode_step_vs_eager(llm, ctx: int = 37, pool: torch.Tensor | None = None, token: int = 4881):
+    """One decode step at context ctx over a random pool (or `pool`), the context's blocks in a
+    scrambled order, run by llm's fused CPU step (runner.cpu_decode) and by the eager forward on
+    copies of the pool: (pool, (logits, pool after) eager, (logits, pool after) fused). The
+    slot the step writes holds 1e4 before, which no K/V value equals, so every write shows."""
+    from nanoserve.attention import AttentionMetadata
+    model, BS = llm.engine.model, llm.engine.config.block_size
+    if pool is None:
+        pool = torch.randn(llm.engine.kv_cache.shape, generator=torch.Generator().manual_seed(ctx))
+        pool = pool.to(llm.engine.kv_cache.dtype)                                # (L, 2, NB, BS, H, D)
+    table = [3, 0, 7, 1, 9, 2, 5, 4, 11, 6][:-(-ctx // BS)]
+    last = table[(ctx - 1) // BS] * BS + (ctx - 1) % BS
+    pool = pool.clone()
+    pool[:, :, last // BS, last % BS] = 1e4
+    meta = AttentionMetadata(slot_mapping=torch.tensor([last]), block_tables=torch.tensor([table], dtype=torch.int32),
+                             context_lens=torch.tensor([ctx], dtype=torch.int32),
+                             query_start_loc=torch.tensor([0, 1], dtype=torch.int32), max_query_len=1,
+                             max_context_len=ctx)
+    ids, positions = torch.tensor([token]), torch.tensor([ctx - 1])
+    with torch.inference_mode():
+        kv_eager, kv_step = pool.clone(), pool.clone()
+        eager = model.compute_logits(model(ids, positions, kv_eager, meta)).float()          # (1, V)
+        step = llm.engine.runner.cpu_decode(ids, positions, kv_step, meta)                   # (1, V)
+    return pool, (eager, kv_eager), (step, kv_step)
+
+
+def greedy_with_logprobs(llm, prompts: list[list[int]], max_tokens: int = 24) -> list[tuple[list[int], torch.Tensor]]:
+    """Each prompt's greedy tokens and the logprob of each (every step's logits, in effect)."""
+    from nanoserve import SamplingParams
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    outs = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    return [(o.token_ids, torch.tensor([lp[t] for lp, t in zip(o.logprobs, o.token_ids)])) for o in outs]
+
+
+def count_cpu_decode_calls(llm) -> list[int]:
+    """Make llm's fused CPU step record each call's sequence count in the returned list."""
+    calls, step = [], llm.engine.runner.cpu_decode
+    llm.engine.runner.cpu_decode = lambda *a: calls.append(a[3].num_seqs) or step(*a)
+    return calls

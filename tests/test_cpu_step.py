@@ -15,6 +15,8 @@ import torch
 from nanoserve import LLM, SamplingParams, cpu_gemv, cpu_step
 from nanoserve.attention import AttentionMetadata
 
+from conftest import count_cpu_decode_calls, decode_step_vs_eager, greedy_with_logprobs
+
 pytestmark = pytest.mark.skipif(not cpu_gemv.cpu_has_instructions(), reason="CPU lacks AVX-512 BF16 / VNNI")
 
 PROMPT = [464, 3139, 286, 4881, 318, 6342, 13, 383, 198, 50, 1000, 7, 42, 99, 2001, 50256, 11]
@@ -26,30 +28,6 @@ REL = {"float32": 1e-6, "bfloat16": 0.05, "int8": 0.02, "bf16-int8": 0.05}     #
 
 def _engine(ckpt, **kw) -> LLM:
     return LLM(str(ckpt), device="cpu", quiet=True, enable_prefix_caching=False, num_blocks=16, **kw)
-
-
-def _one_step(llm: LLM, ctx: int = 37, pool: torch.Tensor | None = None, token: int = 4881):
-    """One decode step at context ctx over a random pool (or `pool`), the context's blocks in a
-    scrambled order, run by the engine's step and by the eager forward on copies of the pool:
-    (pool, (logits, pool after) eager, (logits, pool after) C++)."""
-    model, BS = llm.engine.model, llm.engine.config.block_size
-    if pool is None:
-        pool = torch.randn(llm.engine.kv_cache.shape, generator=torch.Generator().manual_seed(ctx))
-        pool = pool.to(llm.engine.kv_cache.dtype)                                # (L, 2, NB, BS, H, D)
-    table = [3, 0, 7, 1, 9, 2, 5, 4, 11, 6][:-(-ctx // BS)]
-    last = table[(ctx - 1) // BS] * BS + (ctx - 1) % BS
-    pool = pool.clone()
-    pool[:, :, last // BS, last % BS] = 1e4      # no K/V value: so every written value differs from it
-    meta = AttentionMetadata(slot_mapping=torch.tensor([last]), block_tables=torch.tensor([table], dtype=torch.int32),
-                             context_lens=torch.tensor([ctx], dtype=torch.int32),
-                             query_start_loc=torch.tensor([0, 1], dtype=torch.int32), max_query_len=1,
-                             max_context_len=ctx)
-    ids, positions = torch.tensor([token]), torch.tensor([ctx - 1])
-    with torch.inference_mode():
-        kv_eager, kv_step = pool.clone(), pool.clone()
-        eager = model.compute_logits(model(ids, positions, kv_eager, meta)).float()          # (1, V)
-        step = llm.engine.runner.cpu_decode(ids, positions, kv_step, meta)                   # (1, V)
-    return pool, (eager, kv_eager), (step, kv_step)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +50,7 @@ def test_the_step_gives_the_eager_forwards_logits_and_kv_writes(engines, mode, c
     """Over a random pool with a scrambled block table, at contexts of one token, one full
     block, a partial block and n_ctx, the C++ step gives the eager forward's logits and writes
     the same K/V to the same slot, and nothing else of the pool changes."""
-    pool, (eager, kv_eager), (step, kv_step) = _one_step(engines[mode], ctx)
+    pool, (eager, kv_eager), (step, kv_step) = decode_step_vs_eager(engines[mode], ctx)
     assert step.dtype == torch.float32 and step.shape == eager.shape
     torch.testing.assert_close(step, eager, atol=TOL[mode], rtol=0)
     written = kv_eager != pool
@@ -84,8 +62,8 @@ def test_the_step_gives_the_eager_forwards_logits_and_kv_writes(engines, mode, c
 def test_the_step_is_close_to_the_float32_reference(engines, mode):
     """Each mode's step against the float32 eager forward over the same pool (the mode's cache
     dtype, widened): logits within REL of their norm."""
-    pool, _, (step, _) = _one_step(engines[mode])
-    _, (reference, _), _ = _one_step(engines["float32"], pool=pool.float())
+    pool, _, (step, _) = decode_step_vs_eager(engines[mode])
+    _, (reference, _), _ = decode_step_vs_eager(engines["float32"], pool=pool.float())
     rel = ((step - reference).norm() / reference.norm()).item()
     assert rel < REL[mode], f"{mode}: {rel:.4f} of the norm"
 
@@ -96,32 +74,19 @@ def test_head_sizes_that_are_not_a_vector_and_both_gelus(tmp_path, shape, act):
     """head_dim 20 (masked vector tails), 32, and the erf GELU: the step equals the eager forward."""
     from conftest import make_hf_model, save_checkpoint
     ckpt = save_checkpoint(make_hf_model(seed=2, activation_function=act, **shape), tmp_path / "m", layout="hub")
-    _, (eager, kv_eager), (step, kv_step) = _one_step(_engine(ckpt), ctx=40)
+    _, (eager, kv_eager), (step, kv_step) = decode_step_vs_eager(_engine(ckpt), ctx=40)
     assert _engine(ckpt).engine.runner.cpu_decode is not None
     torch.testing.assert_close(step, eager, atol=1e-4, rtol=0)
     torch.testing.assert_close(kv_step, kv_eager, atol=1e-5, rtol=0)
-
-
-def _greedy(llm: LLM, prompts: list[list[int]], max_tokens: int = 24) -> list[tuple[list[int], torch.Tensor]]:
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
-    outs = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
-    return [(o.token_ids, torch.tensor([lp[t] for lp, t in zip(o.logprobs, o.token_ids)])) for o in outs]
-
-
-def _counting(llm: LLM) -> list:
-    """Make llm's C++ step record each call's sequence count in the returned list."""
-    calls, step = [], llm.engine.runner.cpu_decode
-    llm.engine.runner.cpu_decode = lambda *a: calls.append(a[3].num_seqs) or step(*a)   # sequences per call
-    return calls
 
 
 def test_float32_greedy_tokens_and_logprobs_equal_the_eager_engines(tiny_ckpt):
     """A request decoded by the C++ step (every step after its prompt's, across block
     boundaries) gets the eager engine's greedy tokens, each logprob within 1e-4."""
     llm, eager = _engine(tiny_ckpt), _engine(tiny_ckpt, fused_decode=False)
-    calls = _counting(llm)
-    [(tokens, lps)] = _greedy(llm, [PROMPT], 40)
-    [(eager_tokens, eager_lps)] = _greedy(eager, [PROMPT], 40)
+    calls = count_cpu_decode_calls(llm)
+    [(tokens, lps)] = greedy_with_logprobs(llm, [PROMPT], 40)
+    [(eager_tokens, eager_lps)] = greedy_with_logprobs(eager, [PROMPT], 40)
     assert len(calls) == len(tokens) - 1
     assert tokens == eager_tokens
     torch.testing.assert_close(lps, eager_lps, atol=1e-4, rtol=0)
@@ -131,7 +96,7 @@ def test_steps_of_up_to_8_sequences_run_in_cpp_with_the_eager_tokens(tiny_ckpt):
     """Three requests of different lengths decode together through the C++ step (steps of 3,
     then fewer as they finish), each with the eager engine's greedy tokens, logprobs within 1e-4."""
     llm, eager = _engine(tiny_ckpt), _engine(tiny_ckpt, fused_decode=False)
-    calls = _counting(llm)
+    calls = count_cpu_decode_calls(llm)
     prompts = [PROMPT, PROMPT[:9], PROMPT[:4]]
     sp = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=0) for n in (20, 12, 6)]
     for a, b in zip(llm.generate(prompts, sp, use_tqdm=False), eager.generate(prompts, sp, use_tqdm=False)):
@@ -146,13 +111,13 @@ def test_steps_of_more_than_8_sequences_and_windows_run_model_py(tiny_ckpt):
     """Steps that decode 9 sequences do not call the C++ step (and give the eager engine's
     tokens); nor does any step of an engine with a sliding window."""
     llm, eager = _engine(tiny_ckpt), _engine(tiny_ckpt, fused_decode=False)
-    calls = _counting(llm)
+    calls = count_cpu_decode_calls(llm)
     prompts = [PROMPT[:k] for k in range(4, 13)]                      # 9 prompts, 4 tokens each after
-    assert [t for t, _ in _greedy(llm, prompts, 4)] == [t for t, _ in _greedy(eager, prompts, 4)]
+    assert [t for t, _ in greedy_with_logprobs(llm, prompts, 4)] == [t for t, _ in greedy_with_logprobs(eager, prompts, 4)]
     assert calls == []
     windowed = _engine(tiny_ckpt, attention_window=16)
-    calls = _counting(windowed)
-    _greedy(windowed, [PROMPT], 8)
+    calls = count_cpu_decode_calls(windowed)
+    greedy_with_logprobs(windowed, [PROMPT], 8)
     assert calls == []
 
 
@@ -171,7 +136,7 @@ def test_a_step_of_four_sequences_equals_the_eager_forward(engines, mode):
     width = max(map(len, tables))
     pool = torch.randn(llm.engine.kv_cache.shape, generator=torch.Generator().manual_seed(2)).to(llm.engine.kv_cache.dtype)
     for sl in slots:
-        pool[:, :, sl // BS, sl % BS] = 1e4                  # as _one_step: every write differs from it
+        pool[:, :, sl // BS, sl % BS] = 1e4                  # as decode_step_vs_eager: every write shows
     meta = AttentionMetadata(slot_mapping=torch.tensor(slots),
                              block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
                              context_lens=torch.tensor(ctxs, dtype=torch.int32),
@@ -227,12 +192,12 @@ def test_the_step_holds_the_models_weights_not_copies(engines):
     assert cpu_step.supports(llm.engine.model)
     c_fc = llm.engine.model.h[0].mlp.c_fc
     before = c_fc.gemv_weight.clone()
-    _, _, (step, _) = _one_step(llm)
+    _, _, (step, _) = decode_step_vs_eager(llm)
     c_fc.gemv_weight.zero_()                      # the step must now see zero weights in that layer
     try:
-        _, _, (changed, _) = _one_step(llm)
+        _, _, (changed, _) = decode_step_vs_eager(llm)
     finally:
         c_fc.gemv_weight.copy_(before)
     assert not torch.equal(step, changed)
-    _, _, (again, _) = _one_step(llm)
+    _, _, (again, _) = decode_step_vs_eager(llm)
     assert torch.equal(step, again)

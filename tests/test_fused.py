@@ -15,12 +15,14 @@ S = sequences   H = heads   D = head_dim   NB = blocks in pool   BS = block size
 import pytest
 import torch
 
-from nanoserve import LLM, SamplingParams
+from nanoserve import LLM
 from nanoserve.attention import AttentionMetadata
 from nanoserve.config import GPT2Config
 from nanoserve.fused import compile_cpu_decode, compile_decode
 from nanoserve.model import GPT2
 from nanoserve.weights import load_state_dict
+
+from conftest import count_cpu_decode_calls, decode_step_vs_eager, greedy_with_logprobs
 
 NB, BS, MB = 24, 16, 3
 
@@ -93,20 +95,6 @@ MODES = {"float32": dict(), "bfloat16": dict(dtype="bfloat16"), "int8": dict(qua
 TOL = {"float32": 1e-4, "bfloat16": 0.25, "int8": 1e-4}
 
 
-def _counting(llm: LLM) -> list:
-    """Make llm's compiled step record its calls in the returned list."""
-    calls, step = [], llm.engine.runner.cpu_decode
-    llm.engine.runner.cpu_decode = lambda *a: calls.append(1) or step(*a)
-    return calls
-
-
-def _greedy(llm: LLM, prompts: list[list[int]], max_tokens: int = 24) -> list[tuple[list[int], torch.Tensor]]:
-    """Each prompt's greedy tokens and the logprob of each (every step's logits, in effect)."""
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
-    outs = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
-    return [(o.token_ids, torch.tensor([lp[t] for lp, t in zip(o.logprobs, o.token_ids)])) for o in outs]
-
-
 _ENGINES: dict[str, LLM] = {}
 
 
@@ -130,21 +118,8 @@ def _compiled_engine(ckpt, **kw) -> LLM:
 def test_cpu_fused_step_gives_the_eager_forwards_logits_and_kv_writes(tiny_ckpt, mode):
     """On one random KV pool, the compiled one-sequence step gives the eager forward's logits
     and writes the same K/V to the same slot of the caller's pool, within TOL of its mode."""
-    llm = _fused_engine(tiny_ckpt, mode)
-    model, BS = llm.engine.model, llm.engine.config.block_size
-    torch.manual_seed(0)
-    pool = torch.randn_like(llm.engine.kv_cache)                                   # (L, 2, NB, BS, H, D)
-    ctx = 2 * BS + 5                                  # three blocks, in a scrambled order
-    meta = AttentionMetadata(slot_mapping=torch.tensor([7 * BS + 4]),           # position ctx - 1: block 7
-                             block_tables=torch.tensor([[3, 0, 7, 1]], dtype=torch.int32),
-                             context_lens=torch.tensor([ctx], dtype=torch.int32),
-                             query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
-                             max_query_len=1, max_context_len=ctx)
-    ids, positions = torch.tensor([4881]), torch.tensor([ctx - 1])
-    with torch.inference_mode():
-        kv_eager, kv_fused = pool.clone(), pool.clone()
-        eager = model.compute_logits(model(ids, positions, kv_eager, meta)).float()    # (1, V)
-        fused = llm.engine.runner.cpu_decode(ids, positions, kv_fused, meta).float()   # (1, V)
+    pool, (eager, kv_eager), (fused, kv_fused) = decode_step_vs_eager(_fused_engine(tiny_ckpt, mode))
+    fused = fused.float()                                                              # (1, V)
     torch.testing.assert_close(fused, eager, atol=TOL[mode], rtol=0)
     written = kv_eager != pool
     assert written.any() and torch.equal(kv_fused != pool, written)
@@ -157,9 +132,9 @@ def test_cpu_fused_decode_keeps_float32_greedy_tokens(tiny_ckpt, tiny_llm):
     checked step by step above: on the tiny random model, near-tied logits make greedy bf16
     tokens part ways after a step or two whichever path runs.)"""
     llm = _fused_engine(tiny_ckpt, "float32")
-    calls = _counting(llm)
-    [(tokens, lps)] = _greedy(llm, [PROMPT])
-    [(eager_tokens, eager_lps)] = _greedy(tiny_llm, [PROMPT])
+    calls = count_cpu_decode_calls(llm)
+    [(tokens, lps)] = greedy_with_logprobs(llm, [PROMPT])
+    [(eager_tokens, eager_lps)] = greedy_with_logprobs(tiny_llm, [PROMPT])
     assert len(calls) == len(tokens) - 1
     assert tokens == eager_tokens
     torch.testing.assert_close(lps, eager_lps, atol=1e-4, rtol=0)
@@ -169,9 +144,9 @@ def test_cpu_fused_decode_leaves_batched_steps_to_the_eager_forward(tiny_ckpt, t
     """Steps with several sequences run the eager forward (no compiled call), with the eager
     engine's tokens."""
     llm = _fused_engine(tiny_ckpt, "float32")
-    calls = _counting(llm)
+    calls = count_cpu_decode_calls(llm)
     prompts = [PROMPT, PROMPT[:9]]
-    assert [t for t, _ in _greedy(llm, prompts, 6)] == [t for t, _ in _greedy(tiny_llm, prompts, 6)]
+    assert [t for t, _ in greedy_with_logprobs(llm, prompts, 6)] == [t for t, _ in greedy_with_logprobs(tiny_llm, prompts, 6)]
     assert calls == []
 
 
@@ -184,7 +159,7 @@ def test_cpu_fused_engines_with_different_weights_each_decode_with_their_own(tin
     other_eager = LLM(str(other_ckpt), device="cpu", quiet=True)
     first = _fused_engine(tiny_ckpt, "float32")
     other = _compiled_engine(other_ckpt)
-    [(other_tokens, _)] = _greedy(other, [PROMPT], 12)
-    [(first_tokens, _)] = _greedy(first, [PROMPT], 12)
-    assert other_tokens == _greedy(other_eager, [PROMPT], 12)[0][0]
-    assert first_tokens == _greedy(tiny_llm, [PROMPT], 12)[0][0] != other_tokens
+    [(other_tokens, _)] = greedy_with_logprobs(other, [PROMPT], 12)
+    [(first_tokens, _)] = greedy_with_logprobs(first, [PROMPT], 12)
+    assert other_tokens == greedy_with_logprobs(other_eager, [PROMPT], 12)[0][0]
+    assert first_tokens == greedy_with_logprobs(tiny_llm, [PROMPT], 12)[0][0] != other_tokens

@@ -21,6 +21,7 @@
 #include "cpu_gemv.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
 #include <torch/custom_class.h>
 #include <cmath>
@@ -107,15 +108,21 @@ void attend(const float* q, const E* k, const E* v, const CacheView& cv, int64_t
     _mm512_mask_storeu_ps(out + d, lanes(D - d), _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / sum)));
 }
 
-// The first n values of an int32 or int64 tensor (ids, positions, lengths, block tables).
-std::vector<int64_t> ints(const Tensor& t, int64_t n) {
-  TORCH_CHECK(t.numel() >= n && (t.scalar_type() == at::kInt || t.scalar_type() == at::kLong),
-              "cpu_step: expected ", n, " int32/int64 values, got ", t.scalar_type(), " ", t.sizes());
-  const Tensor c = t.contiguous();
-  std::vector<int64_t> out(n);
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = c.scalar_type() == at::kInt ? c.data_ptr<int32_t>()[i] : c.data_ptr<int64_t>()[i];
-  return out;
+// The first of the largest values of x[0..n), as torch.argmax picks it (a NaN counts as larger
+// than any number): one pass for the maximum, 16 lanes at a time, one to find where it is.
+int64_t argmax(const float* x, int64_t n) {
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(lanes(n - i), x + i);
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q))                 // a NaN: the first one wins
+      for (int64_t j = i;; ++j)
+        if (std::isnan(x[j])) return j;
+    top = _mm512_mask_max_ps(top, lanes(n - i), top, v);
+  }
+  const float m = _mm512_reduce_max_ps(top);
+  int64_t i = 0;
+  while (x[i] != m) ++i;
+  return i;
 }
 
 float value(const Tensor& t, int64_t i) {                     // element i of a float32 / bf16 tensor
@@ -162,35 +169,37 @@ class Decoder : public torch::CustomClassHolder {
                 " do not fit c_attn's ", layers_[0].c_attn.O, " outputs");
   }
 
-  // One decode step of M = 1..8 sequences, one token each, as runner.launch passes it: ids,
-  // positions (M,), kv_cache (L, 2, NB, BS, H, D), block_tables (M, MB), context_lens (M,),
-  // slot_mapping (M,) -> (M, V) float32 logits. Writes the step's K/V into their slots before
-  // attending, as model.py does. (cpu_step.py checks the same limits first, in Python.)
-  Tensor step(Tensor input_ids, Tensor positions, Tensor kv_cache, Tensor block_tables, Tensor context_lens,
-              Tensor slot_mapping) {
-    const int64_t L = static_cast<int64_t>(layers_.size()), D = C_ / H_, M = input_ids.numel();
+  // One decode step of M = 1..8 sequences, one token each, as the runner has it on the host:
+  // token ids, positions, cache slots and context lengths (M,), each sequence's block table
+  // (at least its first ceil(ctx / BS) blocks), and kv_cache (L, 2, NB, BS, H, D) -> (M, V)
+  // float32 logits, or with greedy the (M,) int64 argmax of each row. Writes the step's K/V
+  // into their slots before attending, as model.py does. (cpu_step.py checks the same limits
+  // first, in Python.)
+  Tensor step(std::vector<int64_t> tokens, std::vector<int64_t> pos, std::vector<int64_t> slots,
+              std::vector<int64_t> ctx, std::vector<std::vector<int64_t>> tables, Tensor kv_cache, bool greedy) {
+    c10::InferenceMode no_autograd;        // the runner calls without torch.inference_mode (cheaper here)
+    const int64_t L = static_cast<int64_t>(layers_.size()), D = C_ / H_, M = static_cast<int64_t>(tokens.size());
     TORCH_CHECK(kv_cache.dim() == 6 && kv_cache.size(0) == L && kv_cache.size(1) == 2 && kv_cache.size(4) == H_ &&
                 kv_cache.size(5) == D && kv_cache.stride(5) == 1 &&
                 (kv_cache.scalar_type() == at::kFloat || kv_cache.scalar_type() == at::kBFloat16),
                 "cpu_step: kv_cache must be (L=", L, ", 2, NB, BS, H=", H_, ", D=", D,
                 ") float32 or bfloat16 with contiguous rows, got ", kv_cache.sizes(), " ", kv_cache.scalar_type());
-    TORCH_CHECK(1 <= M && M <= kMaxRows && positions.numel() == M && context_lens.numel() == M &&
-                slot_mapping.numel() == M && block_tables.dim() == 2 && block_tables.size(0) == M,
-                "cpu_step: 1 to ", kMaxRows, " sequences, one token each, got ", M, " ids and block tables ", block_tables.sizes());
-    const int64_t NB = kv_cache.size(2), BS = kv_cache.size(3), MB = block_tables.size(1);
-    const std::vector<int64_t> tokens = ints(input_ids, M), pos = ints(positions, M);
-    const std::vector<int64_t> ctx = ints(context_lens, M), slots = ints(slot_mapping, M);
-    const std::vector<int64_t> table = ints(block_tables, M * MB);
+    TORCH_CHECK(1 <= M && M <= kMaxRows && pos.size() == tokens.size() && ctx.size() == tokens.size() &&
+                slots.size() == tokens.size() && tables.size() == tokens.size(),
+                "cpu_step: 1 to ", kMaxRows, " sequences, one token, position, slot, context length and block table each, got ",
+                M, " token ids and ", tables.size(), " block tables");
+    const int64_t NB = kv_cache.size(2), BS = kv_cache.size(3);
     std::vector<std::vector<int64_t>> blocks(M);
     for (int64_t r = 0; r < M; ++r) {
       TORCH_CHECK(0 <= tokens[r] && tokens[r] < wte_.size(0), "cpu_step: token id ", tokens[r], " is outside [0, ",
                   wte_.size(0), ")");
       TORCH_CHECK(0 <= pos[r] && pos[r] < wpe_.size(0), "cpu_step: position ", pos[r], " is outside [0, n_ctx=",
                   wpe_.size(0), ")");
-      TORCH_CHECK(1 <= ctx[r] && ctx[r] <= MB * BS, "cpu_step: context of ", ctx[r],
-                  " tokens does not fit a block table of ", MB, " blocks of ", BS);
+      const int64_t have = static_cast<int64_t>(tables[r].size());
+      TORCH_CHECK(1 <= ctx[r] && ctx[r] <= have * BS, "cpu_step: context of ", ctx[r],
+                  " tokens does not fit a block table of ", have, " blocks of ", BS);
       TORCH_CHECK(0 <= slots[r] && slots[r] < NB * BS, "cpu_step: slot ", slots[r], " is outside the pool's ", NB * BS);
-      blocks[r].assign(table.begin() + r * MB, table.begin() + r * MB + (ctx[r] + BS - 1) / BS);
+      blocks[r].assign(tables[r].begin(), tables[r].begin() + (ctx[r] + BS - 1) / BS);
       for (int64_t b : blocks[r]) TORCH_CHECK(0 <= b && b < NB, "cpu_step: block ", b, " is outside the pool's ", NB);
     }
     std::vector<CacheView> views;
@@ -226,7 +235,14 @@ class Decoder : public torch::CustomClassHolder {
       add_rows(y.mlp_proj(f));
     }
     norm_rows(ln_f_w_, ln_f_b_);
-    return head_(h_t);                                                                   // (M, V)
+    const Tensor logits = head_(h_t);                                                    // (M, V)
+    if (!greedy) return logits;
+    // Plain greedy decoding: the argmax here, while the logits are in cache, saves Python a
+    // few tensor operations, each ~20 us right after the weights' stream has flushed the caches.
+    Tensor ids = at::empty({M}, at::kLong);
+    for (int64_t r = 0; r < M; ++r)
+      ids.data_ptr<int64_t>()[r] = argmax(logits.data_ptr<float>() + r * logits.size(1), logits.size(1));
+    return ids;
   }
 
  private:

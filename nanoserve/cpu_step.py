@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import cpu_gemv
-from .attention import AttentionMetadata
-from .fused import DecodeFn
+from .fused import CpuDecodeFn
 from .model import GPT2
 
 _NONE = torch.empty(0)              # "absent" in the Decoder's tensor list (it takes no None)
@@ -46,9 +45,10 @@ def supports(model: GPT2) -> bool:
     return cpu_gemv.is_available() and all(getattr(m, "gemv_weight", None) is not None for m in mods)
 
 
-def build(model: GPT2) -> DecodeFn:
-    """model's decode step for 1 to MAX_SEQS sequences: (S,) token ids at (S,) positions ->
-    (S, V) float32 logits, writing the step's K/V into kv_cache as model.py does. The C++ object keeps references to
+def build(model: GPT2) -> CpuDecodeFn:
+    """model's decode step for 1 to MAX_SEQS sequences (fused.CpuDecodeFn: the step as the
+    runner's host lists -> (S, V) float32 logits, or with greedy=True each row's argmax),
+    writing the step's K/V into kv_cache as model.py does. The C++ object keeps references to
     the model's tensors (no copies, except float32 copies of the layer norms' weights)."""
     assert supports(model), "cpu_step needs cpu_gemv's packed weights in every linear layer"
     cfg = model.config
@@ -69,24 +69,25 @@ def build(model: GPT2) -> DecodeFn:
 
     vocab, n_ctx = model.wte.weight.shape[0], model.wpe.weight.shape[0]
 
-    def step(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-             meta: AttentionMetadata) -> torch.Tensor:
-        assert 1 <= meta.num_seqs <= MAX_SEQS and input_ids.numel() == meta.num_seqs and meta.is_decode \
-            and meta.attention_window is None, "one decode token for each of 1 to 8 sequences, no window"
-        _check(input_ids.tolist(), positions.tolist(), meta, vocab, n_ctx, kv_cache)
-        return decoder.step(input_ids, positions, kv_cache, meta.block_tables, meta.context_lens, meta.slot_mapping)
+    def step(tokens: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+             block_tables: list[list[int]], kv_cache: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        _check(tokens, positions, slots, context_lens, block_tables, vocab, n_ctx, kv_cache)
+        return decoder.step(tokens, positions, slots, context_lens, block_tables, kv_cache, greedy)
     return step
 
 
-def _check(tokens: list[int], positions: list[int], meta: AttentionMetadata, vocab: int, n_ctx: int,
-           kv_cache: torch.Tensor) -> None:
+def _check(tokens: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+           block_tables: list[list[int]], vocab: int, n_ctx: int, kv_cache: torch.Tensor) -> None:
     """Raise ValueError, naming the value and its limit, for a step the C++ would refuse (it
     checks too, but an exception thrown in a C++ extension crashed the process on one machine:
-    torch 2.11 with g++ 13). The runner never builds such a step; ~5 us a sequence."""
+    torch 2.11 with g++ 13). The runner never builds such a step; ~2 us a sequence."""
     NB, BS = kv_cache.shape[2], kv_cache.shape[3]
+    S = len(tokens)
+    if not 1 <= S <= MAX_SEQS or not len(positions) == len(slots) == len(context_lens) == len(block_tables) == S:
+        raise ValueError(f"cpu_step: 1 to {MAX_SEQS} sequences, one token, position, slot, context length and block "
+                         f"table each; got {S} token ids and {len(block_tables)} block tables")
     problems = []
-    for token, pos, ctx, slot, table in zip(tokens, positions, meta.context_lens.tolist(), meta.slot_mapping.tolist(),
-                                            meta.block_tables.tolist()):
+    for token, pos, ctx, slot, table in zip(tokens, positions, context_lens, slots, block_tables):
         problems += [f"token id {token} is outside [0, {vocab})" if not 0 <= token < vocab else "",
                      f"position {pos} is outside [0, n_ctx={n_ctx})" if not 0 <= pos < n_ctx else "",
                      f"slot {slot} is outside the pool's {NB * BS}" if not 0 <= slot < NB * BS else "",

@@ -44,7 +44,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import attention, cpu_attention, cpu_gemv, kernels
 from .attention import AttentionMetadata
@@ -52,6 +51,12 @@ from .config import cdiv
 from .model import GPT2
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+# A CPU's decode step (compile_cpu_decode below, cpu_step.build) takes the step as the runner
+# has it on the host: token ids, positions, cache slots, context lengths and block tables, one
+# per sequence, then the KV pool and `greedy`; it returns (S, V) logits, or with greedy=True
+# each row's argmax (S,). Host lists, not tensors: on a CPU each small tensor operation costs
+# ~20 us once a decode step's stream of weights has flushed the caches (~0.3 ms a token).
+CpuDecodeFn = Callable[[list[int], list[int], list[int], list[int], list[list[int]], torch.Tensor, bool], torch.Tensor]
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -166,9 +171,10 @@ def _cpu_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                                                 meta.block_tables, meta.context_lens, scale)   # (1, H, D)
 
 
-def compile_cpu_decode(model: GPT2) -> DecodeFn:
-    """A compiled one-sequence decode step for the CPU: (1,) token id at (1,) position -> (1, V)
-    logits, writing the step's K/V into kv_cache like the eager forward. No sliding window.
+def compile_cpu_decode(model: GPT2) -> CpuDecodeFn:
+    """A compiled one-sequence decode step for the CPU (a CpuDecodeFn: the step's host lists
+    -> (1, V) logits, or its argmax), writing the step's K/V into kv_cache like the eager
+    forward. No sliding window.
 
     Compilation happens on the first call: 13-84 s for GPT-2 124M, 5-25 s for the tests' tiny
     models (Inductor caches its work on disk, so a second process compiles faster). Later calls recompile only for a
@@ -185,19 +191,20 @@ def compile_cpu_decode(model: GPT2) -> DecodeFn:
     torch.compiler.reset()      # as compile_decode: each engine compiles its own weights
     compiled = torch.compile(decode_logits, fullgraph=True)
 
-    def run(input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-            meta: AttentionMetadata) -> torch.Tensor:
-        assert meta.num_seqs == 1 and meta.is_decode and meta.attention_window is None, "one decode token, no window"
+    def run(tokens: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+            block_tables: list[list[int]], kv_cache: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        assert len(tokens) == 1, "one sequence"
         BS = kv_cache.shape[3]
         # The blocks that hold the context, at least two: torch specialises a size of 1, and a
         # second compilation for contexts of one block would cost more than attending to a
         # zero-filled block (masked out by context_lens) for a few steps.
-        nb = max(2, cdiv(meta.max_context_len, BS))
-        blocks = meta.block_tables[:, :nb].long()                                       # (1, nb)
-        if blocks.shape[1] < nb:
-            blocks = F.pad(blocks, (0, nb - blocks.shape[1]))
+        nb = max(2, cdiv(context_lens[0], BS))
+        table = block_tables[0][:nb]
+        blocks = torch.tensor([table + [0] * (nb - len(table))])                        # (1, nb)
         torch._dynamo.maybe_mark_dynamic(blocks, 1)
         # Freezing is read when a call compiles (torch.compile's options= do not reach it).
-        with torch._inductor.config.patch(freezing=True):
-            return compiled(input_ids, positions, kv_cache, meta.slot_mapping, blocks, meta.context_lens.long())
+        with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
+            logits = compiled(torch.tensor(tokens), torch.tensor(positions), kv_cache, torch.tensor(slots), blocks,
+                              torch.tensor(context_lens))                               # (1, V)
+        return logits.argmax(dim=-1) if greedy else logits
     return run

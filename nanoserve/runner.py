@@ -14,8 +14,9 @@ On CUDA, decode-only steps (every sequence has one new token) replay a CUDA grap
 at warm-up for the next-larger batch size; this removes the CPU cost of launching ~10 kernels
 per layer, which dominates a small GPT-2 step. By default the graphs capture fused.py's
 compiled forward (the same model, fewer and larger kernels). A step that is one sequence's
-prompt (up to 512 tokens) replays a graph of the eager forward (capture_prefill_graphs). On a CPU, with fused_decode=True,
-steps that decode a single sequence run fused.py's compiled step instead of the eager forward.
+prompt (up to 512 tokens) replays a graph of the eager forward (capture_prefill_graphs). On a
+CPU, steps that only decode up to 8 sequences skip the tensors: their host lists go straight to
+a fused step (cpu_step.py's C++ or fused.py's compiled one; _launch_cpu_decode).
 
 A step is launched (`launch`: queued on the device) and collected (`collect`: the sampled
 tokens read back, the step's only host synchronisation) separately, so that the engine can
@@ -38,12 +39,12 @@ import torch
 from .attention import AttentionMetadata
 from .config import EngineConfig, GPT2Config, cdiv, to_device
 from .model import GPT2
-from .sampler import Sampler
+from .sampler import Sampler, SamplerOutput
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
 if TYPE_CHECKING:
-    from .fused import DecodeFn
+    from .fused import CpuDecodeFn, DecodeFn
 
 
 @dataclass
@@ -138,8 +139,8 @@ class ModelRunner:
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}           # prompt tokens -> graph
         # On a CPU the engine may set a fused decode step (cpu_step.build, for up to
         # cpu_decode_seqs = 8 sequences, or fused.compile_cpu_decode, for 1): steps that only
-        # decode that many sequences call it directly (there are no graphs to replay).
-        self.cpu_decode: DecodeFn | None = None
+        # decode that many sequences hand it their host lists directly (_launch_cpu_decode).
+        self.cpu_decode: CpuDecodeFn | None = None
         self.cpu_decode_seqs = 1
         # Block tables live in a host array with one row per running sequence, updated only
         # when a sequence gains a block: turning 256 Python lists into a tensor every step
@@ -177,12 +178,11 @@ class ModelRunner:
         return rows, MB
 
     # ---- Sequences -> tensors -----------------------------------------------------------
-    def prepare(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> StepInputs:
-        """Flatten the scheduler's decision into the model's inputs, in three parts: the tokens
-        (ids, positions, cache slots) with each sequence's lengths, the attention metadata, and
-        the rows that need logits. `prev`: the step still in flight, whose sampled tokens some
-        of this step's rows take."""
-        flat = self._flatten_tokens(sched, prev)
+    def prepare(self, sched: SchedulerOutput, flat: _FlatStep, prev: LaunchedStep | None = None) -> StepInputs:
+        """Turn the flattened step (_flatten_tokens) into the model's inputs, in three parts: the
+        tokens (ids, positions, cache slots) with each sequence's lengths, the attention
+        metadata, and the rows that need logits. `prev`: the step still in flight, whose sampled
+        tokens some of this step's rows take."""
         rows, MB = self._block_table_rows(sched)
         block_tables = self.bt_host[rows, :MB]                             # (S, MB) a copy
         dst, src = zip(*flat.from_prev) if flat.from_prev else ((), ())
@@ -255,21 +255,26 @@ class ModelRunner:
                     inp.prompt_owner.append(seq)
 
     # ---- run ---------------------------------------------------------------------------
-    @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
         """Queue the step's forward and sampling on the device and start copying the sampled
         tokens to the host; return without waiting for them (on a CPU everything has run by
         then). `prev`: the step before, if its tokens have not been read back yet."""
         self.num_steps += 1
-        inp = self.prepare(sched, prev)
+        flat = self._flatten_tokens(sched, prev)
+        if self.cpu_decode is not None and self._is_small_decode(flat):
+            return self._launch_cpu_decode(sched, flat, prev)
+        return self._launch_model(sched, flat, prev)
+
+    @torch.inference_mode()
+    def _launch_model(self, sched: SchedulerOutput, flat: _FlatStep, prev: LaunchedStep | None) -> LaunchedStep:
+        """launch() through model.py (or its graphs), with prepare()'s tensors."""
+        inp = self.prepare(sched, flat, prev)
         step = LaunchedStep(sched, inp.sample_seqs, {seq.seq_id: row for row, seq in enumerate(inp.sample_seqs)})
         graph_bs = self._graph_size(inp)
         if graph_bs is not None:
             logits = self._replay(inp, graph_bs)                            # (S, V)
         elif (T := self._prefill_graph_size(inp)) is not None:
             logits = self._replay_prefill(inp, T)                           # (1, V)
-        elif self.cpu_decode is not None and self._is_small_decode(inp):
-            logits = self.cpu_decode(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (S, V)
         else:
             hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta)   # (N, C)
             logits = None
@@ -278,15 +283,41 @@ class ModelRunner:
             if inp.prompt_rows:          # reads values back now: a step that scores its prompt waits
                 self._prompt_logprobs(hidden[inp.prompt_rows], inp, step.result)
         if inp.sample_seqs:
-            out = self.sampler(logits, inp.sample_seqs)
-            step.token_ids = out.token_ids
-            device_side = [out.token_ids] + ([out.logprobs, out.logprob_ids] if out.logprobs is not None else [])
-            # non_blocking copies to the host land in pinned memory; the event marks their end.
-            step.host = [t.to("cpu", non_blocking=True) for t in device_side]
-            if self.device.type == "cuda":
-                step.ready = torch.cuda.Event()
-                step.ready.record()
+            self._send_back(step, self.sampler(logits, inp.sample_seqs))
         return step
+
+    def _launch_cpu_decode(self, sched: SchedulerOutput, flat: _FlatStep, prev: LaunchedStep | None) -> LaunchedStep:
+        """A step of a few decoding sequences on a CPU, through the fused step (cpu_decode):
+        the host lists go to it as they are, without prepare()'s tensors; plain greedy
+        sequences get their argmax from it, without the sampler; and it runs outside
+        inference_mode (the step's tensors need no autograd). After the step has streamed the
+        weights through the caches, each of those small operations costs 20-60 us, together
+        ~0.3 ms of a 5-9 ms token."""
+        self.release_rows(sched.freed_seq_ids)      # bt_host is not read: the tables go as lists
+        for row, src in flat.from_prev:              # async scheduling: prev ran already (a CPU)
+            flat.input_ids[row] = int(prev.token_ids[src])
+        seqs = flat.sample_seqs
+        step = LaunchedStep(sched, seqs, {seq.seq_id: row for row, seq in enumerate(seqs)})
+        greedy = all(seq.plain_greedy for seq in seqs)
+        out = self.cpu_decode(flat.input_ids, flat.positions, flat.slots, flat.ctx_lens,
+                              [seq.block_table for seq, _ in sched.scheduled], self.kv_cache, greedy)
+        if greedy:
+            step.token_ids, step.host = out, [out]                          # (S,)
+        else:
+            with torch.inference_mode():
+                self._send_back(step, self.sampler(out, seqs))
+        return step
+
+    def _send_back(self, step: LaunchedStep, out: SamplerOutput) -> None:
+        """Keep the sampled tokens on the device for the next step and start their copy (and
+        their logprobs') to the host."""
+        step.token_ids = out.token_ids
+        device_side = [out.token_ids] + ([out.logprobs, out.logprob_ids] if out.logprobs is not None else [])
+        # non_blocking copies to the host land in pinned memory; the event marks their end.
+        step.host = [t.to("cpu", non_blocking=True) for t in device_side]
+        if self.device.type == "cuda":
+            step.ready = torch.cuda.Event()
+            step.ready.record()
 
     def collect(self, step: LaunchedStep) -> StepResult:
         """Wait for a launched step's sampled tokens (the step's one host synchronisation) and
@@ -307,12 +338,13 @@ class ModelRunner:
                     result.logprobs[row] = dict(zip(ids[row][1:k + 1], lps[row][1:k + 1])) | {ids[row][0]: lps[row][0]}
         return result
 
-    def _is_small_decode(self, inp: StepInputs) -> bool:
-        """At most cpu_decode_seqs sequences, one new token each, all sampled, no prompt
-        logprobs, no sliding window: what the CPU's fused decode steps take."""
-        m = inp.meta
-        return m.num_seqs <= self.cpu_decode_seqs and m.is_decode and len(inp.sample_seqs) == m.num_seqs \
-            and not inp.prompt_rows and m.attention_window is None
+    def _is_small_decode(self, flat: _FlatStep) -> bool:
+        """At most cpu_decode_seqs sequences, one new token each, all sampled, no sliding window:
+        what the CPU's fused decode steps take. (Such a step has no prompt logprobs to score: a
+        sequence samples at a single new token only once its prompt is in the cache.)"""
+        S = len(flat.ctx_lens)
+        return S <= self.cpu_decode_seqs and flat.max_query_len == 1 and len(flat.sample_seqs) == S \
+            and self.cfg.attention_window is None
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inp: StepInputs, result: StepResult) -> None:
         lp = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)   # (P, V)

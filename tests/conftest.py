@@ -98,9 +98,10 @@ def tiny_llm(tiny_ckpt):
 # ---- CPU decode steps (test_cpu_step.py, test_fused.py) -------------------------------------
 def decode_step_vs_eager(llm, ctx: int = 37, pool: torch.Tensor | None = None, token: int = 4881):
     """One decode step at context ctx over a random pool (or `pool`), the context's blocks in a
-    scrambled order, run by llm's fused CPU step (runner.cpu_decode) and by the eager forward on
-    copies of the pool: (pool, (logits, pool after) eager, (logits, pool after) fused). The
-    slot the step writes holds 1e4 before, which no K/V value equals, so every write shows."""
+    scrambled order, run by llm's fused CPU step (runner.cpu_decode, given the host lists the
+    runner gives it) and by the eager forward on copies of the pool: (pool, (logits, pool after)
+    eager, (logits, pool after) fused). The slot the step writes holds 1e4 before, which no K/V
+    value equals, so every write shows."""
     from nanoserve.attention import AttentionMetadata
     model, BS = llm.engine.model, llm.engine.config.block_size
     if pool is None:
@@ -118,7 +119,7 @@ def decode_step_vs_eager(llm, ctx: int = 37, pool: torch.Tensor | None = None, t
     with torch.inference_mode():
         kv_eager, kv_step = pool.clone(), pool.clone()
         eager = model.compute_logits(model(ids, positions, kv_eager, meta)).float()          # (1, V)
-        step = llm.engine.runner.cpu_decode(ids, positions, kv_step, meta)                   # (1, V)
+        step = llm.engine.runner.cpu_decode([token], [ctx - 1], [last], [ctx], [table], kv_step, False)   # (1, V)
     return pool, (eager, kv_eager), (step, kv_step)
 
 
@@ -133,5 +134,5 @@ def greedy_with_logprobs(llm, prompts: list[list[int]], max_tokens: int = 24) ->
 def count_cpu_decode_calls(llm) -> list[int]:
     """Make llm's fused CPU step record each call's sequence count in the returned list."""
     calls, step = [], llm.engine.runner.cpu_decode
-    llm.engine.runner.cpu_decode = lambda *a: calls.append(a[3].num_seqs) or step(*a)
+    llm.engine.runner.cpu_decode = lambda *a: calls.append(len(a[0])) or step(*a)
     return calls

@@ -107,6 +107,64 @@ def test_steps_of_up_to_8_sequences_run_in_cpp_with_the_eager_tokens(tiny_ckpt):
     assert max(calls) == 3 and set(calls) == {1, 2, 3}
 
 
+@pytest.mark.parametrize("case", ["all equal", "a tie past 0", "NaNs"])
+def test_the_steps_argmax_picks_as_torch_argmax(engines, case):
+    """greedy=True returns torch.argmax of the logits the step computes: the first of equal
+    maxima, and the first NaN if there is one. The head's packed weights are set so that its
+    logits tie (all rows zero; all zero but two equal rows) or hold NaNs."""
+    llm = engines["float32"]
+    head = llm.engine.model.fast_head
+    saved, wp = head.gemv_weight.clone(), head.gemv_weight           # (O/16, K, 16, 1): output o at [o // 16, :, o % 16]
+    w = torch.randn(wp.shape[1], generator=torch.Generator().manual_seed(0))
+
+    def step(greedy: bool) -> torch.Tensor:
+        return llm.engine.runner.cpu_decode([4881], [20], [5 * 16 + 4], [21], [[2, 5, 1]],
+                                            torch.zeros_like(llm.engine.kv_cache), greedy)
+    try:
+        if case == "NaNs":
+            for o in (900, 300):
+                wp[o // 16, 7, o % 16, 0] = float("nan")
+        else:
+            wp.zero_()
+        if case == "a tie past 0":
+            for sign in (1, -1):                         # rows 700 and 5000 above the zeros
+                for o in (700, 5000):
+                    wp[o // 16, :, o % 16, 0] = sign * w
+                if step(False)[0, 700] > 0:
+                    break
+        logits, ids = step(False), step(True)
+    finally:
+        wp.copy_(saved)
+    want = {"all equal": 0, "a tie past 0": 700, "NaNs": 300}[case]
+    assert case != "a tie past 0" or logits[0, 700] == logits[0, 5000] > logits[0, 0] == 0
+    assert logits.argmax(dim=-1).tolist() == ids.tolist() == [want]
+
+
+def test_plain_greedy_takes_the_steps_argmax_and_the_rest_the_sampler(tiny_ckpt):
+    """Requests that ask for nothing but temperature 0 get their tokens from the C++ step's own
+    argmax (greedy=True: no logits for the sampler); a step that also holds a request with
+    logprobs or a sampled one returns logits to the sampler. Both give the eager engine's
+    tokens, and so does async scheduling (a token still pending comes from the previous step)."""
+    llm, eager = _engine(tiny_ckpt), _engine(tiny_ckpt, fused_decode=False)
+    ahead = _engine(tiny_ckpt, async_scheduling=True)
+    asked, step = [], llm.engine.runner.cpu_decode
+    llm.engine.runner.cpu_decode = lambda *a: asked.append(a[-1]) or step(*a)        # a[-1]: greedy
+    calls = count_cpu_decode_calls(ahead)
+    prompts = [PROMPT, PROMPT[:9], PROMPT[:4]]
+
+    def tokens(engine, sp):
+        return [o.outputs[0].token_ids for o in engine.generate(prompts, sp, use_tqdm=False)]
+    plain = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    want = tokens(eager, plain)
+    assert tokens(llm, plain) == want and len(asked) == 15 and all(asked)
+    assert tokens(ahead, plain) == want and len(calls) == 15
+    asked.clear()
+    mixed = [plain, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2),
+             SamplingParams(temperature=1.0, seed=3, max_tokens=16, ignore_eos=True)]
+    got = tokens(llm, mixed)
+    assert got == tokens(eager, mixed) and got[0] == want[0] and len(asked) == 15 and not any(asked)
+
+
 def test_steps_of_more_than_8_sequences_and_windows_run_model_py(tiny_ckpt):
     """Steps that decode 9 sequences do not call the C++ step (and give the eager engine's
     tokens); nor does any step of an engine with a sliding window."""
@@ -145,9 +203,11 @@ def test_a_step_of_four_sequences_equals_the_eager_forward(engines, mode):
     with torch.inference_mode():
         kv_eager, kv_step = pool.clone(), pool.clone()
         eager = model.compute_logits(model(ids, positions, kv_eager, meta)).float()          # (4, V)
-        step = llm.engine.runner.cpu_decode(ids, positions, kv_step, meta)                   # (4, V)
+        step = llm.engine.runner.cpu_decode(ids.tolist(), positions.tolist(), slots, ctxs, tables, kv_step, False)
+        greedy = llm.engine.runner.cpu_decode(ids.tolist(), positions.tolist(), slots, ctxs, tables, pool.clone(), True)
     assert step.shape == eager.shape == (4, model.num_logits)
     torch.testing.assert_close(step, eager, atol=TOL[mode], rtol=0)
+    assert greedy.dtype == torch.int64 and torch.equal(greedy, step.argmax(dim=-1))   # greedy=True: the argmax
     written = kv_eager != pool
     assert written.any() and torch.equal(kv_step != pool, written)
     torch.testing.assert_close(kv_step.float(), kv_eager.float(), atol=TOL[mode], rtol=0)
@@ -175,14 +235,10 @@ def test_bad_inputs_raise_naming_the_value_and_leave_the_pool_alone(engines, fie
         slot = value
     else:
         ctx = value
-    meta = AttentionMetadata(slot_mapping=torch.tensor([slot]), block_tables=torch.tensor([table], dtype=torch.int32),
-                             context_lens=torch.tensor([ctx], dtype=torch.int32),
-                             query_start_loc=torch.tensor([0, 1], dtype=torch.int32), max_query_len=1,
-                             max_context_len=ctx)
     pool = torch.randn_like(llm.engine.kv_cache)
     before = pool.clone()
     with pytest.raises(ValueError, match=message):
-        llm.engine.runner.cpu_decode(torch.tensor(ids), torch.tensor(pos), pool, meta)
+        llm.engine.runner.cpu_decode(ids, pos, [slot], [ctx], [table], pool, False)
     assert torch.equal(pool, before)
 
 

@@ -14,7 +14,8 @@ On CUDA, decode-only steps (every sequence has one new token) replay a CUDA grap
 at warm-up for the next-larger batch size; this removes the CPU cost of launching ~10 kernels
 per layer, which dominates a small GPT-2 step. By default the graphs capture fused.py's
 compiled forward (the same model, fewer and larger kernels). A step that is one sequence's
-prompt (up to 512 tokens) replays a graph of the eager forward (capture_prefill_graphs). On a
+prompt (up to 512 tokens) replays a graph of the eager forward. (Capture and replay:
+cuda_graphs.py, a mixin of ModelRunner; read it after this file.) On a
 CPU, steps that only decode up to 8 sequences skip the tensors: their host lists go straight to
 a fused step (cpu_step.py's C++ or fused.py's compiled one; _launch_cpu_decode).
 
@@ -29,22 +30,22 @@ References: vLLM `gpu_model_runner.py`, nano-vllm `model_runner.py`, gpt-fast (C
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .attention import AttentionMetadata
 from .config import EngineConfig, GPT2Config, cdiv, to_device
+from .cuda_graphs import CudaGraphs
 from .model import GPT2
 from .sampler import Sampler, SamplerOutput
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
 if TYPE_CHECKING:
-    from .fused import CpuDecodeFn, DecodeFn
+    from .fused import CpuDecodeFn
 
 
 @dataclass
@@ -117,12 +118,10 @@ def _upload(parts: list, dtype: torch.dtype, device: torch.device) -> list[torch
     return [dev[a:a + len(p)] for p, a in zip(parts, starts)]
 
 
-def _smallest_fit(sizes: list[int], n: int) -> int | None:
-    """The smallest of the sorted captured sizes that holds n, or None."""
-    return next((size for size in sizes if size >= n), None)
+class ModelRunner(CudaGraphs):
+    """Turns scheduled sequences into a step on the device and its sampled tokens; the CUDA
+    graphs it replays are CudaGraphs' (cuda_graphs.py)."""
 
-
-class ModelRunner:
     def __init__(self, model: GPT2, model_cfg: GPT2Config, cfg: EngineConfig, kv_cache: torch.Tensor,
                  sampler: Sampler, device: torch.device) -> None:
         self.model, self.model_cfg, self.cfg = model, model_cfg, cfg
@@ -131,12 +130,7 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.max_blocks_per_seq = cdiv(model_cfg.n_ctx, cfg.block_size)   # MB
         self.num_steps = 0                                                  # steps executed
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}                   # batch size -> graph
-        # What the decode graphs capture: None = the eager forward + logits; the engine may set
-        # fused.compile_decode(model), the same forward compiled (fewer, larger kernels).
-        self.decode_logits: DecodeFn | None = None
-        self.graph_bufs: dict[str, torch.Tensor] = {}
-        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}           # prompt tokens -> graph
+        self.init_graphs()             # none until the engine captures them (cuda_graphs.py)
         # On a CPU the engine may set a fused decode step (cpu_step.build, for up to
         # cpu_decode_seqs = 8 sequences, or fused.compile_cpu_decode, for 1): steps that only
         # decode that many sequences hand it their host lists directly (_launch_cpu_decode).
@@ -356,135 +350,3 @@ class ModelRunner:
             k = seq.params.prompt_logprobs
             d = dict(zip(top_ids[i][:k], top_lp[i][:k])) | {inp.prompt_targets[i]: target_lp[i]}
             result.prompt_logprobs.setdefault(seq.seq_id, []).append(d)
-
-    # ---- CUDA graphs (decode steps only) -------------------------------------------------
-    # A decode step of S sequences has a fixed shape: N = S tokens, query_start_loc = 0..S.
-    # We capture the model forward + logits once per batch size G in GRAPH_SIZES into static
-    # buffers; a step of S <= G sequences copies its inputs into the first S rows, pads the
-    # rest with harmless dummies (slot -1: no cache write; context 1 over block 0), replays,
-    # and reads the first S rows of logits. The attention kernels take every length from
-    # device tensors, so one graph serves any context lengths.
-    GRAPH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
-
-    def capture_cuda_graphs(self) -> None:
-        sizes = [g for g in self.GRAPH_SIZES if g <= self.cfg.max_num_seqs]
-        if not sizes or sizes[-1] < self.cfg.max_num_seqs:
-            sizes.append(self.cfg.max_num_seqs)
-        G, MB, dev = sizes[-1], self.max_blocks_per_seq, self.device
-        b = self.graph_bufs = dict(
-            input_ids=torch.zeros(G, dtype=torch.int64, device=dev),
-            positions=torch.zeros(G, dtype=torch.int64, device=dev),
-            slot_mapping=torch.full((G,), -1, dtype=torch.int64, device=dev),
-            block_tables=torch.zeros(G, MB, dtype=torch.int32, device=dev),
-            context_lens=torch.ones(G, dtype=torch.int32, device=dev),
-            query_start_loc=torch.arange(G + 1, dtype=torch.int32, device=dev),
-        )
-        self.graph_logits: dict[int, torch.Tensor] = {}
-        self.graphs = {}
-        decode = self.decode_logits or (lambda ids, pos, kv, meta: self.model.compute_logits(self.model(ids, pos, kv, meta)))
-        self.graph_pool = torch.cuda.graph_pool_handle()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            for g in reversed(sizes):          # largest first, so smaller ones reuse its memory
-                meta = AttentionMetadata(slot_mapping=b["slot_mapping"][:g], block_tables=b["block_tables"][:g],
-                                         context_lens=b["context_lens"][:g], query_start_loc=b["query_start_loc"][:g + 1],
-                                         max_query_len=1, max_context_len=self.model_cfg.n_ctx,
-                                         attention_window=self.cfg.attention_window)
-                self.graphs[g], self.graph_logits[g] = self._capture(                   # logits (g, V)
-                    lambda: decode(b["input_ids"][:g], b["positions"][:g], self.kv_cache, meta))
-        torch.cuda.synchronize()
-        self.graph_sizes = sorted(self.graphs)
-        import logging
-        logging.getLogger("nanoserve").info("captured %d CUDA graphs (batch sizes %s, %s decode) in %.1fs",
-                                            len(sizes), sizes, "fused" if self.decode_logits else "eager",
-                                            time.perf_counter() - t0)
-
-    def _capture(self, fwd: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Run fwd once (warm-up: Triton compiles, cuBLAS picks kernels), then capture it into a
-        graph in the shared pool: the graph and the output tensor its replays overwrite."""
-        fwd()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):
-            out = fwd()
-        return graph, out
-
-    def _graph_size(self, inp: StepInputs) -> int | None:
-        """The smallest captured batch size that fits this step, if it is a pure decode step."""
-        S = len(inp.sample_seqs)
-        if not self.graphs or not inp.meta.is_decode or inp.prompt_rows or S != inp.meta.num_seqs:
-            return None
-        return _smallest_fit(self.graph_sizes, S)
-
-    def _replay(self, inp: StepInputs, g: int) -> torch.Tensor:
-        b, m, S = self.graph_bufs, inp.meta, inp.meta.num_seqs
-        b["input_ids"][:S].copy_(inp.input_ids)
-        b["positions"][:S].copy_(inp.positions)
-        b["slot_mapping"][:S].copy_(m.slot_mapping)
-        b["block_tables"][:S, :m.block_tables.shape[1]].copy_(m.block_tables)
-        b["context_lens"][:S].copy_(m.context_lens)
-        if g > S:                                 # padding rows: write nothing, read one slot
-            b["slot_mapping"][S:g].fill_(-1)
-            b["context_lens"][S:g].fill_(1)
-            b["block_tables"][S:g, 0].fill_(0)
-        self.graphs[g].replay()
-        return self.graph_logits[g][:S]                                               # (S, V)
-
-    # ---- CUDA graphs for one sequence's prompt ---------------------------------------------
-    # A prompt that runs alone (a chat user's first token; the latency workload) is a step of
-    # one sequence and a few dozen tokens. On GPT-2 XL the GPU needs about 2 ms for it, and the
-    # eager forward's ~600 launches took the host ~15 ms (the TTFT). So we also capture the eager
-    # forward of one sequence with T tokens, for each T in PREFILL_GRAPH_TOKENS, plus the logits
-    # of one row. A step of n <= T tokens fills the first n rows and pads the rest (slot -1: no
-    # cache write; attention gives those rows zeros, and nothing reads them); the row to sample
-    # from (n - 1) is a device tensor too, so the graph serves any n, any cached prefix before
-    # it (context_lens and query_start_loc are read on the device) and any block table.
-    PREFILL_GRAPH_TOKENS = [16, 32, 64, 128, 256, 512]
-
-    def capture_prefill_graphs(self) -> None:
-        """Capture PREFILL_GRAPH_TOKENS' graphs (after capture_cuda_graphs: they share its pool)."""
-        sizes = [T for T in self.PREFILL_GRAPH_TOKENS if T <= self.model_cfg.n_ctx]
-        if not sizes:
-            return
-        dev, T_max = self.device, sizes[-1]
-        b = self.prefill_bufs = dict(
-            input_ids=torch.zeros(T_max, dtype=torch.int64, device=dev),
-            positions=torch.zeros(T_max, dtype=torch.int64, device=dev),
-            slot_mapping=torch.full((T_max,), -1, dtype=torch.int64, device=dev),
-            block_tables=torch.zeros(1, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
-            context_lens=torch.ones(1, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=dev),
-            last_row=torch.zeros(1, dtype=torch.int64, device=dev),
-        )
-        self.prefill_logits: dict[int, torch.Tensor] = {}
-        with torch.inference_mode():
-            for T in reversed(sizes):
-                meta = AttentionMetadata(slot_mapping=b["slot_mapping"][:T], block_tables=b["block_tables"],
-                                         context_lens=b["context_lens"], query_start_loc=b["query_start_loc"],
-                                         max_query_len=T, max_context_len=self.model_cfg.n_ctx,
-                                         attention_window=self.cfg.attention_window)
-                self.prefill_graphs[T], self.prefill_logits[T] = self._capture(         # logits (1, V)
-                    lambda: self.model.compute_logits(self.model(b["input_ids"][:T], b["positions"][:T], self.kv_cache,
-                                                                 meta).index_select(0, b["last_row"])))
-        torch.cuda.synchronize()
-
-    def _prefill_graph_size(self, inp: StepInputs) -> int | None:
-        """The smallest captured prompt graph that fits this step: one sequence that samples,
-        N tokens, no prompt logprobs."""
-        if not self.prefill_graphs or inp.meta.num_seqs != 1 or len(inp.sample_seqs) != 1 \
-                or inp.prompt_rows:
-            return None
-        return _smallest_fit(sorted(self.prefill_graphs), inp.input_ids.shape[0])
-
-    def _replay_prefill(self, inp: StepInputs, T: int) -> torch.Tensor:
-        b, m, N = self.prefill_bufs, inp.meta, inp.input_ids.shape[0]
-        b["input_ids"][:N].copy_(inp.input_ids)
-        b["positions"][:N].copy_(inp.positions)
-        b["slot_mapping"][:N].copy_(m.slot_mapping)
-        b["slot_mapping"][N:T].fill_(-1)                 # padding rows write nothing
-        b["block_tables"][:, :m.block_tables.shape[1]].copy_(m.block_tables)
-        b["context_lens"].copy_(m.context_lens)
-        b["query_start_loc"].copy_(m.query_start_loc)
-        b["last_row"].fill_(inp.sample_rows[0])
-        self.prefill_graphs[T].replay()
-        return self.prefill_logits[T]                                                 # (1, V)

@@ -12,7 +12,7 @@ cpu_gemv's products take) the same loops run once per sequence and each product 
 them: the weights are still read once a step.
 
 The engine uses it (`EngineConfig(fused_decode=True)`, or by default: see
-LLMEngine._set_up_decode) for steps that only decode, 1 to 8 sequences, all sampling, without a
+fast_paths.set_up_decode) for steps that only decode, 1 to 8 sequences, all sampling, without a
 sliding window, when every linear layer holds cpu_gemv's packed weights, i.e. on a CPU with
 AVX-512 BF16 and VNNI where cpu_gemv.cpp built. Everything else runs model.py.
 

@@ -5,7 +5,7 @@ replayed. A mixin of ModelRunner (runner.py), which decides per step whether a g
 Why: a GPT-2 decode step launches ~10 kernels a layer; at small batch the GPU finishes each in a
 few microseconds and waits for the host to launch the next. A graph replays the whole step's
 launches in one call (gpt-fast and vLLM do the same). Two kinds:
-  - decode steps, one graph per batch size in GRAPH_SIZES (engine._capture_graphs, with
+  - decode steps, one graph per batch size in GRAPH_SIZES (fast_paths.set_up_decode, with
     fused.py's compiled forward by default);
   - a prompt that runs alone, one graph per size in PREFILL_GRAPH_TOKENS.
 A graph fixes its shapes and buffer addresses, so each replays from static buffers that the

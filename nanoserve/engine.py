@@ -23,8 +23,7 @@ import time
 
 import torch
 
-from . import cpu_attention, linear, stats
-from .attention import paged_attention
+from . import fast_paths, stats
 from .config import EngineConfig, GPT2Config, resolve_device, resolve_dtype
 from .kv_cache import BlockAllocator, allocate_kv_cache, auto_num_blocks, bytes_per_block
 from .model import GPT2
@@ -85,7 +84,7 @@ class LLMEngine:
             log.info("nanoserve: %s on %s (%s); KV pool: %d blocks x %d tokens, %.2f MiB per block, %.0f MiB in all",
                      self.model_dir, self.device, self.dtype, self.num_blocks, config.block_size,
                      block_mib, self.num_blocks * block_mib)
-        self._set_up_decode()
+        fast_paths.set_up_decode(self.model, self.runner, self.config, self.device)
 
         kv_capacity = self.num_blocks * config.block_size
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, mc.n_ctx, kv_capacity, self.shift_window,
@@ -107,7 +106,8 @@ class LLMEngine:
 
     # ---- set-up helpers -------------------------------------------------------------------
     def _load_model(self) -> None:
-        """self.model: the checkpoint's GPT-2 on our device and dtype, with the fast paths swapped in."""
+        """self.model: the checkpoint's GPT-2 on our device and dtype, with the fast paths swapped in
+        (fast_paths.py: attention kernels, the CPU's linear layers)."""
         if self.device.type == "cuda":
             # An engine dropped earlier in this process may still hold its KV pool through a
             # reference cycle. Free it before our weights go to the GPU: placed inside that
@@ -122,11 +122,7 @@ class LLMEngine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if self.device.type == "cuda":
             model.pad_head()                  # cuBLAS's aligned kernels for the logits (model.py)
-        self._use_kernels()
-        linear.check_quantization(self.config.quantization, self.device, self.dtype)
-        if linear.is_supported(self.device, self.dtype):
-            # oneDNN-packed or int8 weights (and in fp32 the plain ones too, for the compiled step)
-            linear.use_cpu_linears(model, self.config.quantization, compiled_decode=self._use_cpu_decode())
+        fast_paths.swap_in(self.model, self.config, self.device, self.dtype)
 
     def _shift_window(self) -> int | None:
         """Tokens a context shift keeps (None: no shifting). It must leave room to grow."""
@@ -138,77 +134,6 @@ class LLMEngine:
             raise ValueError(f"shift_window={W} must be in [1, n_ctx={n_ctx}): the kept context needs room "
                              "for new tokens before the next shift")
         return W
-
-    def _use_kernels(self) -> None:
-        """Swap a fast path into the model in place of attention.py's reference: the tuned
-        decode attention on a CPU (cpu_attention.py), Triton kernels on CUDA when available."""
-        if self.device.type == "cpu":
-            fast = cpu_attention.compiled_attention() if self.config.compile_cpu_attention else None
-            self.model.attn_fn = fast or cpu_attention.decode_attention
-            return
-        want = self.config.use_triton
-        if want is False:
-            return
-        from . import kernels
-        if not kernels.HAS_TRITON:
-            if want:
-                raise RuntimeError("use_triton=True but triton is not installed; pip install triton")
-            return
-        self.model.attn_fn, self.model.write_fn = kernels.paged_attention, kernels.write_kv
-
-    def _set_up_decode(self) -> None:
-        """The decode fast path: CUDA graphs (of the fused step, with gemv.py's linears) on CUDA,
-        or on a CPU cpu_step.py's C++ step (up to 8 sequences) or fused.py's compiled one (one); a
-        clear error where an option asked for one that cannot run here."""
-        # CUDA graphs need kernels that never synchronise with the host: the Triton ones.
-        cfg = self.config
-        use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and self.model.attn_fn is not paged_attention
-        if cfg.fused_decode and not use_graphs and not self._use_cpu_decode():
-            raise ValueError("fused_decode=True needs CUDA graphs (device='cuda', triton installed) or device='cpu', "
-                             "and enforce_eager=False; leave fused_decode=None to use it only where it applies")
-        if cfg.gemv and not use_graphs:
-            raise ValueError("gemv=True needs CUDA graphs (device='cuda', enforce_eager=False, triton installed); "
-                             "leave gemv=None to use it only where it applies")
-        if use_graphs:
-            if cfg.gemv is not False:
-                # Decode steps read every weight once per token: a GEMV that streams them faster
-                # than cuBLAS shortens the step (gemv.py). Larger M still goes to cuBLAS.
-                from .gemv import use_gemv_linears
-                use_gemv_linears(self.model)
-            self._capture_graphs()
-        elif self.device.type == "cpu" and cfg.fused_decode is not False and not cfg.enforce_eager:
-            from . import cpu_step
-            if cpu_step.supports(self.model):     # one C++ call a step, nothing to compile: on by default
-                self.runner.cpu_decode, self.runner.cpu_decode_seqs = cpu_step.build(self.model), cpu_step.MAX_SEQS
-            elif self._use_cpu_decode():
-                from .fused import compile_cpu_decode
-                self.runner.cpu_decode = compile_cpu_decode(self.model)   # compiles on its first step
-
-    def _use_cpu_decode(self) -> bool:
-        """Whether fused_decode=True asks for a fused step on a CPU: the C++ step runs there by
-        default anyway where cpu_gemv builds; elsewhere this is what turns on
-        fused.compile_cpu_decode, which compiles for 13-84 s on first use, in every process whose
-        Inductor cache is cold (BENCHMARKS.md, issue 12, has its speed)."""
-        return self.device.type == "cpu" and bool(self.config.fused_decode) and not self.config.enforce_eager
-
-    def _capture_graphs(self) -> None:
-        """Capture the decode CUDA graphs, of the fused step unless fused_decode=False, and
-        the graphs for one sequence's prompt (runner.capture_prefill_graphs)."""
-        if self.config.fused_decode is not False:
-            from .fused import compile_decode
-            self.runner.decode_logits = compile_decode(self.model)
-        try:
-            self.runner.capture_cuda_graphs()
-        except Exception as e:
-            if self.config.fused_decode is None and self.runner.decode_logits is not None:
-                # Default on means "where it works": an unsupported torch or compiler must not
-                # stop the engine, which is correct (if slower) with eager graphs.
-                log.warning("fused decode failed (%s: %s); capturing eager CUDA graphs", type(e).__name__, e)
-                self.runner.decode_logits = None
-                self.runner.capture_cuda_graphs()
-            else:
-                raise
-        self.runner.capture_prefill_graphs()       # a prompt that runs alone: the eager forward, captured
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: PromptType,

@@ -121,7 +121,7 @@ class GPT2(nn.Module):
         # to a multiple of 64, (R, C); compute_logits slices the extra logits off.
         self.padded_head: torch.Tensor | None = None
         # The attention implementation is swappable: the PyTorch reference here; the engine
-        # swaps in a fast path (LLMEngine._use_kernels: Triton on a GPU, cpu_attention.py on a CPU).
+        # swaps in a fast path (fast_paths.swap_in: Triton on a GPU, cpu_attention.py on a CPU).
         self.attn_fn: AttentionFn = attention.paged_attention
         self.write_fn: WriteKVFn = attention.write_kv
 

@@ -48,6 +48,7 @@ import torch
 _CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni"]
 _CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"}
 _state: dict[str, bool] = {}            # "loaded": the ops exist (True) or cannot (False)
+_ext: list = []                         # the built module (cpu_step.py's Decoder lives there)
 MAX_ROWS = 8                            # rows of x one call takes (cpu_gemv.cpp's kMaxRows)
 
 
@@ -80,9 +81,16 @@ def _load() -> bool:
     return True
 
 
+def extension():
+    """The built Python module: its Decoder class is cpu_step.cpp's step (cpu_step.py)."""
+    assert is_available(), "cpu_gemv did not build here (is_available() is False)"
+    return _ext[0]
+
+
 def _build() -> None:
-    """Compile cpu_gemv.cpp (or load it from torch's extension cache) and register its ops."""
-    if hasattr(torch.ops.nanoserve_cpu, "gemv_fp32"):    # already loaded by this process
+    """Compile cpu_gemv.cpp and cpu_step.cpp (or load them from torch's extension cache): a
+    Python module whose loading also registers the torch ops."""
+    if _ext:                                             # already loaded by this process
         return
     from torch.utils.cpp_extension import _get_build_directory, load
     if not (Path(_get_build_directory("nanoserve_cpu_gemv", False)) / "nanoserve_cpu_gemv.so").exists():
@@ -90,8 +98,8 @@ def _build() -> None:
         print("nanoserve: compiling the AVX-512 GEMV (cpu_gemv.cpp) once for this machine, ~30 s ...",
               file=sys.stderr, flush=True)
     here = Path(__file__).parent      # cpu_step.cpp: the decode step over these ops (cpu_step.py)
-    load(name="nanoserve_cpu_gemv", sources=[str(here / "cpu_gemv.cpp"), str(here / "cpu_step.cpp")],
-         extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    _ext.append(load(name="nanoserve_cpu_gemv", sources=[str(here / "cpu_gemv.cpp"), str(here / "cpu_step.cpp")],
+                     extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=True, verbose=False))
     _register_fakes()
 
 

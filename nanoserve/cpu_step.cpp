@@ -23,7 +23,6 @@
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
-#include <torch/custom_class.h>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -129,7 +128,7 @@ float value(const Tensor& t, int64_t i) {                     // element i of a 
   return t.scalar_type() == at::kBFloat16 ? static_cast<float>(t.data_ptr<BFloat16>()[i]) : t.data_ptr<float>()[i];
 }
 
-class Decoder : public torch::CustomClassHolder {
+class Decoder {
  public:
   // tensors: wte, wpe, ln_f.weight, ln_f.bias, the head's (wp, bias, scale, rowsum), then per
   // layer ln_1.weight, ln_1.bias, ln_2.weight, ln_2.bias and the (wp, bias, scale, rowsum) of
@@ -283,8 +282,10 @@ class Decoder : public torch::CustomClassHolder {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(nanoserve_cpu, m) {
-  m.class_<Decoder>("Decoder")
-      .def(torch::init<std::vector<Tensor>, std::vector<int64_t>, int64_t, double, bool, double>())
-      .def("step", &Decoder::step);
+// A Python class of the built module (cpu_gemv.extension().Decoder). step releases the GIL while it
+// runs, so another Python thread (the server's, async_engine.py) can work during a step.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Decoder>(m, "Decoder")
+      .def(pybind11::init<std::vector<Tensor>, std::vector<int64_t>, int64_t, double, bool, double>())
+      .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -63,7 +63,7 @@ def build(model: GPT2) -> CpuDecodeFn:
         tensors.extend([block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias])
         for mod in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
             add(mod)
-    decoder = torch.classes.nanoserve_cpu.Decoder([t.detach() for t in tensors], out_features, cfg.n_head,
+    decoder = cpu_gemv.extension().Decoder([t.detach() for t in tensors], out_features, cfg.n_head,
                                                   cfg.layer_norm_epsilon, cfg.activation_function != "gelu",
                                                   model.h[0].attn.scale)
 

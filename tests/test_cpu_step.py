@@ -242,6 +242,35 @@ def test_bad_inputs_raise_naming_the_value_and_leave_the_pool_alone(engines, fie
     assert torch.equal(pool, before)
 
 
+def test_another_python_thread_runs_during_a_step(tmp_path):
+    """The step releases the GIL (a server thread can parse requests meanwhile): a thread that
+    wakes every 0.2 ms to record the time records some in the middle half of the step's calls,
+    which it could not while a call held the GIL (only at their Python edges). (A model with a
+    51 MB head: each step takes milliseconds.)"""
+    import threading
+    import time
+    from conftest import make_hf_model, save_checkpoint
+    llm = _engine(save_checkpoint(make_hf_model(n_embd=256, n_layer=2, n_head=4), tmp_path / "m"))
+    stamps, calls, done = [], [], threading.Event()
+
+    def record():
+        while not done.is_set():
+            stamps.append(time.perf_counter())
+            time.sleep(0.0002)
+    thread = threading.Thread(target=record)
+    thread.start()
+    try:
+        for _ in range(10):
+            t0 = time.perf_counter()
+            llm.engine.runner.cpu_decode([7], [20], [5 * 16 + 4], [21], [[2, 5, 1]], llm.engine.kv_cache, True)
+            calls.append((t0, time.perf_counter()))
+    finally:
+        done.set()
+        thread.join()
+    inside = sum(1 for t in stamps for a, b in calls if a + (b - a) / 4 < t < b - (b - a) / 4)
+    assert inside > 0, f"no timestamps inside {len(calls)} steps of {min(b - a for a, b in calls) * 1e3:.1f}+ ms"
+
+
 def test_the_step_holds_the_models_weights_not_copies(engines):
     """The C++ object references the packed weights (no second copy of the model)."""
     llm = engines["int8"]

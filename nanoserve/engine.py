@@ -66,24 +66,7 @@ class LLMEngine:
         # Bigger steps amortise a GPU's fixed per-step cost; on a CPU they only add latency.
         self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
 
-        self.num_blocks = config.num_blocks or auto_num_blocks(self.model, config, self.dtype, self.device,
-                                                               self.max_num_batched_tokens)
-        self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.dtype, self.device)
-        self.allocator = BlockAllocator(self.num_blocks)
-        # A sliding window turns prefix caching off: sharing full blocks would be sound (a block's
-        # K/V depend only on the tokens up to it and on W), but eviction would then free blocks
-        # that other sequences hold, and the two policies have not been tested together.
-        self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
-                                   self.max_num_batched_tokens, config.enable_kv_cache,
-                                   config.enable_prefix_caching and config.attention_window is None,
-                                   config.attention_window)
-        self.sampler = Sampler(self.vocab_size, mc.eos_token_id, self.device, config.seed)
-        self.runner = ModelRunner(self.model, mc, config, self.kv_cache, self.sampler, self.device)
-        if not config.quiet:
-            block_mib = bytes_per_block(mc, config.block_size, self.dtype) / 2**20
-            log.info("nanoserve: %s on %s (%s); KV pool: %d blocks x %d tokens, %.2f MiB per block, %.0f MiB in all",
-                     self.model_dir, self.device, self.dtype, self.num_blocks, config.block_size,
-                     block_mib, self.num_blocks * block_mib)
+        self._set_up_pool()
         fast_paths.set_up_decode(self.model, self.runner, self.config, self.device)
 
         kv_capacity = self.num_blocks * config.block_size
@@ -123,6 +106,29 @@ class LLMEngine:
         if self.device.type == "cuda":
             model.pad_head()                  # cuBLAS's aligned kernels for the logits (model.py)
         fast_paths.swap_in(self.model, self.config, self.device, self.dtype)
+
+    def _set_up_pool(self) -> None:
+        """The KV pool (as many blocks as fit, unless num_blocks says), its allocator, and the
+        scheduler, sampler and runner that share it."""
+        config, mc = self.config, self.model_config
+        self.num_blocks = config.num_blocks or auto_num_blocks(self.model, config, self.dtype, self.device,
+                                                               self.max_num_batched_tokens)
+        self.kv_cache = allocate_kv_cache(mc, self.num_blocks, config.block_size, self.dtype, self.device)
+        self.allocator = BlockAllocator(self.num_blocks)
+        # A sliding window turns prefix caching off: sharing full blocks would be sound (a block's
+        # K/V depend only on the tokens up to it and on W), but eviction would then free blocks
+        # that other sequences hold, and the two policies have not been tested together.
+        self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
+                                   self.max_num_batched_tokens, config.enable_kv_cache,
+                                   config.enable_prefix_caching and config.attention_window is None,
+                                   config.attention_window)
+        self.sampler = Sampler(self.vocab_size, mc.eos_token_id, self.device, config.seed)
+        self.runner = ModelRunner(self.model, mc, config, self.kv_cache, self.sampler, self.device)
+        if not config.quiet:
+            block_mib = bytes_per_block(mc, config.block_size, self.dtype) / 2**20
+            log.info("nanoserve: %s on %s (%s); KV pool: %d blocks x %d tokens, %.2f MiB per block, %.0f MiB in all",
+                     self.model_dir, self.device, self.dtype, self.num_blocks, config.block_size,
+                     block_mib, self.num_blocks * block_mib)
 
     def _shift_window(self) -> int | None:
         """Tokens a context shift keeps (None: no shifting). It must leave room to grow."""

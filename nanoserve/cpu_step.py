@@ -64,8 +64,8 @@ def build(model: GPT2) -> CpuDecodeFn:
         for mod in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
             add(mod)
     decoder = cpu_gemv.extension().Decoder([t.detach() for t in tensors], out_features, cfg.n_head,
-                                                  cfg.layer_norm_epsilon, cfg.activation_function != "gelu",
-                                                  model.h[0].attn.scale)
+                                           cfg.layer_norm_epsilon, cfg.activation_function != "gelu",
+                                           model.h[0].attn.scale)
 
     vocab, n_ctx = model.wte.weight.shape[0], model.wpe.weight.shape[0]
 

@@ -18,9 +18,9 @@ engine thread dies. No request may stall the event loop: tokenizing and building
 responses happen in worker threads.
 
 The engine thread and the metrics live in async_engine.py, which knows nothing of HTTP; the
-OpenAI wire format (request body, error objects, JSON and SSE responses) lives in protocol.py;
-the API key, rate limits and read deadlines in guards.py; the `serve` command (flags, uvicorn's
-settings, exit status) in launch.py.
+OpenAI wire format in protocol.py (request body, error objects) and responses.py (JSON and SSE
+responses); the API key, rate limits and read deadlines in guards.py; the `serve` command
+(flags, uvicorn's settings, exit status) in launch.py.
 
 Left out: /v1/chat/completions (GPT-2 has no chat template: a 400 says to use completions);
 suffix (a 400 says so; nothing is silently ignored); TLS (use a proxy).
@@ -49,8 +49,9 @@ from .async_engine import EngineThread, OutputSink
 from .config import EngineConfig
 from .engine import LLMEngine
 from .guards import AuthFirst, BodyLimit, TokenBucket, bearer_token
-from .protocol import (APIError, CompletionRequest, DetokenizeRequest, Responses, TokenizeRequest, api_error,
-                       field_named_in, http_error, internal_error, openapi_with_400, validation_error)
+from .protocol import (APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest, api_error, field_named_in,
+                       http_error, internal_error, openapi_with_400, validation_error)
+from .responses import Responses
 from .sequence import RequestOutput, SamplingParams
 
 log = logging.getLogger("nanoserve.server")

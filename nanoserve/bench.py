@@ -172,9 +172,8 @@ def bench_cpu(args: argparse.Namespace, ckpt: Path) -> list[dict]:
     # Warm-up, also compiling the decode attention for one and for several sequences (torch
     # treats a size of 1 as a special case) and for several blocks per sequence. Decode steps
     # that a fused CPU step takes (up to runner.cpu_decode_seqs sequences) never reach that
-    # attention, so the second warm-up batch is one sequence larger than those.
-    runner = llm.engine.runner
-    warm = random_prompts(max(2, runner.cpu_decode_seqs + 1) if runner.cpu_decode else 2, 40, 40, seed=1)
+    # attention, so the second warm-up batch is one sequence larger than those (2 without one).
+    warm = random_prompts(max(2, llm.engine.runner.cpu_decode_seqs + 1), 40, 40, seed=1)
     run_nanoserve(llm, warm[:1], 4)
     run_nanoserve(llm, warm, 4)
     if hf:

@@ -31,6 +31,7 @@ References: vLLM `gpu_model_runner.py`, nano-vllm `model_runner.py`, gpt-fast (C
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -92,11 +93,15 @@ class LaunchedStep:
     travel to the host; `collect` waits for those copies, and only for them."""
     sched: SchedulerOutput
     sample_seqs: list[Sequence]
-    row_of: dict[int, int]                   # seq_id -> its row in token_ids
     token_ids: torch.Tensor | None = None    # (S,) int64 on the device
     host: list[torch.Tensor] = field(default_factory=list)   # token ids [, logprobs, their ids] on the host
     ready: torch.cuda.Event | None = None    # recorded after the copies to the host
     result: StepResult = field(default_factory=StepResult)   # prompt logprobs are filled in at launch
+
+    @cached_property
+    def row_of(self) -> dict[int, int]:
+        """seq_id -> its row in token_ids (read only by a next step that feeds its tokens back)."""
+        return {seq.seq_id: row for row, seq in enumerate(self.sample_seqs)}
 
 
 def _upload(parts: list, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
@@ -263,7 +268,7 @@ class ModelRunner(CudaGraphs):
     def _launch_model(self, sched: SchedulerOutput, flat: _FlatStep, prev: LaunchedStep | None) -> LaunchedStep:
         """launch() through model.py (or its graphs), with prepare()'s tensors."""
         inp = self.prepare(sched, flat, prev)
-        step = LaunchedStep(sched, inp.sample_seqs, {seq.seq_id: row for row, seq in enumerate(inp.sample_seqs)})
+        step = LaunchedStep(sched, inp.sample_seqs)
         graph_bs = self._graph_size(inp)
         if graph_bs is not None:
             logits = self._replay(inp, graph_bs)                            # (S, V)
@@ -291,7 +296,7 @@ class ModelRunner(CudaGraphs):
         for row, src in flat.from_prev:              # async scheduling: prev ran already (a CPU)
             flat.input_ids[row] = int(prev.token_ids[src])
         seqs = flat.sample_seqs
-        step = LaunchedStep(sched, seqs, {seq.seq_id: row for row, seq in enumerate(seqs)})
+        step = LaunchedStep(sched, seqs)
         greedy = all(seq.plain_greedy for seq in seqs)
         out = self.cpu_decode(flat.input_ids, flat.positions, flat.slots, flat.ctx_lens,
                               [seq.block_table for seq, _ in sched.scheduled], self.kv_cache, greedy)

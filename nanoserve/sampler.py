@@ -52,12 +52,12 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits (S, V) any float dtype -> SamplerOutput. `seqs` gives each row's params."""
         if all(s.plain_greedy for s in seqs):
-            # Plain greedy decoding, the common case: the argmax of the model's own dtype. (A
-            # CPU's decode steps of up to 8 such sequences never get here: cpu_step.cpp takes
-            # their argmax itself; runner._launch_cpu_decode says why.) Casting
+            # Plain greedy decoding, the common case: the argmax of the model's own dtype. Casting
             # fp16 or bf16 to fp32 is exact, so the winner is the same, and we skip writing a
             # float copy of the logits every step (51 MB at batch 256). (A CPU's argmax over bf16
             # is the exception: ~190 us a row against ~100 with the cast, so there we cast.)
+            # A CPU's decode steps of up to 8 such sequences never get here: cpu_step.cpp takes
+            # their argmax itself (runner._launch_cpu_decode says why).
             if logits.dtype == torch.bfloat16 and logits.device.type == "cpu":
                 logits = logits.float()
             return SamplerOutput(token_ids=logits.argmax(dim=-1))  # (S,)
